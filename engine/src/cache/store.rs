@@ -1,0 +1,200 @@
+use super::Bitmap;
+use crate::error::{Error, ErrorKind, Result};
+use crate::source::ImageInfo;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub const CACHE_FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheHeader {
+    pub format_version: u32,
+    pub url: String,
+    pub info: ImageInfo,
+    pub chunk_size: u64,
+    pub manifest_digest: Option<String>,
+}
+
+impl CacheHeader {
+    /// Old bytes may be served for this header only if they are provably the same image: same
+    /// size and chunking, and either the same pinned manifest or the same origin validator.
+    pub fn can_reuse(&self, old: &CacheHeader) -> bool {
+        let same_shape = self.format_version == old.format_version
+            && self.info.size == old.info.size
+            && self.chunk_size == old.chunk_size;
+        let same_pin = self.manifest_digest.is_some() && self.manifest_digest == old.manifest_digest;
+        let same_validator = self.info.has_validator()
+            && self.info.etag == old.info.etag
+            && self.info.last_modified == old.info.last_modified;
+        same_shape && (same_pin || same_validator)
+    }
+
+    pub fn chunks(&self) -> u64 {
+        self.info.size.div_ceil(self.chunk_size)
+    }
+}
+
+/// The cache key: the pinned digest's hex if any, else a hash of the URL.
+pub fn cache_key(url: &str, manifest_digest: Option<&str>) -> String {
+    match manifest_digest.and_then(|d| d.strip_prefix("sha256:")) {
+        Some(hex) => format!("d-{}", &hex[..32.min(hex.len())]),
+        None => format!("u-{}", &hex::encode(Sha256::digest(url.as_bytes()))[..32]),
+    }
+}
+
+pub struct CacheStore {
+    dir: PathBuf,
+    header: CacheHeader,
+    data: File,
+    bitmap_file: File,
+    _lock: File,
+    /// Bytes this image may occupy in the cache, from the node limit minus other images.
+    budget: Option<u64>,
+    used: AtomicU64,
+}
+
+fn io(dir: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let ctx = format!("{} in {}", what, dir.display());
+    move |e| {
+        let kind = if e.raw_os_error() == Some(libc::EWOULDBLOCK) { ErrorKind::CacheBusy } else { ErrorKind::CacheIo };
+        Error::with_source(kind, ctx, e)
+    }
+}
+
+/// Takes an exclusive, non-blocking advisory lock on `f`.
+pub(super) fn try_lock(f: &File) -> std::io::Result<()> {
+    // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+pub(super) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}
+
+impl CacheStore {
+    /// Opens (or creates, or resets) the cache of one image under `root`. Fails with `CacheBusy`
+    /// if another process has it open. Returns the store and the bitmap of chunks present.
+    pub fn open(root: &Path, key: &str, header: CacheHeader, budget: Option<u64>) -> Result<(Self, Bitmap)> {
+        let dir = root.join(key);
+        std::fs::create_dir_all(&dir).map_err(io(&dir, "creating the cache directory"))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))
+            .map_err(io(&dir, "opening the lock file"))?;
+        try_lock(&lock).map_err(io(&dir, "locking the cache"))?;
+        // The lock file's mtime records last use, for eviction order.
+        lock.set_len(0).map_err(io(&dir, "touching the lock file"))?;
+        let data = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join("data"))
+            .map_err(io(&dir, "opening the data file"))?;
+        let bitmap_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join("bitmap"))
+            .map_err(io(&dir, "opening the bitmap file"))?;
+
+        let old: Option<CacheHeader> = std::fs::read(dir.join("header.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let chunks = header.chunks();
+        let reused = match &old {
+            Some(old) if header.can_reuse(old) => {
+                let mut bytes = vec![0u8; Bitmap::byte_len(chunks)];
+                let ok = bitmap_file.read_exact_at(&mut bytes, 0).is_ok();
+                if ok { Bitmap::from_bytes(bytes, chunks) } else { None }
+            }
+            _ => None,
+        };
+        let bitmap = match reused {
+            Some(b) => {
+                if old.as_ref() != Some(&header) {
+                    // Same image under a new URL (e.g. re-signed): record the new URL.
+                    write_atomic(&dir, "header.json", &serde_json::to_vec_pretty(&header).unwrap_or_default())
+                        .map_err(io(&dir, "writing the header"))?;
+                }
+                b
+            }
+            None => {
+                if old.is_some() {
+                    tracing::info!(dir = %dir.display(), "cache belongs to another image version; resetting it");
+                }
+                // Order matters for crash safety: empty bitmap first, then data, then header.
+                let b = Bitmap::new(chunks);
+                bitmap_file.set_len(0).map_err(io(&dir, "resetting the bitmap"))?;
+                bitmap_file.write_all_at(b.as_bytes(), 0).map_err(io(&dir, "resetting the bitmap"))?;
+                bitmap_file.sync_data().map_err(io(&dir, "syncing the bitmap"))?;
+                data.set_len(0).map_err(io(&dir, "resetting the data file"))?;
+                write_atomic(&dir, "header.json", &serde_json::to_vec_pretty(&header).unwrap_or_default())
+                    .map_err(io(&dir, "writing the header"))?;
+                b
+            }
+        };
+        data.set_len(header.info.size).map_err(io(&dir, "sizing the data file"))?;
+        let used = AtomicU64::new(bitmap.count_ones() * header.chunk_size);
+        Ok((CacheStore { dir, header, data, bitmap_file, _lock: lock, budget, used }, bitmap))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn header(&self) -> &CacheHeader {
+        &self.header
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.data
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::cache_io(format!("reading {} bytes at {offset} from {}", buf.len(), self.dir.display()), e))
+    }
+
+    /// Writes chunk bytes unless that would exceed the cache budget. Returns whether it wrote:
+    /// a full cache means serving from memory, never a partial or corrupt cache.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        let len = buf.len() as u64;
+        if let Some(budget) = self.budget {
+            if self.used.load(Ordering::Relaxed) + len > budget {
+                return Ok(false);
+            }
+        }
+        self.data
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::cache_io(format!("writing {len} bytes at {offset} to {}", self.dir.display()), e))?;
+        self.used.fetch_add(len, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Makes everything written so far durable, then persists `bits` (a snapshot taken after
+    /// those writes), so no bit on disk ever points at data that could be lost.
+    pub fn persist(&self, bits: &Bitmap) -> Result<()> {
+        self.data.sync_data().map_err(|e| Error::cache_io(format!("syncing {}", self.dir.display()), e))?;
+        self.bitmap_file
+            .write_all_at(bits.as_bytes(), 0)
+            .and_then(|_| self.bitmap_file.sync_data())
+            .map_err(|e| Error::cache_io(format!("writing the bitmap in {}", self.dir.display()), e))
+    }
+
+    pub fn write_stats(&self, json: &[u8]) -> Result<()> {
+        write_atomic(&self.dir, "stats.json", json).map_err(|e| Error::cache_io("writing stats.json", e))
+    }
+}

@@ -1,0 +1,580 @@
+//! `LazyImage`: random access to an image's bytes, served from the local cache when present and
+//! fetched from the origin on a miss.
+//!
+//! Under one lock a read sorts each chunk it needs into present (read from the cache file), in
+//! flight (wait on the fetch already running: single-flight) or missing (claim it). Claimed chunks
+//! are grouped into runs of adjacent chunks, each one ranged request (coalescing). Sequential
+//! streams grow a readahead window whose runs go through a separate, smaller pool so they never
+//! starve demand misses. Fetched chunks are verified against the manifest when there is one,
+//! written to the cache, and only then marked present; a background task persists the bitmap.
+
+use crate::cache::{cache_key, evict_unused, Bitmap, CacheHeader, CacheStore, CACHE_FORMAT_VERSION};
+use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::{check_chunk_size, Manifest};
+use crate::source::{ImageInfo, RangeSource, RetryPolicy, Retrying};
+use crate::stats::{Stats, StatsSnapshot};
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// Default chunk size (the unit of caching, verification and the smallest fetch); see README for
+/// the benchmark that chose it.
+pub const DEFAULT_CHUNK_SIZE: u64 = 32 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ImageConfig {
+    pub cache_root: PathBuf,
+    /// Node-wide limit on bytes under `cache_root`; unused images are evicted to honour it.
+    pub cache_limit: Option<u64>,
+    /// Ignored when a manifest is given: the manifest's chunk size is used.
+    pub chunk_size: u64,
+    pub manifest: Option<Manifest>,
+    /// Requests for data a reader is waiting on.
+    pub demand_fetches: usize,
+    /// Requests issued ahead of sequential readers.
+    pub readahead_fetches: usize,
+    /// Largest single ranged request.
+    pub max_request: u64,
+    pub readahead_initial: u64,
+    pub readahead_max: u64,
+    pub retry: RetryPolicy,
+    /// How often the bitmap and stats are persisted.
+    pub flush_interval: Duration,
+}
+
+impl ImageConfig {
+    pub fn new(cache_root: impl Into<PathBuf>) -> Self {
+        ImageConfig {
+            cache_root: cache_root.into(),
+            cache_limit: None,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            manifest: None,
+            demand_fetches: 32,
+            readahead_fetches: 8,
+            max_request: 4 << 20,
+            readahead_initial: 512 << 10,
+            readahead_max: 64 << 20,
+            retry: RetryPolicy::default(),
+            flush_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The volume condition a CSI plugin reports: abnormal with a message when reads are failing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+#[derive(Clone)]
+struct Run {
+    first: u64,
+    data: Bytes,
+    /// Chunks that failed verification twice: readers of these get EIO, never the bytes.
+    bad: Vec<u64>,
+}
+
+type RunFuture = Shared<BoxFuture<'static, Result<Run>>>;
+
+struct State {
+    present: Bitmap,
+    inflight: HashMap<u64, RunFuture>,
+    dirty: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Stream {
+    next: u64,
+    window: u64,
+    frontier: u64,
+}
+
+#[derive(Default)]
+struct Health {
+    /// Sticky: the image at the origin is not the one attached, or served corrupt chunks.
+    fatal: Option<String>,
+    /// Cleared by the next successful fetch.
+    transient: Option<String>,
+}
+
+struct Inner {
+    source: Arc<dyn RangeSource>,
+    info: ImageInfo,
+    chunk_size: u64,
+    chunks: u64,
+    cfg: ImageConfig,
+    store: CacheStore,
+    state: Mutex<State>,
+    streams: Mutex<Vec<Stream>>,
+    demand_slots: Semaphore,
+    readahead_slots: Semaphore,
+    stats: Arc<Stats>,
+    health: Mutex<Health>,
+}
+
+/// A lazily fetched image. Cheap to clone; all clones share cache and counters.
+#[derive(Clone)]
+pub struct LazyImage {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not turn every later read into a panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LazyImage {
+    /// Probes the origin, opens (or resets) the cache and starts the background flusher.
+    pub async fn open(source: Arc<dyn RangeSource>, cfg: ImageConfig) -> Result<Self> {
+        let stats = Arc::new(Stats::default());
+        let source: Arc<dyn RangeSource> = Arc::new(Retrying::new(source, cfg.retry.clone(), stats.clone()));
+        let info = source.probe().await?;
+        if info.size == 0 {
+            return Err(Error::new(ErrorKind::InvalidInput, format!("{} is empty", source.describe())));
+        }
+        let chunk_size = match &cfg.manifest {
+            Some(m) => {
+                if m.size != info.size {
+                    return Err(Error::new(
+                        ErrorKind::Integrity,
+                        format!("manifest is for a {}-byte image but {} has {} bytes", m.size, source.describe(), info.size),
+                    ));
+                }
+                m.chunk_size
+            }
+            None => cfg.chunk_size,
+        };
+        check_chunk_size(chunk_size)?;
+        let manifest_digest = cfg.manifest.as_ref().map(Manifest::digest);
+        let url = source.describe();
+        let key = cache_key(&url, manifest_digest.as_deref());
+        let header = CacheHeader {
+            format_version: CACHE_FORMAT_VERSION,
+            url,
+            info: info.clone(),
+            chunk_size,
+            manifest_digest,
+        };
+        let budget = match cfg.cache_limit {
+            Some(limit) => {
+                let others = evict_unused(&cfg.cache_root, limit.saturating_sub(info.size), &key)?;
+                Some(limit.saturating_sub(others))
+            }
+            None => None,
+        };
+        let (store, present) = CacheStore::open(&cfg.cache_root, &key, header, budget)?;
+        tracing::info!(
+            image = %source.describe(), size = info.size, chunk_size, cached_chunks = present.count_ones(),
+            cache = %store.dir().display(), "image opened"
+        );
+        let inner = Arc::new(Inner {
+            chunks: info.size.div_ceil(chunk_size),
+            demand_slots: Semaphore::new(cfg.demand_fetches.max(1)),
+            readahead_slots: Semaphore::new(cfg.readahead_fetches.max(1)),
+            source,
+            info,
+            chunk_size,
+            store,
+            state: Mutex::new(State { present, inflight: HashMap::new(), dirty: false }),
+            streams: Mutex::new(Vec::new()),
+            stats,
+            health: Mutex::new(Health::default()),
+            cfg,
+        });
+        let weak = Arc::downgrade(&inner);
+        let every = inner.cfg.flush_interval;
+        tokio::spawn(flusher(weak, every));
+        Ok(LazyImage { inner })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.inner.info.size
+    }
+
+    pub fn info(&self) -> &ImageInfo {
+        &self.inner.info
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.inner.chunk_size
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.inner.store.dir().to_path_buf()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// (chunks present, chunks total).
+    pub fn fill(&self) -> (u64, u64) {
+        (lock(&self.inner.state).present.count_ones(), self.inner.chunks)
+    }
+
+    pub fn condition(&self) -> Condition {
+        let h = lock(&self.inner.health);
+        match h.fatal.as_ref().or(h.transient.as_ref()) {
+            Some(m) => Condition { abnormal: true, message: m.clone() },
+            None => Condition { abnormal: false, message: "healthy".into() },
+        }
+    }
+
+    /// Returns the image's bytes in `[offset, offset + len)`, shortened at the end of the image.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let r = self.inner.read(offset, len).await;
+        match &r {
+            Ok(b) => self.inner.stats.count_read(b.len() as u64),
+            Err(_) => self.inner.stats.count_error(),
+        }
+        r
+    }
+
+    /// Fetches every missing chunk, `parallel` requests at a time; `progress` gets chunks present.
+    pub async fn prefetch_all(&self, parallel: usize, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+        use futures::stream::{self, StreamExt, TryStreamExt};
+        let step = self.inner.cfg.max_request.max(self.inner.chunk_size);
+        let size = self.size();
+        let mut s = stream::iter((0..size).step_by(step as usize))
+            .map(|off| {
+                let me = self.inner.clone();
+                async move { me.read(off, step).await.map(|_| ()) }
+            })
+            .buffer_unordered(parallel.max(1));
+        while s.try_next().await?.is_some() {
+            let (have, total) = self.fill();
+            progress(have, total);
+        }
+        Ok(())
+    }
+
+    /// Persists the bitmap and stats now (also done periodically and by `close`).
+    pub async fn flush(&self) -> Result<()> {
+        self.inner.clone().flush().await
+    }
+
+    /// Waits for fetches in flight, then flushes. Readers must be gone.
+    pub async fn close(self) -> Result<()> {
+        let pending: Vec<RunFuture> = lock(&self.inner.state).inflight.values().cloned().collect();
+        for f in pending {
+            let _ = f.await;
+        }
+        self.flush().await
+    }
+}
+
+async fn flusher(weak: Weak<Inner>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = weak.upgrade() else { return };
+        if let Err(e) = inner.flush().await {
+            tracing::warn!(error = %e.report(), "persisting cache state failed");
+        }
+    }
+}
+
+enum Slot {
+    Cache,
+    Wait(RunFuture),
+}
+
+impl Inner {
+    fn chunk_range(&self, c: u64) -> (u64, u64) {
+        let start = c * self.chunk_size;
+        (start, (start + self.chunk_size).min(self.info.size))
+    }
+
+    async fn read(self: &Arc<Self>, offset: u64, len: u64) -> Result<Bytes> {
+        if offset >= self.info.size || len == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = offset.saturating_add(len).min(self.info.size);
+        let (c0, c1) = (offset / self.chunk_size, (end - 1) / self.chunk_size);
+        let ahead = self.readahead_range(offset, end);
+
+        let mut plan = Vec::with_capacity((c1 - c0 + 1) as usize);
+        let mut new_runs = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            let mut claim_from: Option<u64> = None;
+            let (mut hits, mut misses) = (0, 0);
+            for c in c0..=c1 {
+                if st.present.get(c) {
+                    hits += 1;
+                    plan.push(Slot::Cache);
+                } else if let Some(f) = st.inflight.get(&c) {
+                    misses += 1;
+                    plan.push(Slot::Wait(f.clone()));
+                } else {
+                    misses += 1;
+                    claim_from.get_or_insert(c);
+                    plan.push(Slot::Cache); // replaced below once the run exists
+                }
+                let run_ends = claim_from.is_some()
+                    && (c == c1 || st.present.get(c + 1) || st.inflight.contains_key(&(c + 1)));
+                if run_ends {
+                    if let Some(first) = claim_from.take() {
+                        for f in self.claim_runs(&mut st, first, c + 1, false) {
+                            for k in f.0..f.1 {
+                                plan[(k - c0) as usize] = Slot::Wait(f.2.clone());
+                            }
+                            new_runs.push(f.2);
+                        }
+                    }
+                }
+            }
+            if let Some((a, b)) = ahead {
+                let (r0, r1) = (a / self.chunk_size, b.div_ceil(self.chunk_size).min(self.chunks));
+                let mut c = r0;
+                let mut ra_chunks = 0;
+                while c < r1 {
+                    if st.present.get(c) || st.inflight.contains_key(&c) {
+                        c += 1;
+                        continue;
+                    }
+                    let mut e = c;
+                    while e < r1 && !st.present.get(e) && !st.inflight.contains_key(&e) {
+                        e += 1;
+                    }
+                    ra_chunks += e - c;
+                    new_runs.extend(self.claim_runs(&mut st, c, e, true).into_iter().map(|r| r.2));
+                    c = e;
+                }
+                self.stats.count_readahead(ra_chunks);
+            }
+            self.stats.count_chunks(hits, misses);
+        }
+        for f in new_runs {
+            tokio::spawn(f);
+        }
+
+        let mut out = vec![0u8; (end - offset) as usize];
+        let mut i = 0usize;
+        while i < plan.len() {
+            let c = c0 + i as u64;
+            match &plan[i] {
+                Slot::Cache => {
+                    let mut j = i + 1;
+                    while j < plan.len() && matches!(plan[j], Slot::Cache) {
+                        j += 1;
+                    }
+                    let a = (c * self.chunk_size).max(offset);
+                    let b = self.chunk_range(c0 + j as u64 - 1).1.min(end);
+                    self.store.read_at(&mut out[(a - offset) as usize..(b - offset) as usize], a)?;
+                    i = j;
+                }
+                Slot::Wait(f) => {
+                    let run = f.clone().await?;
+                    if run.bad.contains(&c) {
+                        return Err(Error::new(
+                            ErrorKind::Integrity,
+                            format!("{}: chunk {c} (bytes {}..{}) does not match the manifest", self.source.describe(), c * self.chunk_size, self.chunk_range(c).1),
+                        ));
+                    }
+                    let (cs, ce) = self.chunk_range(c);
+                    let (a, b) = (cs.max(offset), ce.min(end));
+                    let base = run.first * self.chunk_size;
+                    out[(a - offset) as usize..(b - offset) as usize]
+                        .copy_from_slice(&run.data[(a - base) as usize..(b - base) as usize]);
+                    i += 1;
+                }
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// Splits chunks `[first, end)` into runs of at most `max_request` bytes, registers each as in
+    /// flight and returns (first, end, future) per run. The caller spawns the futures.
+    fn claim_runs(self: &Arc<Self>, st: &mut State, first: u64, end: u64, readahead: bool) -> Vec<(u64, u64, RunFuture)> {
+        let per = (self.cfg.max_request / self.chunk_size).max(1);
+        let mut out = Vec::new();
+        let mut a = first;
+        while a < end {
+            let b = (a + per).min(end);
+            let me = self.clone();
+            let fut: RunFuture = async move { me.fetch_run(a, b, readahead).await }.boxed().shared();
+            for c in a..b {
+                st.inflight.insert(c, fut.clone());
+            }
+            out.push((a, b, fut));
+            a = b;
+        }
+        out
+    }
+
+    async fn fetch_run(self: Arc<Self>, first: u64, end: u64, readahead: bool) -> Result<Run> {
+        let result = self.fetch_verified(first, end, readahead).await;
+        let mut written = false;
+        if let Ok(run) = &result {
+            written = self.write_good_chunks(run).await;
+        }
+        let mut st = lock(&self.state);
+        for c in first..end {
+            st.inflight.remove(&c);
+        }
+        match &result {
+            Ok(run) => {
+                if written {
+                    for c in first..end {
+                        if !run.bad.contains(&c) {
+                            st.present.set(c);
+                        }
+                    }
+                    st.dirty = true;
+                }
+                lock(&self.health).transient = None;
+            }
+            Err(e) => {
+                let mut h = lock(&self.health);
+                let msg = e.report();
+                if matches!(e.kind(), ErrorKind::OriginChanged | ErrorKind::Integrity) {
+                    h.fatal.get_or_insert(msg);
+                } else {
+                    h.transient = Some(msg);
+                }
+            }
+        }
+        result
+    }
+
+    async fn fetch_verified(&self, first: u64, end: u64, readahead: bool) -> Result<Run> {
+        let slots = if readahead { &self.readahead_slots } else { &self.demand_slots };
+        let _permit = slots
+            .acquire()
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::CacheIo, "fetch slots closed", e))?;
+        let offset = first * self.chunk_size;
+        let len = self.chunk_range(end - 1).1 - offset;
+        let mut data = self.fetch_once(offset, len).await?;
+        let Some(manifest) = &self.cfg.manifest else {
+            return Ok(Run { first, data, bad: Vec::new() });
+        };
+        let mut bad = self.bad_chunks(manifest, first, end, &data);
+        if !bad.is_empty() {
+            // One more try from the origin: a flipped bit in transit should not fail the read.
+            self.stats.count_verify_failure();
+            tracing::warn!(image = %self.source.describe(), chunks = ?bad, "chunks failed verification; refetching once");
+            data = self.fetch_once(offset, len).await?;
+            bad = self.bad_chunks(manifest, first, end, &data);
+            if !bad.is_empty() {
+                self.stats.count_verify_failure();
+                let msg = format!("{}: chunks {bad:?} do not match the manifest after a refetch", self.source.describe());
+                tracing::error!("{msg}");
+                lock(&self.health).fatal.get_or_insert(format!("{}: {msg}", ErrorKind::Integrity));
+            }
+        }
+        Ok(Run { first, data, bad })
+    }
+
+    async fn fetch_once(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let t = Instant::now();
+        let data = self.source.fetch(offset, len, &self.info).await?;
+        self.stats.count_fetch(len, t.elapsed());
+        Ok(data)
+    }
+
+    fn bad_chunks(&self, m: &Manifest, first: u64, end: u64, data: &Bytes) -> Vec<u64> {
+        let base = first * self.chunk_size;
+        (first..end)
+            .filter(|&c| {
+                let (a, b) = self.chunk_range(c);
+                !m.verify(c, &data[(a - base) as usize..(b - base) as usize])
+            })
+            .collect()
+    }
+
+    /// Writes the run's verified chunks to the cache file. False if nothing could be cached
+    /// (full, or an I/O error): readers still get the bytes, the chunks just stay missing.
+    async fn write_good_chunks(self: &Arc<Self>, run: &Run) -> bool {
+        let me = self.clone();
+        let run = run.clone();
+        let res = tokio::task::spawn_blocking(move || -> Result<bool> {
+            if run.bad.is_empty() {
+                return me.store.write_at(&run.data, run.first * me.chunk_size);
+            }
+            // Rare path: write only the good chunks; a bad one must never reach the cache.
+            let base = run.first * me.chunk_size;
+            let end = run.first + run.data.len().div_ceil(me.chunk_size as usize) as u64;
+            for c in (run.first..end).filter(|c| !run.bad.contains(c)) {
+                let (a, b) = me.chunk_range(c);
+                if !me.store.write_at(&run.data[(a - base) as usize..(b - base) as usize], a)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+        .await;
+        match res {
+            Ok(Ok(true)) => true,
+            Ok(Ok(false)) => false,
+            Ok(Err(e)) => {
+                self.stats.count_cache_write_error();
+                tracing::warn!(error = %e.report(), "cache write failed; serving from memory");
+                false
+            }
+            Err(e) => {
+                self.stats.count_cache_write_error();
+                tracing::warn!(error = %e, "cache write task failed");
+                false
+            }
+        }
+    }
+
+    /// Tracks up to eight sequential streams; a read that continues one grows its window and
+    /// returns the not-yet-requested range ahead of it.
+    fn readahead_range(&self, offset: u64, end: u64) -> Option<(u64, u64)> {
+        const STREAMS: usize = 8;
+        let slack = self.cfg.readahead_initial.max(self.chunk_size);
+        let mut streams = lock(&self.streams);
+        let hit = streams
+            .iter()
+            .position(|s| offset + slack >= s.next && offset <= s.next + slack);
+        let Some(i) = hit else {
+            if streams.len() == STREAMS {
+                streams.pop();
+            }
+            streams.insert(0, Stream { next: end, window: 0, frontier: end });
+            return None;
+        };
+        let mut s = streams.remove(i);
+        s.window = (s.window * 2).clamp(self.cfg.readahead_initial, self.cfg.readahead_max.max(self.cfg.readahead_initial));
+        s.next = s.next.max(end);
+        let from = s.frontier.max(end);
+        let to = (end + s.window).min(self.info.size);
+        s.frontier = s.frontier.max(to);
+        streams.insert(0, s);
+        (from < to).then_some((from, to))
+    }
+
+    async fn flush(self: Arc<Self>) -> Result<()> {
+        let snapshot = {
+            let mut st = lock(&self.state);
+            if !st.dirty {
+                None
+            } else {
+                st.dirty = false;
+                Some(st.present.clone())
+            }
+        };
+        let me = self.clone();
+        let res = tokio::task::spawn_blocking(move || -> Result<()> {
+            if let Some(bits) = &snapshot {
+                me.store.persist(bits)?;
+            }
+            let stats = serde_json::to_vec_pretty(&me.stats.snapshot()).unwrap_or_default();
+            me.store.write_stats(&stats)
+        })
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::CacheIo, "flush task", e))?;
+        if res.is_err() {
+            lock(&self.state).dirty = true;
+        }
+        res
+    }
+}

@@ -1,0 +1,129 @@
+//! In-memory source with fault injection and counters, for tests of everything above it.
+
+use super::{ImageInfo, RangeSource};
+use crate::error::{Error, ErrorKind, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// A fault the next matching fetches will suffer.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// The next `times` fetches touching byte `offset` fail with this kind.
+    FailAt { offset: u64, times: u32, kind: ErrorKind },
+    /// The next `times` fetches touching byte `offset` return corrupted bytes.
+    CorruptAt { offset: u64, times: u32 },
+    /// Every fetch waits this long first.
+    Delay(Duration),
+}
+
+pub struct FakeSource {
+    data: Mutex<Bytes>,
+    etag: Mutex<String>,
+    faults: Mutex<Vec<Fault>>,
+    pub fetches: AtomicU64,
+    pub bytes_served: AtomicU64,
+}
+
+impl FakeSource {
+    pub fn new(data: impl Into<Bytes>) -> Self {
+        FakeSource {
+            data: Mutex::new(data.into()),
+            etag: Mutex::new("\"v1\"".into()),
+            faults: Mutex::new(Vec::new()),
+            fetches: AtomicU64::new(0),
+            bytes_served: AtomicU64::new(0),
+        }
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        lock(&self.faults).push(fault);
+    }
+
+    /// Replaces the image and its ETag, as an origin that publishes a new version would.
+    pub fn replace(&self, data: impl Into<Bytes>, etag: &str) {
+        *lock(&self.data) = data.into();
+        *lock(&self.etag) = etag.into();
+    }
+
+    pub fn fetch_count(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_count(&self) -> u64 {
+        self.bytes_served.load(Ordering::Relaxed)
+    }
+
+    fn info(&self) -> ImageInfo {
+        ImageInfo {
+            size: lock(&self.data).len() as u64,
+            etag: Some(lock(&self.etag).clone()),
+            last_modified: None,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[async_trait]
+impl RangeSource for FakeSource {
+    fn describe(&self) -> String {
+        "fake://image".into()
+    }
+
+    async fn probe(&self) -> Result<ImageInfo> {
+        Ok(self.info())
+    }
+
+    async fn fetch(&self, offset: u64, len: u64, expect: &ImageInfo) -> Result<Bytes> {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let end = offset + len;
+        let mut delay = None;
+        let mut fail = None;
+        let mut corrupt = false;
+        {
+            let mut faults = lock(&self.faults);
+            for f in faults.iter_mut() {
+                match f {
+                    Fault::Delay(d) => delay = Some(*d),
+                    Fault::FailAt { offset: at, times, kind } if *times > 0 && (offset..end).contains(at) => {
+                        *times -= 1;
+                        fail = Some(*kind);
+                        break;
+                    }
+                    Fault::CorruptAt { offset: at, times } if *times > 0 && (offset..end).contains(at) => {
+                        *times -= 1;
+                        corrupt = true;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        if let Some(kind) = fail {
+            return Err(Error::new(kind, format!("injected fault at offset {offset}")));
+        }
+        expect.check_same(&self.info(), "fake://image")?;
+        let data = lock(&self.data).clone();
+        if end > data.len() as u64 {
+            return Err(Error::new(ErrorKind::InvalidInput, "range past the end"));
+        }
+        self.bytes_served.fetch_add(len, Ordering::Relaxed);
+        let out = data.slice(offset as usize..end as usize);
+        if corrupt {
+            let mut v = out.to_vec();
+            if let Some(b) = v.first_mut() {
+                *b ^= 0xff;
+            }
+            return Ok(Bytes::from(v));
+        }
+        Ok(out)
+    }
+}

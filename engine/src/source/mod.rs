@@ -1,0 +1,68 @@
+//! Range sources: where image bytes come from. Each source answers `probe` (size + validator) and
+//! `fetch` (exact bytes of a range, refused if the origin no longer matches the probed validator).
+//! Sources wrap each other: `Retrying` adds the retry policy around any source; `FakeSource`
+//! (in-memory, fault-injecting) ships with the code for tests.
+
+mod fake;
+mod file;
+mod http;
+mod retry;
+
+pub use fake::{FakeSource, Fault};
+pub use file::FileSource;
+pub use http::{HttpSource, HttpSourceOptions};
+pub use retry::{RetryPolicy, Retrying};
+
+use crate::error::{Error, ErrorKind, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// What a probe learns about an image; the validator fields pin the version we serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub size: u64,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+impl ImageInfo {
+    /// True when the origin gives us something to detect a change with besides the size.
+    pub fn has_validator(&self) -> bool {
+        self.etag.is_some() || self.last_modified.is_some()
+    }
+
+    /// Fails with `OriginChanged` unless `seen` describes the same image version as `self`.
+    pub fn check_same(&self, seen: &ImageInfo, what: &str) -> Result<()> {
+        let changed = |field: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+            Err(Error::new(
+                ErrorKind::OriginChanged,
+                format!("{what}: {field} was {a:?} at probe, now {b:?}"),
+            ))
+        };
+        if self.size != seen.size {
+            return changed("size", &self.size, &seen.size);
+        }
+        // A validator that disappears or appears also counts as a change: we cannot prove sameness.
+        if self.etag != seen.etag {
+            return changed("ETag", &self.etag, &seen.etag);
+        }
+        if self.etag.is_none() && self.last_modified != seen.last_modified {
+            return changed("Last-Modified", &self.last_modified, &seen.last_modified);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+pub trait RangeSource: Send + Sync + 'static {
+    /// A short name for logs and errors (URL without query, or a path).
+    fn describe(&self) -> String;
+
+    /// Learns size and validator. Done once per attach.
+    async fn probe(&self) -> Result<ImageInfo>;
+
+    /// Returns exactly `len` bytes at `offset`, or an error. Implementations must refuse (with
+    /// `OriginChanged`) an answer whose validator or total size differs from `expect`.
+    async fn fetch(&self, offset: u64, len: u64, expect: &ImageInfo) -> Result<Bytes>;
+}
