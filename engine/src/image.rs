@@ -41,6 +41,7 @@ pub struct ImageConfig {
     /// Largest single ranged request.
     pub max_request: u64,
     pub readahead_initial: u64,
+    /// 0 disables readahead (for purely random access).
     pub readahead_max: u64,
     pub retry: RetryPolicy,
     /// How often the bitmap and stats are persisted.
@@ -530,6 +531,9 @@ impl Inner {
     /// returns the not-yet-requested range ahead of it.
     fn readahead_range(&self, offset: u64, end: u64) -> Option<(u64, u64)> {
         const STREAMS: usize = 8;
+        if self.cfg.readahead_max == 0 {
+            return None;
+        }
         let slack = self.cfg.readahead_initial.max(self.chunk_size);
         let mut streams = lock(&self.streams);
         let hit = streams
@@ -543,8 +547,15 @@ impl Inner {
             return None;
         };
         let mut s = streams.remove(i);
-        s.window = (s.window * 2).clamp(self.cfg.readahead_initial, self.cfg.readahead_max.max(self.cfg.readahead_initial));
         s.next = s.next.max(end);
+        // Extend in whole windows once less than half a window is left ahead, so requests stay
+        // large instead of one chunk per small read.
+        let ahead = s.frontier.saturating_sub(end);
+        if s.window > 0 && ahead >= s.window / 2 {
+            streams.insert(0, s);
+            return None;
+        }
+        s.window = (s.window * 2).clamp(self.cfg.readahead_initial, self.cfg.readahead_max);
         let from = s.frontier.max(end);
         let to = (end + s.window).min(self.info.size);
         s.frontier = s.frontier.max(to);

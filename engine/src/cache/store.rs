@@ -172,15 +172,19 @@ impl CacheStore {
     /// a full cache means serving from memory, never a partial or corrupt cache.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
         let len = buf.len() as u64;
-        if let Some(budget) = self.budget {
-            if self.used.load(Ordering::Relaxed) + len > budget {
-                return Ok(false);
-            }
+        // Reserve before writing so concurrent writers cannot overshoot the budget together.
+        let budget = self.budget.unwrap_or(u64::MAX);
+        if self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| (u + len <= budget).then_some(u + len))
+            .is_err()
+        {
+            return Ok(false);
         }
-        self.data
-            .write_all_at(buf, offset)
-            .map_err(|e| Error::cache_io(format!("writing {len} bytes at {offset} to {}", self.dir.display()), e))?;
-        self.used.fetch_add(len, Ordering::Relaxed);
+        self.data.write_all_at(buf, offset).map_err(|e| {
+            self.used.fetch_sub(len, Ordering::SeqCst);
+            Error::cache_io(format!("writing {len} bytes at {offset} to {}", self.dir.display()), e)
+        })?;
         Ok(true)
     }
 

@@ -1,0 +1,172 @@
+//! The engine against real HTTP servers: our own static server, the same server with injected
+//! faults, and nginx (the origin most users have). nginx is required when CI=true.
+
+mod common;
+
+use common::{config, pattern};
+use lazy_image_engine::{ErrorKind, HttpSource, LazyImage, RangeSource};
+use lazy_image_serve::{Faults, ServerHandle};
+use std::path::Path;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+const SIZE: usize = 3 << 20;
+
+async fn serve(dir: &Path, faults: Option<Arc<Faults>>) -> ServerHandle {
+    lazy_image_serve::spawn(dir, "127.0.0.1:0".parse().unwrap(), faults).await.unwrap()
+}
+
+fn write_image(dir: &Path, seed: u64) -> Vec<u8> {
+    let data = pattern(SIZE, seed);
+    std::fs::write(dir.join("image.img"), &data).unwrap();
+    data
+}
+
+fn source(url: &str) -> Arc<dyn RangeSource> {
+    Arc::new(HttpSource::new(url, Default::default()).unwrap())
+}
+
+#[tokio::test]
+async fn suite_own_server() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_image(d.path(), 1);
+    let srv = serve(d.path(), None).await;
+    common::source_suite(source(&srv.url("image.img")), &data).await;
+}
+
+/// Runs a cold whole-image read through a server that suffers `arm` and checks every byte.
+async fn survives(arm: impl Fn(&Faults)) -> u64 {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_image(d.path(), 2);
+    let faults = Arc::new(Faults::new());
+    let srv = serve(d.path(), Some(faults.clone())).await;
+    let cache = tempfile::tempdir().unwrap();
+    let img = LazyImage::open(source(&srv.url("image.img")), config(cache.path())).await.unwrap();
+    arm(&faults);
+    let got = img.read(0, SIZE as u64).await.expect("read through faults");
+    assert!(got[..] == data[..], "bytes differ");
+    img.stats().retries
+}
+
+#[tokio::test]
+async fn dropped_connections_are_retried() {
+    assert!(survives(|f| f.drop_connection.store(3, SeqCst)).await >= 3);
+}
+
+#[tokio::test]
+async fn bursts_of_5xx_are_retried() {
+    assert!(survives(|f| f.status_5xx.store(4, SeqCst)).await >= 4);
+}
+
+#[tokio::test]
+async fn truncated_bodies_are_retried() {
+    assert!(survives(|f| f.truncate.store(2, SeqCst)).await >= 2);
+}
+
+#[tokio::test]
+async fn wrong_content_range_is_retried_not_served() {
+    assert!(survives(|f| f.wrong_content_range.store(2, SeqCst)).await >= 2);
+}
+
+#[tokio::test]
+async fn slow_responses_still_complete() {
+    assert_eq!(survives(|f| f.delay_ms.store(30, SeqCst)).await, 0);
+}
+
+#[tokio::test]
+async fn server_ignoring_range_is_refused_at_probe() {
+    let d = tempfile::tempdir().unwrap();
+    write_image(d.path(), 3);
+    let faults = Arc::new(Faults::new());
+    faults.ignore_range.store(true, SeqCst);
+    let srv = serve(d.path(), Some(faults.clone())).await;
+    let cache = tempfile::tempdir().unwrap();
+    let e = LazyImage::open(source(&srv.url("image.img")), config(cache.path())).await.err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::RangeUnsupported);
+    assert!(e.to_string().contains("Range"), "{e}");
+}
+
+#[tokio::test]
+async fn server_that_stops_honouring_range_fails_reads() {
+    let d = tempfile::tempdir().unwrap();
+    write_image(d.path(), 4);
+    let faults = Arc::new(Faults::new());
+    let srv = serve(d.path(), Some(faults.clone())).await;
+    let cache = tempfile::tempdir().unwrap();
+    let img = LazyImage::open(source(&srv.url("image.img")), config(cache.path())).await.unwrap();
+    faults.ignore_range.store(true, SeqCst);
+    assert_eq!(img.read(0, 10).await.unwrap_err().kind(), ErrorKind::RangeUnsupported);
+}
+
+#[tokio::test]
+async fn etag_change_midway_stops_serving_new_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_image(d.path(), 5);
+    let faults = Arc::new(Faults::new());
+    let srv = serve(d.path(), Some(faults.clone())).await;
+    let cache = tempfile::tempdir().unwrap();
+    let img = LazyImage::open(source(&srv.url("image.img")), config(cache.path())).await.unwrap();
+    assert_eq!(&img.read(0, 100).await.unwrap()[..], &data[..100]);
+    faults.set_etag("\"republished\"");
+    let e = img.read(2 << 20, 100).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OriginChanged);
+    assert!(img.condition().abnormal);
+}
+
+#[tokio::test]
+async fn missing_image_is_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = serve(d.path(), None).await;
+    let cache = tempfile::tempdir().unwrap();
+    let e = LazyImage::open(source(&srv.url("nope.img")), config(cache.path())).await.err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::OriginStatus(404));
+}
+
+/// Starts nginx on a free loopback port serving `root`; None when nginx is not installed and we
+/// are not in CI (in CI a missing nginx is a failure, not a skip).
+fn nginx(root: &Path) -> Option<(std::process::Child, String)> {
+    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| Path::new(p).exists());
+    let Some(bin) = bin else {
+        assert!(std::env::var_os("CI").is_none(), "nginx is required in CI (apt-get install nginx)");
+        eprintln!("nginx not installed: skipping");
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = root.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; master_process off; worker_processes 1; pid {r}/nginx.pid; error_log {r}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{ access_log off; client_body_temp_path {r}; proxy_temp_path {r}; fastcgi_temp_path {r}; uwsgi_temp_path {r}; scgi_temp_path {r};\n\
+             server {{ listen 127.0.0.1:{port}; root {r}; }} }}\n",
+            r = root.display()
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(bin).arg("-c").arg(&conf).arg("-p").arg(root).spawn().unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some((child, format!("http://127.0.0.1:{port}")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("nginx did not start; see {}/error.log", root.display());
+}
+
+#[tokio::test]
+async fn suite_nginx() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_image(d.path(), 6);
+    let Some((mut child, base)) = nginx(d.path()) else { return };
+    common::source_suite(source(&format!("{base}/image.img")), &data).await;
+    // nginx's strong ETag pins the version: rewriting the file is detected.
+    let cache = tempfile::tempdir().unwrap();
+    let img = LazyImage::open(source(&format!("{base}/image.img")), config(cache.path())).await.unwrap();
+    img.read(0, 10).await.unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::fs::write(d.path().join("image.img"), pattern(SIZE, 7)).unwrap();
+    assert_eq!(img.read(SIZE as u64 - 10, 10).await.unwrap_err().kind(), ErrorKind::OriginChanged);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,266 @@
+//! Read-path behaviour against the in-memory fault-injecting source.
+
+mod common;
+
+use common::{config, open, pattern};
+use lazy_image_engine::{ErrorKind, FakeSource, FileSource, ImageConfig, LazyImage, Manifest};
+use lazy_image_engine::source::Fault;
+use proptest::prelude::*;
+use std::sync::Arc;
+
+const SIZE: usize = 1 << 20;
+
+#[tokio::test]
+async fn suite_fake_source() {
+    let data = pattern(SIZE + 123, 1);
+    common::source_suite(Arc::new(FakeSource::new(data.clone())), &data).await;
+}
+
+#[tokio::test]
+async fn suite_file_source() {
+    let data = pattern(SIZE + 77, 2);
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), &data).unwrap();
+    common::source_suite(Arc::new(FileSource::new(f.path())), &data).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_on_one_chunk_fetch_once() {
+    let src = Arc::new(FakeSource::new(pattern(SIZE, 3)));
+    src.inject(Fault::Delay(std::time::Duration::from_millis(50)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.readahead_max = 0;
+    let img = LazyImage::open(src.clone(), cfg).await.unwrap();
+    let before = src.fetch_count();
+    let tasks: Vec<_> = (0..16).map(|i| { let img = img.clone(); tokio::spawn(async move { img.read(500_000 + i, 100).await }) }).collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(src.fetch_count() - before, 1, "single-flight");
+}
+
+#[tokio::test]
+async fn adjacent_missing_chunks_are_one_request() {
+    let src = Arc::new(FakeSource::new(pattern(SIZE, 4)));
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src.clone(), dir.path()).await;
+    let before = src.fetch_count();
+    img.read(100 * 4096 + 10, 8 * 4096).await.unwrap();
+    assert_eq!(src.fetch_count() - before, 1);
+    assert_eq!(src.bytes_count(), 9 * 4096);
+}
+
+#[tokio::test]
+async fn sequential_reads_grow_readahead() {
+    let data = pattern(SIZE, 5);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src.clone(), dir.path()).await;
+    for off in (0..SIZE as u64).step_by(4096) {
+        let got = img.read(off, 4096).await.unwrap();
+        assert_eq!(&got[..], &data[off as usize..off as usize + 4096]);
+    }
+    let s = img.stats();
+    assert!(s.readahead_chunks > 128, "readahead {s:?}");
+    // Without readahead this is 256 requests of one chunk each.
+    assert!(src.fetch_count() < 64, "requests: {}", src.fetch_count());
+}
+
+#[tokio::test]
+async fn transient_errors_are_retried_and_counted() {
+    let data = pattern(SIZE, 6);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    src.inject(Fault::FailAt { offset: 200_000, times: 3, kind: ErrorKind::OriginStatus(503) });
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src.clone(), dir.path()).await;
+    let got = img.read(200_000, 10).await.unwrap();
+    assert_eq!(&got[..], &data[200_000..200_010]);
+    assert_eq!(img.stats().retries, 3);
+    assert!(!img.condition().abnormal);
+}
+
+#[tokio::test]
+async fn permanent_errors_are_not_retried() {
+    let src = Arc::new(FakeSource::new(pattern(SIZE, 7)));
+    src.inject(Fault::FailAt { offset: 300_000, times: 1, kind: ErrorKind::OriginStatus(404) });
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src.clone(), dir.path()).await;
+    let e = img.read(300_000, 10).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OriginStatus(404));
+    assert_eq!(img.stats().retries, 0);
+    assert!(img.condition().abnormal);
+    // The failure is not cached: the next read fetches again and succeeds.
+    img.read(300_000, 10).await.unwrap();
+    assert!(!img.condition().abnormal);
+}
+
+#[tokio::test]
+async fn deadline_bounds_retries() {
+    let src = Arc::new(FakeSource::new(pattern(SIZE, 8)));
+    src.inject(Fault::FailAt { offset: 0, times: u32::MAX, kind: ErrorKind::Transport });
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.retry.deadline = std::time::Duration::from_millis(300);
+    let err = match LazyImage::open(src, cfg).await {
+        Ok(img) => img.read(0, 10).await.unwrap_err(),
+        Err(e) => panic!("probe does not fetch: {e}"),
+    };
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(err.kind().errno(), libc::ETIMEDOUT);
+}
+
+fn manifest_cfg(dir: &std::path::Path, data: &[u8]) -> ImageConfig {
+    let mut cfg = config(dir);
+    cfg.manifest = Some(Manifest::build(data, 4096, |_| {}).unwrap());
+    cfg
+}
+
+#[tokio::test]
+async fn corrupt_chunk_is_refetched_once() {
+    let data = pattern(SIZE, 9);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    src.inject(Fault::CorruptAt { offset: 40_000, times: 1 });
+    let dir = tempfile::tempdir().unwrap();
+    let img = LazyImage::open(src.clone(), manifest_cfg(dir.path(), &data)).await.unwrap();
+    let got = img.read(40_000, 100).await.unwrap();
+    assert_eq!(&got[..], &data[40_000..40_100]);
+    assert_eq!(img.stats().verify_failures, 1);
+    assert!(!img.condition().abnormal);
+}
+
+#[tokio::test]
+async fn persistently_corrupt_chunk_is_eio_never_bytes() {
+    let data = pattern(SIZE, 10);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    src.inject(Fault::CorruptAt { offset: 40_000, times: 2 });
+    let dir = tempfile::tempdir().unwrap();
+    let img = LazyImage::open(src.clone(), manifest_cfg(dir.path(), &data)).await.unwrap();
+    let e = img.read(40_000, 100).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Integrity);
+    assert_eq!(e.kind().errno(), 5);
+    let cond = img.condition();
+    assert!(cond.abnormal && cond.message.contains("manifest"), "{cond:?}");
+    // Not cached: with the origin healthy again the chunk is fetched and served correctly.
+    let got = img.read(40_000, 100).await.unwrap();
+    assert_eq!(&got[..], &data[40_000..40_100]);
+}
+
+#[tokio::test]
+async fn manifest_for_another_size_is_refused() {
+    let data = pattern(SIZE, 11);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = manifest_cfg(dir.path(), &data[..SIZE - 4096]);
+    let e = LazyImage::open(Arc::new(FakeSource::new(data)), cfg).await.err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Integrity);
+}
+
+#[tokio::test]
+async fn changed_origin_is_never_mixed() {
+    let old = pattern(SIZE, 12);
+    let new = pattern(SIZE, 13);
+    let src = Arc::new(FakeSource::new(old.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src.clone(), dir.path()).await;
+    img.read(0, 8192).await.unwrap();
+    src.replace(new.clone(), "\"v2\"");
+    let e = img.read(500_000, 10).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OriginChanged);
+    assert!(img.condition().abnormal);
+    // Already cached bytes belong to the attached version and are still served.
+    assert_eq!(&img.read(0, 10).await.unwrap()[..], &old[..10]);
+    img.close().await.unwrap();
+    // A new attach sees the new version and does not reuse the old cache.
+    let img = open(src.clone(), dir.path()).await;
+    assert_eq!(img.fill().0, 0);
+    assert_eq!(&img.read(0, 8192).await.unwrap()[..], &new[..8192]);
+}
+
+#[tokio::test]
+async fn warm_cache_is_reused_after_reopen() {
+    let data = pattern(SIZE, 14);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src.clone(), dir.path()).await;
+    img.prefetch_all(4, |_, _| {}).await.unwrap();
+    img.close().await.unwrap();
+    let fetched = src.fetch_count();
+    let img = open(src.clone(), dir.path()).await;
+    assert_eq!(img.fill().0, img.fill().1);
+    assert_eq!(&img.read(0, SIZE as u64).await.unwrap()[..], &data[..]);
+    assert_eq!(src.fetch_count(), fetched, "warm reads fetch nothing");
+}
+
+#[tokio::test]
+async fn second_opener_of_a_cache_is_refused() {
+    let src = Arc::new(FakeSource::new(pattern(SIZE, 15)));
+    let dir = tempfile::tempdir().unwrap();
+    let _a = open(src.clone(), dir.path()).await;
+    let e = LazyImage::open(src, config(dir.path())).await.err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::CacheBusy);
+}
+
+#[tokio::test]
+async fn cache_limit_evicts_unused_images_and_caps_growth() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Arc::new(FakeSource::new(pattern(SIZE, 16)));
+    let img = open(a.clone(), dir.path()).await;
+    img.prefetch_all(4, |_, _| {}).await.unwrap();
+    let a_dir = img.cache_dir();
+    img.close().await.unwrap();
+
+    // A second image with a limit that cannot hold both evicts the first (not in use) ...
+    let bdata = pattern(SIZE, 17);
+    let b = Arc::new(FakeSource::new(bdata.clone()));
+    b.replace(bdata.clone(), "\"other\"");
+    let mut cfg = config(dir.path());
+    cfg.cache_limit = Some(SIZE as u64 + SIZE as u64 / 2);
+    // Different content under the same fake URL would share a key; give b its own cache root key.
+    cfg.manifest = Some(Manifest::build(&bdata[..], 4096, |_| {}).unwrap());
+    let img = LazyImage::open(b.clone(), cfg).await.unwrap();
+    assert!(!a_dir.exists(), "unused image evicted");
+    img.prefetch_all(4, |_, _| {}).await.unwrap();
+    assert_eq!(&img.read(0, SIZE as u64).await.unwrap()[..], &bdata[..]);
+
+    // ... and an image bigger than the limit is served in full but cached only up to it.
+    let c = pattern(2 * SIZE, 18);
+    let src = Arc::new(FakeSource::new(c.clone()));
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir2.path());
+    cfg.cache_limit = Some(SIZE as u64 / 2);
+    let img = LazyImage::open(src, cfg).await.unwrap();
+    assert_eq!(&img.read(0, 2 * SIZE as u64).await.unwrap()[..], &c[..]);
+    let (have, total) = img.fill();
+    assert!(have * 4096 <= SIZE as u64 / 2 && have < total, "{have}/{total}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// Any mix of concurrent reads returns exactly the source's bytes, cold or warm.
+    #[test]
+    fn random_concurrent_reads_equal_source(
+        reads in prop::collection::vec((0u64..(SIZE as u64 + 5000), 1u64..70_000), 1..40),
+        chunk_shift in 12u32..15,
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(3).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let data = Arc::new(pattern(SIZE + 1234, chunk_shift as u64));
+            let src = Arc::new(FakeSource::new(data.to_vec()));
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = config(dir.path());
+            cfg.chunk_size = 1 << chunk_shift;
+            let img = LazyImage::open(src, cfg).await.unwrap();
+            let tasks: Vec<_> = reads.into_iter().map(|(off, len)| {
+                let (img, data) = (img.clone(), data.clone());
+                tokio::spawn(async move {
+                    let got = img.read(off, len).await.unwrap();
+                    let n = data.len() as u64;
+                    let (a, b) = (off.min(n) as usize, (off + len).min(n) as usize);
+                    assert_eq!(&got[..], &data[a..b], "read {off}+{len}");
+                })
+            }).collect();
+            for t in tasks { t.await.unwrap(); }
+        });
+    }
+}
