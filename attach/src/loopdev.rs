@@ -1,0 +1,50 @@
+//! Read-only loop devices over the FUSE image file, set up with util-linux `losetup`.
+
+use crate::{AttachError, AttachErrorKind};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDevice {
+    path: PathBuf,
+}
+
+fn losetup(args: &[&std::ffi::OsStr]) -> Result<String, AttachError> {
+    let out = Command::new("losetup").args(args).output().map_err(|e| {
+        let mut err = AttachError::os("running losetup (install util-linux)", e);
+        err.kind = AttachErrorKind::Unsupported;
+        err
+    })?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let kind = if msg.contains("busy") { AttachErrorKind::Busy } else { AttachErrorKind::Io };
+        return Err(AttachError::new(kind, format!("losetup failed: {msg}")));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl LoopDevice {
+    pub fn from_path(path: impl Into<PathBuf>) -> Self {
+        LoopDevice { path: path.into() }
+    }
+
+    /// Attaches `file` read-only with direct I/O, so blocks are cached once (in the filesystem
+    /// above), not again in the FUSE file's page cache; falls back to buffered I/O if refused.
+    pub fn attach_readonly(file: &Path) -> Result<Self, AttachError> {
+        let f = file.as_os_str();
+        let dev = losetup(&["--find".as_ref(), "--show".as_ref(), "--read-only".as_ref(), "--direct-io=on".as_ref(), f])
+            .or_else(|_| losetup(&["--find".as_ref(), "--show".as_ref(), "--read-only".as_ref(), f]))?;
+        if !dev.starts_with("/dev/loop") {
+            return Err(AttachError::new(AttachErrorKind::Io, format!("losetup printed {dev:?}, not a loop device")));
+        }
+        Ok(LoopDevice { path: PathBuf::from(dev) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn detach(&self) -> Result<(), AttachError> {
+        losetup(&["--detach".as_ref(), self.path.as_os_str()]).map(|_| ())
+    }
+}

@@ -1,0 +1,135 @@
+//! Command-line arguments, one clap-derive struct per command.
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "lazy-image", version, about = "Mount filesystem images from a URL, fetched lazily block by block")]
+pub struct Cli {
+    /// Log debug details to stderr (or set LAZY_IMAGE_LOG=...).
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the files of DIR over HTTP with Range, ETag and HEAD support.
+    Serve(ServeArgs),
+    /// Attach an image lazily and mount it read-only; runs in the foreground until Ctrl-C.
+    Mount(MountArgs),
+    /// Unmount a filesystem mounted by `lazy-image mount` and detach its device.
+    Umount(UmountArgs),
+    /// Integrity manifests.
+    #[command(subcommand)]
+    Manifest(ManifestCommand),
+    /// Show cached images: fill, hits, bytes fetched from the origin.
+    Stat(StatArgs),
+    /// Fetch a whole image into the local cache ahead of use.
+    Warm(WarmArgs),
+    /// A TCP proxy that adds latency each way (for benchmarks on loopback).
+    #[command(hide = true)]
+    Proxy(ProxyArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// Where image caches live.
+    #[arg(long, default_value = "/var/cache/lazy-image")]
+    pub cache_dir: PathBuf,
+    /// Node-wide cache limit (e.g. 20G); images not in use are evicted to stay under it.
+    #[arg(long, value_parser = crate::units::parse_size)]
+    pub cache_limit: Option<u64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ImageArgs {
+    /// Image URL (http://, https://) or a local file path.
+    pub url: String,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Integrity manifest (path or URL) from `lazy-image manifest build`.
+    #[arg(long)]
+    pub manifest: Option<String>,
+    /// Pinned image digest (sha256:...): the manifest's own digest. Without --manifest the
+    /// manifest is fetched from URL.manifest.
+    #[arg(long)]
+    pub digest: Option<String>,
+    /// Cache and fetch unit (power of two, 4K..16M). Ignored with a manifest, which sets it.
+    #[arg(long, value_parser = crate::units::parse_size)]
+    pub chunk_size: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    pub dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+    pub mountpoint: PathBuf,
+    /// Filesystem type: auto, ext4, erofs or squashfs.
+    #[arg(long, default_value = "auto")]
+    pub format: String,
+    /// Where running mounts are recorded.
+    #[arg(long, default_value = "/run/lazy-image")]
+    pub run_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    pub mountpoint: PathBuf,
+    #[arg(long, default_value = "/run/lazy-image")]
+    pub run_dir: PathBuf,
+    /// How long to wait for the mount's daemon to finish.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ManifestCommand {
+    /// Write a manifest of per-chunk SHA-256 digests for IMAGE and print its digest.
+    Build {
+        image: PathBuf,
+        /// Output file (default: IMAGE.manifest).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[arg(long, value_parser = crate::units::parse_size)]
+        chunk_size: Option<u64>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct StatArgs {
+    #[arg(long, default_value = "/var/cache/lazy-image")]
+    pub cache_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WarmArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Parallel requests.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ProxyArgs {
+    #[arg(long)]
+    pub listen: SocketAddr,
+    #[arg(long)]
+    pub upstream: SocketAddr,
+    /// Added to each direction.
+    #[arg(long, default_value_t = 5)]
+    pub delay_ms: u64,
+}

@@ -1,0 +1,67 @@
+//! One module per command; `run` builds the runtime and dispatches.
+
+mod manifest;
+mod mount;
+mod serve;
+mod stat;
+mod warm;
+
+use crate::args::{Cli, Command, ImageArgs};
+use anyhow::{bail, Context, Result};
+use lazy_image_engine::{load_manifest, manifest::parse_digest, FileSource, HttpSource, ImageConfig, LazyImage, RangeSource};
+use std::sync::Arc;
+
+pub fn run(cli: Cli) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name("lazy-image")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => serve::run(a).await,
+            Command::Mount(a) => mount::mount(a).await,
+            Command::Umount(a) => mount::umount(a).await,
+            Command::Manifest(m) => manifest::run(m),
+            Command::Stat(a) => stat::run(a),
+            Command::Warm(a) => warm::run(a).await,
+            Command::Proxy(a) => {
+                eprintln!("lazy-image: proxying {} -> {} with {} ms each way", a.listen, a.upstream, a.delay_ms);
+                lazy_image_serve::proxy::run(a.listen, a.upstream, std::time::Duration::from_millis(a.delay_ms))
+                    .await
+                    .context("proxy")
+            }
+        }
+    })
+}
+
+/// Turns the image arguments into an open `LazyImage`: source, manifest/digest, cache settings.
+pub(crate) async fn open_image(a: &ImageArgs) -> Result<LazyImage> {
+    let source: Arc<dyn RangeSource> = if a.url.starts_with("http://") || a.url.starts_with("https://") {
+        Arc::new(HttpSource::new(&a.url, Default::default()).map_err(|e| anyhow::anyhow!(e.report()))?)
+    } else {
+        let path = a.url.strip_prefix("file://").unwrap_or(&a.url);
+        if a.url.contains("://") && !a.url.starts_with("file://") {
+            bail!("image URL {:?} must be http://, https://, file:// or a local path", a.url);
+        }
+        Arc::new(FileSource::new(path))
+    };
+    let digest = a.digest.as_deref().map(parse_digest).transpose().map_err(|e| anyhow::anyhow!(e.report()))?;
+    let manifest_loc = match (&a.manifest, &digest) {
+        (Some(m), _) => Some(m.clone()),
+        (None, Some(_)) => Some(format!("{}.manifest", a.url)),
+        (None, None) => None,
+    };
+    let manifest = match manifest_loc {
+        Some(loc) => Some(load_manifest(&loc, digest.as_deref()).await.map_err(|e| anyhow::anyhow!(e.report()))?),
+        None => None,
+    };
+    let mut cfg = ImageConfig::new(&a.cache.cache_dir);
+    cfg.cache_limit = a.cache.cache_limit;
+    if let Some(cs) = a.chunk_size {
+        cfg.chunk_size = cs;
+    }
+    cfg.manifest = manifest;
+    LazyImage::open(source, cfg).await.map_err(|e| anyhow::anyhow!(e.report()))
+}

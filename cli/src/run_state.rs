@@ -1,0 +1,50 @@
+//! Records of running mounts under the run directory, so `umount` can find the daemon of a mount
+//! point and clean up after one that died.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MountRecord {
+    pub pid: u32,
+    pub url: String,
+    pub mountpoint: PathBuf,
+    pub loop_device: PathBuf,
+    pub fuse_dir: PathBuf,
+    pub cache_dir: PathBuf,
+}
+
+pub fn record_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {
+    let h = hex::encode(Sha256::digest(mountpoint.as_os_str().as_encoded_bytes()));
+    run_dir.join("mounts").join(format!("{}.json", &h[..24]))
+}
+
+pub fn write(run_dir: &Path, rec: &MountRecord) -> Result<PathBuf> {
+    let path = record_path(run_dir, &rec.mountpoint);
+    let dir = path.parent().context("record path has no parent")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(rec)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+pub fn read(run_dir: &Path, mountpoint: &Path) -> Result<Option<MountRecord>> {
+    let path = record_path(run_dir, mountpoint);
+    match std::fs::read(&path) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("parsing {}", path.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+pub fn remove(run_dir: &Path, mountpoint: &Path) {
+    let _ = std::fs::remove_file(record_path(run_dir, mountpoint));
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
