@@ -132,4 +132,7 @@ pub struct ProxyArgs {
     /// Added to each direction.
     #[arg(long, default_value_t = 5)]
     pub delay_ms: u64,
+    /// Per-connection bandwidth limit from upstream, e.g. 4M (bytes per second).
+    #[arg(long, value_parser = crate::units::parse_size)]
+    pub rate: Option<u64>,
 }

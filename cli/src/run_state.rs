@@ -45,6 +45,9 @@ pub fn remove(run_dir: &Path, mountpoint: &Path) {
 }
 
 pub fn pid_alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence and permission.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
+    // A zombie (exited, not yet reaped by its parent) has finished its teardown: count it as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
+    }
 }

@@ -58,7 +58,7 @@ fn make_tree(dir: &Path, seed: u64, sizes: &[usize]) -> BTreeMap<String, String>
 fn make_image(fs: &str, tree: &Path, out: &Path) {
     match fs {
         "ext4" => sh(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(tree).arg(out).arg("96M")),
-        "erofs" => sh(Command::new("mkfs.erofs").arg("-q").arg(out).arg(tree)),
+        "erofs" => sh(Command::new("mkfs.erofs").arg("--quiet").arg(out).arg(tree)),
         "squashfs" => sh(Command::new("mksquashfs").arg(tree).arg(out).args(["-noappend", "-quiet", "-no-progress"])),
         _ => unreachable!(),
     }
@@ -112,7 +112,8 @@ impl Env {
 
     fn umount(&self, mnt: &str, mut child: Child) {
         let out = Command::new(BIN).arg("umount").arg(self.p(mnt)).arg("--run-dir").arg(self.p("run")).output().unwrap();
-        assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+        let log = std::fs::read_to_string(self.p(&format!("{mnt}.log"))).unwrap_or_default();
+        assert!(out.status.success(), "umount: {}\ndaemon log:\n{log}", String::from_utf8_lossy(&out.stderr));
         assert!(child.wait().unwrap().success());
         assert!(!lazy_mounted(&self.p(mnt)));
     }
@@ -252,14 +253,14 @@ fn kill_during_fill_never_leaves_wrong_bytes() {
     }
     let env = Env::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-    let mut image = vec![0u8; 48 << 20];
+    let mut image = vec![0u8; 64 << 20];
     rng.fill_bytes(&mut image);
     std::fs::write(env.p("srv/crash.img"), &image).unwrap();
-    // A slow origin (5 ms each way) so kills land mid-fill.
+    // A slow origin (5 ms each way, 4 MiB/s per connection) so kills land mid-fill.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let upstream = env.base.trim_start_matches("http://").to_string();
     let mut proxy = Command::new(BIN)
-        .args(["proxy", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &upstream, "--delay-ms", "5"])
+        .args(["proxy", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &upstream, "--delay-ms", "5", "--rate", "4M"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -276,7 +277,7 @@ fn kill_during_fill_never_leaves_wrong_bytes() {
     let mut kills = 0;
     for _ in 0..8 {
         let mut child = warm();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(100..600)));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(300..2000)));
         if child.try_wait().unwrap().is_some() {
             break; // finished before we could kill it
         }

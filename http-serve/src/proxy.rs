@@ -1,6 +1,7 @@
 //! A TCP proxy that delays every piece of data by a fixed time in each direction, so benchmarks on
-//! loopback see a round trip like a real network's (this kernel has no netem). It adds latency,
-//! not a bandwidth limit: data keeps flowing while earlier pieces wait out their delay.
+//! loopback see a round trip like a real network's (this kernel has no netem). Data keeps flowing
+//! while earlier pieces wait out their delay; an optional per-connection rate limit slows the
+//! server-to-client direction (crash tests need a fill that takes seconds).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,7 +10,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-pub async fn run(listen: SocketAddr, upstream: SocketAddr, delay: Duration) -> std::io::Result<()> {
+/// `rate`: bytes per second per connection from upstream to client; `None` is unlimited.
+pub async fn run(listen: SocketAddr, upstream: SocketAddr, delay: Duration, rate: Option<u64>) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     loop {
         let (client, _) = listener.accept().await?;
@@ -19,12 +21,12 @@ pub async fn run(listen: SocketAddr, upstream: SocketAddr, delay: Duration) -> s
             let _ = server.set_nodelay(true);
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
-            tokio::join!(pipe(cr, sw, delay), pipe(sr, cw, delay));
+            tokio::join!(pipe(cr, sw, delay, None), pipe(sr, cw, delay, rate));
         });
     }
 }
 
-async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, delay: Duration) {
+async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, delay: Duration, rate: Option<u64>) {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(4096);
     let reader = async move {
         loop {
@@ -33,6 +35,9 @@ async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     buf.truncate(n);
+                    if let Some(r) = rate.filter(|r| *r > 0) {
+                        tokio::time::sleep(Duration::from_secs_f64(n as f64 / r as f64)).await;
+                    }
                     if tx.send((Instant::now() + delay, buf)).await.is_err() {
                         break;
                     }

@@ -28,7 +28,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Command::Warm(a) => warm::run(a).await,
             Command::Proxy(a) => {
                 eprintln!("lazy-image: proxying {} -> {} with {} ms each way", a.listen, a.upstream, a.delay_ms);
-                lazy_image_serve::proxy::run(a.listen, a.upstream, std::time::Duration::from_millis(a.delay_ms))
+                lazy_image_serve::proxy::run(a.listen, a.upstream, std::time::Duration::from_millis(a.delay_ms), a.rate)
                     .await
                     .context("proxy")
             }
