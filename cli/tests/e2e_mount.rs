@@ -79,6 +79,7 @@ impl Env {
             .args(["serve"])
             .arg(tmp.path().join("srv"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -102,6 +103,7 @@ impl Env {
             .arg("--run-dir")
             .arg(self.p("run"))
             .args(extra)
+            .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
@@ -253,17 +255,18 @@ fn kill_during_fill_never_leaves_wrong_bytes() {
     }
     let env = Env::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-    let mut image = vec![0u8; 64 << 20];
+    let mut image = vec![0u8; 96 << 20];
     rng.fill_bytes(&mut image);
     std::fs::write(env.p("srv/crash.img"), &image).unwrap();
     // A slow origin (5 ms each way, 4 MiB/s per connection) so kills land mid-fill.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let upstream = env.base.trim_start_matches("http://").to_string();
-    let mut proxy = Command::new(BIN)
+    let proxy = Command::new(BIN)
         .args(["proxy", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &upstream, "--delay-ms", "5", "--rate", "4M"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let _proxy = KillOnDrop(proxy);
     wait_for(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "proxy");
     let url = format!("http://127.0.0.1:{port}/crash.img");
     let warm = || {
@@ -277,7 +280,7 @@ fn kill_during_fill_never_leaves_wrong_bytes() {
     let mut kills = 0;
     for _ in 0..8 {
         let mut child = warm();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(300..2000)));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(500..2500)));
         if child.try_wait().unwrap().is_some() {
             break; // finished before we could kill it
         }
@@ -290,7 +293,17 @@ fn kill_during_fill_never_leaves_wrong_bytes() {
     assert!(warm().wait().unwrap().success());
     let dir = cache_dir(&env.p("cache"));
     assert!(std::fs::read(dir.join("data")).unwrap() == image, "completed cache equals the image");
-    let _ = proxy.kill();
+}
+
+/// Kills a helper process even when the test fails (a leaked child would hold the test's output
+/// pipe open).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn cache_dir(root: &Path) -> PathBuf {

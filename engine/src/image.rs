@@ -229,7 +229,7 @@ impl LazyImage {
 
     /// Returns the image's bytes in `[offset, offset + len)`, shortened at the end of the image.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
-        let r = self.inner.read(offset, len).await;
+        let r = self.inner.read(offset, len, true).await;
         match &r {
             Ok(b) => self.inner.stats.count_read(b.len() as u64),
             Err(_) => self.inner.stats.count_error(),
@@ -245,7 +245,8 @@ impl LazyImage {
         let mut s = stream::iter((0..size).step_by(step as usize))
             .map(|off| {
                 let me = self.inner.clone();
-                async move { me.read(off, step).await.map(|_| ()) }
+                // Already reading everything in parallel: readahead would only duplicate requests.
+                async move { me.read(off, step, false).await.map(|_| ()) }
             })
             .buffer_unordered(parallel.max(1));
         while s.try_next().await?.is_some() {
@@ -291,13 +292,13 @@ impl Inner {
         (start, (start + self.chunk_size).min(self.info.size))
     }
 
-    async fn read(self: &Arc<Self>, offset: u64, len: u64) -> Result<Bytes> {
+    async fn read(self: &Arc<Self>, offset: u64, len: u64, allow_readahead: bool) -> Result<Bytes> {
         if offset >= self.info.size || len == 0 {
             return Ok(Bytes::new());
         }
         let end = offset.saturating_add(len).min(self.info.size);
         let (c0, c1) = (offset / self.chunk_size, (end - 1) / self.chunk_size);
-        let ahead = self.readahead_range(offset, end);
+        let ahead = if allow_readahead { self.readahead_range(offset, end) } else { None };
 
         let mut plan = Vec::with_capacity((c1 - c0 + 1) as usize);
         let mut new_runs = Vec::new();
