@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then runs every test CI runs.
 set -euo pipefail
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq && apt-get install -y -qq nginx e2fsprogs erofs-utils squashfs-tools fuse3 util-linux >/dev/null
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
 cargo test --workspace
