@@ -94,6 +94,9 @@ struct Stream {
     next: u64,
     window: u64,
     frontier: u64,
+    /// Reads that continued this stream. Readahead starts at the second: one read landing near
+    /// another by chance is how random access looks, and it must not cost a window of fetches.
+    hits: u32,
 }
 
 #[derive(Default)]
@@ -544,11 +547,17 @@ impl Inner {
             if streams.len() == STREAMS {
                 streams.pop();
             }
-            streams.insert(0, Stream { next: end, window: 0, frontier: end });
+            streams.insert(0, Stream { next: end, window: 0, frontier: end, hits: 0 });
             return None;
         };
         let mut s = streams.remove(i);
         s.next = s.next.max(end);
+        s.hits = s.hits.saturating_add(1);
+        if s.hits < 2 {
+            s.frontier = s.frontier.max(end);
+            streams.insert(0, s);
+            return None;
+        }
         // Extend in whole windows once less than half a window is left ahead, so requests stay
         // large instead of one chunk per small read.
         let ahead = s.frontier.saturating_sub(end);

@@ -7,6 +7,7 @@ use lazy_image_engine::{ErrorKind, FakeSource, FileSource, ImageConfig, LazyImag
 use lazy_image_engine::source::Fault;
 use proptest::prelude::*;
 use std::sync::Arc;
+use rand::{Rng, SeedableRng};
 
 const SIZE: usize = 1 << 20;
 
@@ -65,6 +66,26 @@ async fn sequential_reads_grow_readahead() {
     assert!(s.readahead_chunks > 128, "readahead {s:?}");
     // Without readahead this is 256 requests of one chunk each.
     assert!(src.fetch_count() < 64, "requests: {}", src.fetch_count());
+}
+
+/// Scattered reads, some landing near an earlier one by chance, must fetch only their own chunks.
+#[tokio::test]
+async fn random_reads_do_not_trigger_readahead() {
+    let size = 64 << 20;
+    let data = pattern(size, 11);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src.clone(), dir.path()).await;
+    let chunk = img.chunk_size();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for _ in 0..500 {
+        let off = rng.gen_range(0..(size as u64 / 4096)) * 4096;
+        let got = img.read(off, 4096).await.unwrap();
+        assert_eq!(&got[..], &data[off as usize..off as usize + 4096]);
+    }
+    let s = img.stats();
+    assert_eq!(s.readahead_chunks, 0, "{s:?}");
+    assert!(s.origin_bytes <= s.chunk_misses * chunk, "{s:?}");
 }
 
 #[tokio::test]
