@@ -99,8 +99,8 @@ def random_reads(path, src, n, seed):
 
 
 class Ours:
-    def __init__(self, work, url):
-        self.work, self.url = work, url
+    def __init__(self, work, url, extra):
+        self.work, self.url, self.extra = work, url, extra
         self.mnt = os.path.join(work, "mnt")
         self.cache = os.path.join(work, "cache")
         os.makedirs(self.mnt, exist_ok=True)
@@ -109,7 +109,7 @@ class Ours:
         if cold:
             sh("rm", "-rf", self.cache)
         self.proc = subprocess.Popen([BIN, "mount", self.url, self.mnt, "--cache-dir", self.cache,
-                                      "--run-dir", os.path.join(self.work, "run")], stderr=subprocess.DEVNULL)
+                                      "--run-dir", os.path.join(self.work, "run")] + self.extra, stderr=subprocess.DEVNULL)
         for _ in range(3000):
             if os.path.ismount(self.mnt):
                 return
@@ -140,6 +140,7 @@ def main():
     ap.add_argument("--seq-mib", type=int, default=512)
     ap.add_argument("--random-reads", type=int, default=2000)
     ap.add_argument("--delay-ms", type=int, default=5)
+    ap.add_argument("--chunk-size", default=None, help="lazy-image --chunk-size (default: the engine's)")
     a = ap.parse_args()
     sh("cargo", "build", "-q", "--bin", "lazy-image", cwd=ROOT)
     work = tempfile.mkdtemp(prefix="lazy-bench.")
@@ -194,7 +195,7 @@ def main():
             loop_umount(dev, mnt)
             os.unlink(dl)
             # ours, cold: first ls + 4 KiB read after attach.
-            o = Ours(work, url)
+            o = Ours(work, url, ["--chunk-size", a.chunk_size] if a.chunk_size else [])
             o.mount(cold=True)
             t = time.monotonic()
             os.listdir(o.mnt)
@@ -211,7 +212,7 @@ def main():
             r["ours_rand"] = random_reads(os.path.join(o.mnt, "rand.bin"), os.path.join(tree, "rand.bin"), a.random_reads, 7)
             r["ours_rand_origin"] = o.umount()
             # warm (cache full, page cache dropped)
-            subprocess.run([BIN, "warm", url, "--cache-dir", o.cache], check=True, stderr=subprocess.DEVNULL)
+            subprocess.run([BIN, "warm", url, "--cache-dir", o.cache] + o.extra, check=True, stderr=subprocess.DEVNULL)
             o.mount(cold=False)
             drop_caches()
             r["ours_warm_seq_rate"] = a.seq_mib * 2**20 / read_verify(os.path.join(o.mnt, "seq.bin"), seq_sha)
