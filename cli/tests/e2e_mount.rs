@@ -65,8 +65,9 @@ fn make_image(fs: &str, tree: &Path, out: &Path) {
 }
 
 struct Env {
+    // Fields drop in order: the server stops before its directory is removed.
+    _server: KillOnDrop,
     tmp: tempfile::TempDir,
-    server: Child,
     base: String,
 }
 
@@ -84,7 +85,7 @@ impl Env {
             .spawn()
             .unwrap();
         wait_for(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "server start");
-        Env { tmp, server, base: format!("http://127.0.0.1:{port}") }
+        Env { _server: KillOnDrop(server), tmp, base: format!("http://127.0.0.1:{port}") }
     }
 
     fn p(&self, rel: &str) -> PathBuf {
@@ -127,19 +128,8 @@ impl Env {
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-    }
-}
-
 fn lazy_mounted(mp: &Path) -> bool {
-    let want = mp.canonicalize().unwrap_or_else(|_| mp.to_path_buf());
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.to_str().unwrap()))
+    lazy_image_attach::is_mountpoint(mp).unwrap()
 }
 
 fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
@@ -295,8 +285,8 @@ fn kill_during_fill_never_leaves_wrong_bytes() {
     assert!(std::fs::read(dir.join("data")).unwrap() == image, "completed cache equals the image");
 }
 
-/// Kills a helper process even when the test fails (a leaked child would hold the test's output
-/// pipe open).
+/// Kills a helper process (server, proxy) even when the test fails: a leaked child would hold the
+/// test's output pipe open.
 struct KillOnDrop(Child);
 
 impl Drop for KillOnDrop {

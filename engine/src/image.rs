@@ -555,7 +555,6 @@ impl Inner {
         s.next = s.next.max(end);
         s.hits = s.hits.saturating_add(1);
         if s.hits < 2 {
-            s.frontier = s.frontier.max(end);
             streams.insert(0, s);
             return None;
         }
