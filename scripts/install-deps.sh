@@ -1,13 +1,41 @@
 #!/usr/bin/env bash
-# Debian packages the demo and the host tests need. Idempotent; skips apt when all are present.
+# Debian packages the demo and the tests need. Idempotent; skips apt when all are present.
+#   install-deps.sh          build + host tests (FUSE+loop, nginx, mkfs tools)
+#   install-deps.sh vm       also the ublk VM harness: qemu, busybox, and bookworm-backports
+#                            (whose linux-image-6.12 has ublk_drv)
+#   install-deps.sh bench    also the benchmark peers (qemu-storage-daemon's curl driver, nbdkit)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-PKGS=(nginx e2fsprogs erofs-utils squashfs-tools fuse3 util-linux curl python3)
+PKGS=(nginx e2fsprogs erofs-utils squashfs-tools fuse3 util-linux curl python3 libclang-dev protobuf-compiler)
+BACKPORTS=()
+need_backports=false
+for group in "$@"; do
+    case $group in
+        vm) PKGS+=(busybox-static cpio xz-utils kmod fio iproute2); BACKPORTS+=(qemu-system-x86); need_backports=true ;;
+        bench) PKGS+=(nbdkit libnbd-bin fio); BACKPORTS+=(qemu-block-extra qemu-utils); need_backports=true ;;
+        *) echo "install-deps: unknown group $group (expected vm or bench)" >&2; exit 2 ;;
+    esac
+done
+
+if $need_backports && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    cat >/etc/apt/sources.list.d/bookworm-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    apt-get update -qq
+fi
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing: ${missing[*]}"
+bp_missing=()
+for p in "${BACKPORTS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || bp_missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ] || [ ${#bp_missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]} ${bp_missing[*]}"
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ ${#missing[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # qemu comes from backports so it matches the machine's backports qemu-utils.
+    [ ${#bp_missing[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports "${bp_missing[@]}" >/dev/null
 fi
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true

@@ -12,6 +12,8 @@ pub enum AttachErrorKind {
     Io,
     /// Reading the image failed (origin, cache, integrity).
     Engine,
+    /// A device or mount we were told about does not exist.
+    NotFound,
 }
 
 #[derive(Debug, thiserror::Error)]

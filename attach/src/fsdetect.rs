@@ -30,6 +30,23 @@ impl FsType {
         }
     }
 
+    /// The filesystem's block size from its superblock: a block device under it must not have
+    /// larger logical blocks (ext4 made small by mkfs uses 1 KiB blocks).
+    pub fn block_size(self, head: &[u8]) -> Option<u32> {
+        match self {
+            FsType::Ext4 => {
+                let log = u32::from_le_bytes(head.get(1024 + 24..1024 + 28)?.try_into().ok()?);
+                (log <= 6).then(|| 1024 << log)
+            }
+            FsType::Erofs => {
+                let bits = *head.get(1024 + 12)?;
+                (9..=16).contains(&bits).then(|| 1 << bits)
+            }
+            // squashfs addresses bytes and reads in units of at least 1 KiB of its own choosing.
+            FsType::Squashfs => Some(4096),
+        }
+    }
+
     /// Identifies a filesystem from the first 2 KiB of an image.
     pub fn from_superblock(head: &[u8]) -> Option<Self> {
         let le16 = |o: usize| head.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
@@ -70,6 +87,14 @@ pub async fn detect(image: &LazyImage) -> Result<FsType, AttachError> {
     })
 }
 
+/// The largest logical block size a device for this image may have: 4096 when the image is
+/// whole 4 KiB blocks and so is the filesystem's block size, else 512.
+pub async fn device_block_size(image: &LazyImage, fs: FsType) -> Result<u32, AttachError> {
+    let head = image.read(0, 2048).await?;
+    let fs_block = fs.block_size(&head).unwrap_or(512);
+    Ok(if fs_block >= 4096 && image.size() % 4096 == 0 { 4096 } else { 512 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::FsType;
@@ -82,6 +107,13 @@ mod tests {
         assert_eq!(FsType::from_superblock(&b), Some(FsType::Ext4));
         b[1024..1028].copy_from_slice(&0xE0F5_E1E2u32.to_le_bytes());
         assert_eq!(FsType::from_superblock(&b), Some(FsType::Erofs));
+        assert_eq!(FsType::Erofs.block_size(&b), None, "blkszbits 0 is not a block size");
+        b[1024 + 12] = 12;
+        assert_eq!(FsType::Erofs.block_size(&b), Some(4096));
+        b[1024 + 24] = 0;
+        assert_eq!(FsType::Ext4.block_size(&b), Some(1024));
+        b[1024 + 24] = 2;
+        assert_eq!(FsType::Ext4.block_size(&b), Some(4096));
         b[0..4].copy_from_slice(b"hsqs");
         assert_eq!(FsType::from_superblock(&b), Some(FsType::Squashfs));
         assert!("xfs".parse::<FsType>().is_err());

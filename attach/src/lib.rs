@@ -1,40 +1,112 @@
-//! Turns a `LazyImage` into a mounted read-only filesystem without ublk: the image is exposed as
-//! one read-only file on a private FUSE mount, that file is attached read-only to a loop device,
-//! and the loop device is mounted read-only. Teardown runs in reverse: filesystem, loop, FUSE.
-//! The ublk backend (block device served directly) will sit beside this one.
+//! Turns a `LazyImage` into a mounted read-only filesystem. Two block backends:
+//! - ublk (`ublk`): the image is a read-only `/dev/ublkbN` served by this process, which can
+//!   die and be replaced without breaking the mount (USER_RECOVERY);
+//! - FUSE + loop (`fuse`, `loopdev`), where the kernel has no ublk: the image is one read-only
+//!   file on a private FUSE mount, attached read-only to a loop device.
+//!
+//! Either way the filesystem is mounted read-only (`mount`), in the namespace users see
+//! (`namespace`); teardown runs in reverse: filesystem, device, server.
 
 mod error;
 mod fsdetect;
 mod fuse;
 mod loopdev;
 mod mount;
+pub mod namespace;
+pub mod ublk;
 
 pub use error::{AttachError, AttachErrorKind};
-pub use fsdetect::{detect, FsType};
+pub use fsdetect::{detect, device_block_size, FsType};
 pub use fuse::{FuseExport, IMAGE_FILE_NAME};
 pub use loopdev::LoopDevice;
-pub use mount::{is_mountpoint, mount_readonly, unmount};
+pub use mount::{is_mountpoint, mount_points_of, mount_readonly, mount_source, unmount};
+pub use ublk::{UblkDevice, UblkOptions};
 
 use lazy_image_engine::LazyImage;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// The block backend a user asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// ublk when the kernel has it, FUSE + loop otherwise.
+    Auto,
+    Ublk,
+    Fuse,
+}
+
+impl FromStr for BackendChoice {
+    type Err = AttachError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "ublk" => Ok(BackendChoice::Ublk),
+            "fuse" => Ok(BackendChoice::Fuse),
+            other => Err(AttachError::new(
+                AttachErrorKind::InvalidInput,
+                format!("unknown backend {other:?}: expected auto, ublk or fuse"),
+            )),
+        }
+    }
+}
+
+/// The backend actually used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Ublk,
+    Fuse,
+}
+
+impl Backend {
+    /// Resolves a choice against this kernel; asking for ublk where there is none is an error.
+    pub fn resolve(choice: BackendChoice) -> Result<Backend, AttachError> {
+        match choice {
+            BackendChoice::Ublk if !ublk::available() => Err(AttachError::new(
+                AttachErrorKind::Unsupported,
+                format!("the ublk backend needs {} (modprobe ublk_drv; kernel 6.0 or later)", ublk::CONTROL_PATH),
+            )),
+            BackendChoice::Ublk => Ok(Backend::Ublk),
+            BackendChoice::Fuse => Ok(Backend::Fuse),
+            BackendChoice::Auto if ublk::available() => Ok(Backend::Ublk),
+            BackendChoice::Auto => Ok(Backend::Fuse),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Ublk => "ublk",
+            Backend::Fuse => "FUSE+loop",
+        }
+    }
+}
+
+enum Device {
+    Ublk(UblkDevice),
+    Loop { dev: LoopDevice, fuse: FuseExport },
+}
 
 /// A mounted image. `detach` tears it down; dropping it without `detach` leaves it mounted on
 /// purpose (a daemon that restarts must not pull the floor from under readers).
 pub struct Attachment {
     pub mountpoint: PathBuf,
     pub fs: FsType,
-    pub loop_dev: LoopDevice,
-    fuse: FuseExport,
+    device: Device,
 }
 
 impl Attachment {
-    /// Exposes `image` through FUSE in `work_dir`, attaches it to a loop device and mounts the
-    /// filesystem read-only at `mountpoint`. On failure everything done so far is undone.
+    /// Exposes `image` as a block device with `backend` and mounts its filesystem read-only at
+    /// `mountpoint`. `work_dir` holds the FUSE mount of that backend. On failure everything
+    /// done so far is undone.
     pub async fn attach(
         image: LazyImage,
         work_dir: &Path,
         mountpoint: &Path,
         fs: Option<FsType>,
+        backend: Backend,
+        ublk_opts: &UblkOptions,
     ) -> Result<Self, AttachError> {
         let fs = match fs {
             Some(f) => f,
@@ -46,42 +118,110 @@ impl Attachment {
         if is_mountpoint(mountpoint)? {
             return Err(AttachError::new(AttachErrorKind::Busy, format!("{} is already a mount point", mountpoint.display())));
         }
-        let fuse = FuseExport::start(image, &work_dir.join("fuse"), tokio::runtime::Handle::current())?;
-        let mp = mountpoint.to_path_buf();
-        let file = fuse.image_path();
-        // Loop setup and mount block on the FUSE file, which this process serves: keep them off
-        // the runtime threads that answer FUSE reads.
-        let res = tokio::task::spawn_blocking(move || -> Result<LoopDevice, AttachError> {
-            let dev = LoopDevice::attach_readonly(&file)?;
-            if let Err(e) = mount_readonly(dev.path(), &mp, fs) {
-                let _ = dev.detach();
-                return Err(e);
+        let device = match backend {
+            Backend::Ublk => {
+                let opts = ublk_opts.clone();
+                let block = device_block_size(&image, fs).await?;
+                let dev = blocking(move || UblkDevice::create(image, block, &opts)).await?;
+                let mp = mountpoint.to_path_buf();
+                let path = dev.path();
+                if let Err(e) = blocking(move || mount_readonly(&path, &mp, fs)).await {
+                    let _ = blocking(move || dev.delete()).await;
+                    return Err(e);
+                }
+                Device::Ublk(dev)
             }
-            Ok(dev)
-        })
-        .await
-        .map_err(|e| AttachError::new(AttachErrorKind::Io, format!("attach task failed: {e}")))?;
-        match res {
-            Ok(loop_dev) => Ok(Attachment { mountpoint: mountpoint.to_path_buf(), fs, loop_dev, fuse }),
-            Err(e) => {
-                fuse.stop();
-                Err(e)
+            Backend::Fuse => {
+                let fuse = FuseExport::start(image, &work_dir.join("fuse"), tokio::runtime::Handle::current())?;
+                let mp = mountpoint.to_path_buf();
+                let file = fuse.image_path();
+                // Loop setup and mount block on the FUSE file, which this process serves: keep
+                // them off the runtime threads that answer FUSE reads.
+                let res = blocking(move || {
+                    let dev = LoopDevice::attach_readonly(&file)?;
+                    if let Err(e) = mount_readonly(dev.path(), &mp, fs) {
+                        let _ = dev.detach();
+                        return Err(e);
+                    }
+                    Ok(dev)
+                })
+                .await;
+                match res {
+                    Ok(dev) => Device::Loop { dev, fuse },
+                    Err(e) => {
+                        fuse.stop();
+                        return Err(e);
+                    }
+                }
             }
+        };
+        Ok(Attachment { mountpoint: mountpoint.to_path_buf(), fs, device })
+    }
+
+    /// Re-adopts ublk device `id`, whose server died with the filesystem still mounted at
+    /// `mountpoint`: serves it again so the readers the kernel held get their bytes.
+    pub async fn recover_ublk(
+        image: LazyImage,
+        id: u32,
+        mountpoint: &Path,
+        fs: FsType,
+        ublk_opts: &UblkOptions,
+    ) -> Result<Self, AttachError> {
+        let opts = ublk_opts.clone();
+        let dev = blocking(move || UblkDevice::recover(image, id, &opts)).await?;
+        Ok(Attachment { mountpoint: mountpoint.to_path_buf(), fs, device: Device::Ublk(dev) })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.device {
+            Device::Ublk(_) => Backend::Ublk,
+            Device::Loop { .. } => Backend::Fuse,
         }
     }
 
-    /// Unmounts the filesystem, detaches the loop device and stops the FUSE export, in that order.
-    /// If the filesystem is busy nothing is torn down and the error says so.
+    /// The block device the filesystem is mounted from.
+    pub fn device_path(&self) -> PathBuf {
+        match &self.device {
+            Device::Ublk(d) => d.path(),
+            Device::Loop { dev, .. } => dev.path().to_path_buf(),
+        }
+    }
+
+    pub fn ublk_id(&self) -> Option<u32> {
+        match &self.device {
+            Device::Ublk(d) => Some(d.id()),
+            Device::Loop { .. } => None,
+        }
+    }
+
+    /// The FUSE mount of the FUSE+loop backend.
+    pub fn fuse_dir(&self) -> Option<PathBuf> {
+        match &self.device {
+            Device::Ublk(_) => None,
+            Device::Loop { fuse, .. } => fuse.image_path().parent().map(Path::to_path_buf),
+        }
+    }
+
+    /// Unmounts the filesystem, then removes the device and stops serving it. If the filesystem
+    /// is busy nothing is torn down and the error says so.
     pub async fn detach(self) -> Result<(), AttachError> {
         let mp = self.mountpoint.clone();
-        let dev = self.loop_dev.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), AttachError> {
-            unmount(&mp)?;
-            dev.detach()
-        })
-        .await
-        .map_err(|e| AttachError::new(AttachErrorKind::Io, format!("detach task failed: {e}")))??;
-        self.fuse.stop();
-        Ok(())
+        blocking(move || unmount(&mp)).await?;
+        match self.device {
+            Device::Ublk(dev) => blocking(move || dev.delete()).await,
+            Device::Loop { dev, fuse } => {
+                blocking(move || dev.detach()).await?;
+                fuse.stop();
+                Ok(())
+            }
+        }
     }
+}
+
+/// Runs blocking device and mount work off the runtime threads (which may be serving the very
+/// device being mounted).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, AttachError> + Send + 'static) -> Result<T, AttachError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AttachError::new(AttachErrorKind::Io, format!("device task failed: {e}")))?
 }

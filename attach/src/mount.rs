@@ -1,4 +1,6 @@
-//! Read-only mounts and unmounts via the syscalls, and a mount-table lookup.
+//! Read-only mounts and unmounts via the syscalls, and a mount-table lookup. All of them act in
+//! the namespace users see (`namespace::in_host_namespace`), also from a ublk server that lives
+//! in a private one.
 
 use crate::{AttachError, AttachErrorKind, FsType};
 use std::ffi::CString;
@@ -11,6 +13,10 @@ fn cstr(p: &Path) -> Result<CString, AttachError> {
 }
 
 pub fn mount_readonly(dev: &Path, target: &Path, fs: FsType) -> Result<(), AttachError> {
+    crate::namespace::in_host_namespace(|| mount_readonly_here(dev, target, fs))
+}
+
+fn mount_readonly_here(dev: &Path, target: &Path, fs: FsType) -> Result<(), AttachError> {
     let (src, tgt) = (cstr(dev)?, cstr(target)?);
     let fstype = CString::new(fs.name()).map_err(|_| AttachError::new(AttachErrorKind::InvalidInput, "fs name"))?;
     let data = CString::new(fs.mount_data()).map_err(|_| AttachError::new(AttachErrorKind::InvalidInput, "mount data"))?;
@@ -28,7 +34,11 @@ pub fn mount_readonly(dev: &Path, target: &Path, fs: FsType) -> Result<(), Attac
 
 /// Unmounts `target`; not mounted counts as done (idempotent teardown).
 pub fn unmount(target: &Path) -> Result<(), AttachError> {
-    if !is_mountpoint(target)? {
+    crate::namespace::in_host_namespace(|| unmount_here(target))
+}
+
+fn unmount_here(target: &Path) -> Result<(), AttachError> {
+    if !is_mountpoint_here(target) {
         return Ok(());
     }
     let tgt = cstr(target)?;
@@ -40,20 +50,71 @@ pub fn unmount(target: &Path) -> Result<(), AttachError> {
     Ok(())
 }
 
-/// True when `path` is the mount point of some mount in this process's namespace.
+/// True when `path` is the mount point of some mount in the namespace users see.
 pub fn is_mountpoint(path: &Path) -> Result<bool, AttachError> {
-    let Ok(canon) = path.canonicalize() else {
-        // A dead FUSE mount fails stat with ENOTCONN: it is still a mount point.
-        return Ok(mounted_at(path.as_os_str().as_bytes()));
-    };
-    Ok(mounted_at(canon.as_os_str().as_bytes()))
+    crate::namespace::in_host_namespace(|| Ok(is_mountpoint_here(path)))
 }
 
-fn mounted_at(p: &[u8]) -> bool {
-    let Ok(info) = std::fs::read("/proc/self/mountinfo") else { return false };
-    info.split(|&b| b == b'\n').any(|line| {
-        line.split(|&b| b == b' ').nth(4).is_some_and(|mp| unescape(mp) == p)
+/// The device (mount source) mounted at `path`, if any.
+pub fn mount_source(path: &Path) -> Result<Option<std::path::PathBuf>, AttachError> {
+    crate::namespace::in_host_namespace(|| {
+        let p = canonical_bytes(path);
+        Ok(mount_table().into_iter().rev().find(|m| m.mountpoint == p).map(|m| {
+            use std::os::unix::ffi::OsStringExt;
+            std::path::PathBuf::from(std::ffi::OsString::from_vec(m.source))
+        }))
     })
+}
+
+/// Where `dev` is mounted, in the namespace users see.
+pub fn mount_points_of(dev: &Path) -> Result<Vec<std::path::PathBuf>, AttachError> {
+    use std::os::unix::ffi::OsStringExt;
+    let d = dev.as_os_str().as_bytes().to_vec();
+    crate::namespace::in_host_namespace(move || {
+        Ok(mounts_of_sources(|s| s == d.as_slice())
+            .into_iter()
+            .map(|m| std::path::PathBuf::from(std::ffi::OsString::from_vec(m)))
+            .collect())
+    })
+}
+
+fn canonical_bytes(path: &Path) -> Vec<u8> {
+    // A dead FUSE mount fails stat with ENOTCONN: it is still a mount point, under its own name.
+    match path.canonicalize() {
+        Ok(c) => c.as_os_str().as_bytes().to_vec(),
+        Err(_) => path.as_os_str().as_bytes().to_vec(),
+    }
+}
+
+fn is_mountpoint_here(path: &Path) -> bool {
+    let p = canonical_bytes(path);
+    mount_table().iter().any(|m| m.mountpoint == p)
+}
+
+/// Mount points (in this thread's namespace) whose source matches `pred`.
+pub(crate) fn mounts_of_sources(pred: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+    mount_table().into_iter().filter(|m| pred(&m.source)).map(|m| m.mountpoint).collect()
+}
+
+struct MountEntry {
+    mountpoint: Vec<u8>,
+    source: Vec<u8>,
+}
+
+/// This thread's mount table: thread-self, because a helper thread may be in another namespace
+/// than the process's main thread.
+fn mount_table() -> Vec<MountEntry> {
+    let Ok(info) = std::fs::read("/proc/thread-self/mountinfo") else { return Vec::new() };
+    info.split(|&b| b == b'\n')
+        .filter_map(|line| {
+            let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+            let mountpoint = unescape(fields.get(4)?);
+            // After the optional fields: "-", fstype, source, super options.
+            let dash = fields.iter().position(|f| *f == b"-")?;
+            let source = unescape(fields.get(dash + 2)?);
+            Some(MountEntry { mountpoint, source })
+        })
+        .collect()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as \ooo.

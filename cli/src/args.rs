@@ -29,6 +29,8 @@ pub enum Command {
     Stat(StatArgs),
     /// Fetch a whole image into the local cache ahead of use.
     Warm(WarmArgs),
+    /// Remove what lazy-image daemons that died left behind: mounts, loop and ublk devices.
+    Cleanup(CleanupArgs),
     /// A TCP proxy that adds latency each way (for benchmarks on loopback).
     #[command(hide = true)]
     Proxy(ProxyArgs),
@@ -78,6 +80,27 @@ pub struct MountArgs {
     #[arg(long, default_value = "auto")]
     pub format: String,
     /// Where running mounts are recorded.
+    #[arg(long, default_value = "/run/lazy-image")]
+    pub run_dir: PathBuf,
+    /// Block backend: auto (ublk when /dev/ublk-control exists, else FUSE+loop), ublk or fuse.
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+    #[command(flatten)]
+    pub ublk: UblkArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UblkArgs {
+    /// ublk hardware queues (each served by one thread).
+    #[arg(long, default_value_t = 1)]
+    pub ublk_queues: u16,
+    /// ublk requests in flight per queue.
+    #[arg(long, default_value_t = 128)]
+    pub ublk_depth: u16,
+}
+
+#[derive(Args, Debug)]
+pub struct CleanupArgs {
     #[arg(long, default_value = "/run/lazy-image")]
     pub run_dir: PathBuf,
 }

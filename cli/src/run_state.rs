@@ -2,6 +2,7 @@
 //! point and clean up after one that died.
 
 use anyhow::{Context, Result};
+use lazy_image_attach::FsType;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -11,9 +12,17 @@ pub struct MountRecord {
     pub pid: u32,
     pub url: String,
     pub mountpoint: PathBuf,
-    pub loop_device: PathBuf,
-    pub fuse_dir: PathBuf,
+    pub fs: FsType,
     pub cache_dir: PathBuf,
+    pub device: DeviceRecord,
+}
+
+/// The block device under a mount, with what is needed to take it over or clean it up.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum DeviceRecord {
+    Ublk { id: u32 },
+    Fuse { loop_device: PathBuf, fuse_dir: PathBuf },
 }
 
 pub fn record_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {
@@ -38,6 +47,16 @@ pub fn read(run_dir: &Path, mountpoint: &Path) -> Result<Option<MountRecord>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// Every record under the run directory (unreadable ones are skipped).
+pub fn all(run_dir: &Path) -> Vec<MountRecord> {
+    let Ok(rd) = std::fs::read_dir(run_dir.join("mounts")) else { return Vec::new() };
+    rd.flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect()
 }
 
 pub fn remove(run_dir: &Path, mountpoint: &Path) {

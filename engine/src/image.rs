@@ -121,6 +121,9 @@ struct Inner {
     readahead_slots: Semaphore,
     stats: Arc<Stats>,
     health: Mutex<Health>,
+    /// The runtime the image was opened on: fetches started from threads that have no runtime
+    /// (ublk queues, FUSE) are spawned here.
+    rt: tokio::runtime::Handle,
 }
 
 /// A lazily fetched image. Cheap to clone; all clones share cache and counters.
@@ -190,6 +193,7 @@ impl LazyImage {
             streams: Mutex::new(Vec::new()),
             stats,
             health: Mutex::new(Health::default()),
+            rt: tokio::runtime::Handle::current(),
             cfg,
         });
         let weak = Arc::downgrade(&inner);
@@ -239,6 +243,37 @@ impl LazyImage {
             Err(_) => self.inner.stats.count_error(),
         }
         r
+    }
+
+    /// Copies the image's bytes at `offset` into `buf` when every chunk they cover is already
+    /// cached, without waiting on anything; returns how many bytes were copied (fewer at the end of
+    /// the image), or `None` when some chunk is missing and `read` must be used. Callable from any
+    /// thread: ublk queue threads and the FUSE thread serve warm reads this way without a hop to
+    /// the async runtime. Sequential readers still drive readahead from here.
+    pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
+        let inner = &self.inner;
+        if offset >= inner.info.size || buf.is_empty() {
+            return Ok(Some(0));
+        }
+        let end = offset.saturating_add(buf.len() as u64).min(inner.info.size);
+        let (c0, c1) = (offset / inner.chunk_size, (end - 1) / inner.chunk_size);
+        {
+            let st = lock(&inner.state);
+            if !(c0..=c1).all(|c| st.present.get(c)) {
+                return Ok(None);
+            }
+        }
+        let n = (end - offset) as usize;
+        if let Err(e) = inner.store.read_at(&mut buf[..n], offset) {
+            inner.stats.count_error();
+            return Err(e);
+        }
+        inner.stats.count_chunks(c1 - c0 + 1, 0);
+        inner.stats.count_read(n as u64);
+        if let Some((a, b)) = inner.readahead_range(offset, end) {
+            inner.start_readahead(a, b);
+        }
+        Ok(Some(n))
     }
 
     /// Fetches every missing chunk, `parallel` requests at a time; `progress` gets chunks present.
@@ -335,29 +370,13 @@ impl Inner {
                     }
                 }
             }
-            if let Some((a, b)) = ahead {
-                let (r0, r1) = (a / self.chunk_size, b.div_ceil(self.chunk_size).min(self.chunks));
-                let mut c = r0;
-                let mut ra_chunks = 0;
-                while c < r1 {
-                    if st.present.get(c) || st.inflight.contains_key(&c) {
-                        c += 1;
-                        continue;
-                    }
-                    let mut e = c;
-                    while e < r1 && !st.present.get(e) && !st.inflight.contains_key(&e) {
-                        e += 1;
-                    }
-                    ra_chunks += e - c;
-                    new_runs.extend(self.claim_runs(&mut st, c, e, true).into_iter().map(|r| r.2));
-                    c = e;
-                }
-                self.stats.count_readahead(ra_chunks);
-            }
             self.stats.count_chunks(hits, misses);
         }
         for f in new_runs {
             tokio::spawn(f);
+        }
+        if let Some((a, b)) = ahead {
+            self.start_readahead(a, b);
         }
 
         let mut out = vec![0u8; (end - offset) as usize];
@@ -393,6 +412,35 @@ impl Inner {
             }
         }
         Ok(Bytes::from(out))
+    }
+
+    /// Claims the chunks of `[a, b)` that are neither present nor in flight and starts fetching
+    /// them through the readahead pool.
+    fn start_readahead(self: &Arc<Self>, a: u64, b: u64) {
+        let (r0, r1) = (a / self.chunk_size, b.div_ceil(self.chunk_size).min(self.chunks));
+        let mut runs = Vec::new();
+        let mut ra_chunks = 0;
+        {
+            let mut st = lock(&self.state);
+            let mut c = r0;
+            while c < r1 {
+                if st.present.get(c) || st.inflight.contains_key(&c) {
+                    c += 1;
+                    continue;
+                }
+                let mut e = c;
+                while e < r1 && !st.present.get(e) && !st.inflight.contains_key(&e) {
+                    e += 1;
+                }
+                ra_chunks += e - c;
+                runs.extend(self.claim_runs(&mut st, c, e, true).into_iter().map(|r| r.2));
+                c = e;
+            }
+        }
+        self.stats.count_readahead(ra_chunks);
+        for f in runs {
+            self.rt.spawn(f);
+        }
     }
 
     /// Splits chunks `[first, end)` into runs of at most `max_request` bytes, registers each as in

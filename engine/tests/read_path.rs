@@ -68,6 +68,52 @@ async fn sequential_reads_grow_readahead() {
     assert!(src.fetch_count() < 64, "requests: {}", src.fetch_count());
 }
 
+/// The runtime-free fast path used by ublk queue threads: misses say so, hits return the image's
+/// bytes, and a sequential reader that only ever hits keeps readahead running ahead of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_fast_path_serves_hits_and_keeps_readahead_going() {
+    let data = pattern(SIZE, 12);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src.clone(), dir.path()).await;
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(img.read_cached_into(8192, &mut buf).unwrap(), None, "cold chunk is a miss");
+    // Prime a stream so readahead is running, then read on from a thread with no runtime.
+    for off in (0..64 * 1024u64).step_by(4096) {
+        img.read(off, 4096).await.unwrap();
+    }
+    let img2 = img.clone();
+    let data2 = data.clone();
+    let (hits, fallbacks) = tokio::task::spawn_blocking(move || {
+        let (mut hits, mut fallbacks) = (0, 0);
+        let mut buf = vec![0u8; 4096];
+        for off in (64 * 1024..SIZE as u64).step_by(4096) {
+            loop {
+                match img2.read_cached_into(off, &mut buf).unwrap() {
+                    Some(n) => {
+                        assert_eq!(&buf[..n], &data2[off as usize..off as usize + n]);
+                        hits += 1;
+                        break;
+                    }
+                    // Not there yet: a real caller would hand the read to the runtime.
+                    None => {
+                        fallbacks += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        (hits, fallbacks)
+    })
+    .await
+    .unwrap();
+    assert_eq!(hits, (SIZE - 64 * 1024) / 4096);
+    assert!(fallbacks < 200, "readahead kept ahead of the fast path ({fallbacks} waits)");
+    // The tail is shortened at the end of the image.
+    let mut big = vec![0u8; 8192];
+    assert_eq!(img.read_cached_into(SIZE as u64 - 4096, &mut big).unwrap(), Some(4096));
+}
+
 /// Scattered reads, some landing near an earlier one by chance, must fetch only their own chunks.
 #[tokio::test]
 async fn random_reads_do_not_trigger_readahead() {

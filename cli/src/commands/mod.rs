@@ -8,10 +8,22 @@ mod warm;
 
 use crate::args::{Cli, Command, ImageArgs};
 use anyhow::{bail, Context, Result};
+use lazy_image_attach::Backend;
 use lazy_image_engine::{load_manifest, manifest::parse_digest, FileSource, HttpSource, ImageConfig, LazyImage, RangeSource};
 use std::sync::Arc;
 
 pub fn run(cli: Cli) -> Result<()> {
+    // A ublk server must live in a mount namespace of its own, entered before any thread starts.
+    let backend = match &cli.command {
+        Command::Mount(a) => {
+            let b = Backend::resolve(a.backend.parse()?)?;
+            if b == Backend::Ublk {
+                lazy_image_attach::namespace::enter_private_mount_namespace()?;
+            }
+            Some(b)
+        }
+        _ => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .thread_name("lazy-image")
@@ -21,7 +33,8 @@ pub fn run(cli: Cli) -> Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Serve(a) => serve::run(a).await,
-            Command::Mount(a) => mount::mount(a).await,
+            Command::Mount(a) => mount::mount(a, backend.unwrap_or(Backend::Fuse)).await,
+            Command::Cleanup(a) => mount::cleanup(a).await,
             Command::Umount(a) => mount::umount(a).await,
             Command::Manifest(m) => manifest::run(m),
             Command::Stat(a) => stat::run(a),

@@ -1,15 +1,23 @@
-//! `mount` runs in the foreground: open the image, attach it (FUSE + loop), mount, record the
-//! mount for `umount`, then serve until SIGINT/SIGTERM and tear down in order.
+//! `mount` runs in the foreground: open the image, attach it (ublk or FUSE + loop), mount, record
+//! the mount for `umount`, then serve until SIGINT/SIGTERM and tear down in order. Run again
+//! for a mount point whose ublk daemon died, it takes the device over instead (the mount and
+//! the readers blocked on it survive). `umount` and `cleanup` undo what dead daemons left.
 
-use crate::args::{MountArgs, UmountArgs};
-use crate::run_state::{self, MountRecord};
+use crate::args::{CleanupArgs, MountArgs, UblkArgs, UmountArgs};
+use crate::run_state::{self, DeviceRecord, MountRecord};
 use crate::units::human;
 use anyhow::{bail, Context, Result};
-use lazy_image_attach::{Attachment, FsType, LoopDevice};
+use lazy_image_attach::ublk::{self, DeviceState};
+use lazy_image_attach::{Attachment, Backend, FsType, LoopDevice, UblkOptions};
+use std::path::Path;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
-pub async fn mount(a: MountArgs) -> Result<()> {
+pub fn ublk_options(a: &UblkArgs) -> UblkOptions {
+    UblkOptions { queues: a.ublk_queues, depth: a.ublk_depth, ..UblkOptions::default() }
+}
+
+pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
     let mountpoint = a
         .mountpoint
         .canonicalize()
@@ -18,9 +26,20 @@ pub async fn mount(a: MountArgs) -> Result<()> {
         "auto" => None,
         f => Some(f.parse()?),
     };
+    let opts = ublk_options(&a.ublk);
+    let mut takeover = None;
     if let Some(rec) = run_state::read(&a.run_dir, &mountpoint)? {
         if run_state::pid_alive(rec.pid) {
             bail!("{} is already mounted by lazy-image (pid {})", mountpoint.display(), rec.pid);
+        }
+        match recoverable(&rec, &mountpoint, backend)? {
+            Some(id) => takeover = Some((id, rec.fs)),
+            None => bail!(
+                "{} is left over from a lazy-image daemon that died (pid {}); run `lazy-image umount {}` first",
+                mountpoint.display(),
+                rec.pid,
+                mountpoint.display()
+            ),
         }
     }
     eprintln!("lazy-image: probing {}", a.image.url);
@@ -33,21 +52,40 @@ pub async fn mount(a: MountArgs) -> Result<()> {
         have as f64 * 100.0 / total.max(1) as f64
     );
     let work = img.cache_dir();
-    let att = Attachment::attach(img.clone(), &work, &mountpoint, fs).await?;
+    let att = match takeover {
+        Some((id, fs)) => {
+            let att = Attachment::recover_ublk(img.clone(), id, &mountpoint, fs, &opts).await?;
+            eprintln!("lazy-image: took over /dev/ublkb{id} (its daemon had died); {} stays mounted", mountpoint.display());
+            att
+        }
+        None => {
+            eprintln!(
+                "lazy-image: using the {} backend{}",
+                backend.name(),
+                if backend == Backend::Fuse { " (no /dev/ublk-control, or --backend fuse)" } else { "" }
+            );
+            Attachment::attach(img.clone(), &work, &mountpoint, fs, backend, &opts).await?
+        }
+    };
+    let device = match (att.ublk_id(), att.fuse_dir()) {
+        (Some(id), _) => DeviceRecord::Ublk { id },
+        (None, Some(fuse_dir)) => DeviceRecord::Fuse { loop_device: att.device_path(), fuse_dir },
+        (None, None) => bail!("attachment has neither a ublk nor a loop device"),
+    };
     let rec = MountRecord {
         pid: std::process::id(),
         url: a.image.url.clone(),
         mountpoint: mountpoint.clone(),
-        loop_device: att.loop_dev.path().to_path_buf(),
-        fuse_dir: work.join("fuse"),
+        fs: att.fs,
         cache_dir: work.clone(),
+        device,
     };
     run_state::write(&a.run_dir, &rec)?;
     eprintln!(
-        "lazy-image: mounted {} read-only at {} via FUSE+loop ({}). Ctrl-C or `lazy-image umount {}` detaches.",
+        "lazy-image: mounted {} read-only at {} from {}. Ctrl-C or `lazy-image umount {}` detaches.",
         att.fs.name(),
         mountpoint.display(),
-        att.loop_dev.path().display(),
+        att.device_path().display(),
         mountpoint.display()
     );
 
@@ -78,6 +116,22 @@ pub async fn mount(a: MountArgs) -> Result<()> {
     Ok(())
 }
 
+/// The ublk device a dead daemon left mounted at `mountpoint`, if a new daemon can take it over.
+fn recoverable(rec: &MountRecord, mountpoint: &Path, backend: Backend) -> Result<Option<u32>> {
+    let DeviceRecord::Ublk { id } = rec.device else { return Ok(None) };
+    if backend != Backend::Ublk {
+        return Ok(None);
+    }
+    let mounted_from = lazy_image_attach::mount_source(mountpoint)?;
+    if mounted_from.as_deref() != Some(ublk::block_device_path(id).as_path()) {
+        return Ok(None);
+    }
+    Ok(match ublk::device_state(id) {
+        Ok((DeviceState::Quiesced | DeviceState::FailIo, _)) => Some(id),
+        _ => None,
+    })
+}
+
 pub async fn umount(a: UmountArgs) -> Result<()> {
     let mountpoint = a.mountpoint.canonicalize().unwrap_or_else(|_| a.mountpoint.clone());
     let Some(rec) = run_state::read(&a.run_dir, &mountpoint)? else {
@@ -98,12 +152,58 @@ pub async fn umount(a: UmountArgs) -> Result<()> {
             return Ok(());
         }
     }
-    // The daemon is gone without cleaning up (killed): undo what it left, in order.
     eprintln!("lazy-image: daemon pid {} is gone; cleaning up after it", rec.pid);
-    lazy_image_attach::unmount(&mountpoint)?;
-    let _ = LoopDevice::from_path(&rec.loop_device).detach();
-    lazy_image_attach::unmount(&rec.fuse_dir)?;
+    tokio::task::spawn_blocking(move || clean_up_after(&rec)).await.context("cleanup task")??;
     run_state::remove(&a.run_dir, &mountpoint);
     eprintln!("lazy-image: unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// Undoes, in order, what a daemon that died left: the mount, then its device.
+fn clean_up_after(rec: &MountRecord) -> Result<()> {
+    lazy_image_attach::unmount(&rec.mountpoint)?;
+    match &rec.device {
+        DeviceRecord::Ublk { id } => ublk::delete_device(*id)?,
+        DeviceRecord::Fuse { loop_device, fuse_dir } => {
+            let _ = LoopDevice::from_path(loop_device).detach();
+            lazy_image_attach::unmount(fuse_dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// `lazy-image cleanup`: every mount whose daemon died, then ublk devices nobody serves or mounts.
+pub async fn cleanup(a: CleanupArgs) -> Result<()> {
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut cleaned = 0;
+        for rec in run_state::all(&a.run_dir) {
+            if run_state::pid_alive(rec.pid) {
+                continue;
+            }
+            clean_up_after(&rec).with_context(|| format!("cleaning up {}", rec.mountpoint.display()))?;
+            run_state::remove(&a.run_dir, &rec.mountpoint);
+            eprintln!("lazy-image: cleaned up {} (daemon pid {} was gone)", rec.mountpoint.display(), rec.pid);
+            cleaned += 1;
+        }
+        if ublk::available() {
+            for id in ublk::list_devices() {
+                if !ublk::is_ours(id) {
+                    continue;
+                }
+                let Ok((state, pid)) = ublk::device_state(id) else { continue };
+                let served = state == DeviceState::Live && pid > 0 && run_state::pid_alive(pid as u32);
+                let mounted = !lazy_image_attach::mount_points_of(&ublk::block_device_path(id))?.is_empty();
+                if served || mounted {
+                    continue;
+                }
+                ublk::delete_device(id)?;
+                eprintln!("lazy-image: deleted /dev/ublkb{id} ({state:?}, no server, not mounted)");
+                cleaned += 1;
+            }
+        }
+        eprintln!("lazy-image: cleanup done, {cleaned} removed");
+        Ok(())
+    })
+    .await
+    .context("cleanup task")?
 }

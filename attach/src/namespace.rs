@@ -1,0 +1,80 @@
+//! A process that serves a block device must not hold mounts of that device: if its mount
+//! namespace dies with it, the kernel unmounts, flushes to the device, and waits on the server
+//! that is exiting. So a ublk server moves itself into a private mount namespace at start
+//! (`/` recursively private, copies of ublk mounts detached) and makes the mounts its users see
+//! from short-lived threads that re-enter the namespace it came from.
+
+use crate::{AttachError, AttachErrorKind};
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+
+static HOST: OnceLock<OwnedFd> = OnceLock::new();
+
+fn last_os(context: &str) -> AttachError {
+    AttachError::os(context, std::io::Error::last_os_error())
+}
+
+/// Moves this process into a private mount namespace, remembering the current one for
+/// `in_host_namespace`. Call it before any thread is started. Idempotent.
+pub fn enter_private_mount_namespace() -> Result<(), AttachError> {
+    if HOST.get().is_some() {
+        return Ok(());
+    }
+    let path = CString::new("/proc/self/ns/mnt").map_err(|_| AttachError::new(AttachErrorKind::InvalidInput, "path"))?;
+    // SAFETY: valid NUL-terminated path; the fd is checked and then owned.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(last_os("opening /proc/self/ns/mnt"));
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let host = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: unshare has no memory-safety preconditions.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(last_os("creating a private mount namespace (needs CAP_SYS_ADMIN)"));
+    }
+    let root = CString::new("/").map_err(|_| AttachError::new(AttachErrorKind::InvalidInput, "path"))?;
+    // SAFETY: valid pointers; NULL source/fstype/data are allowed for a propagation change.
+    let rc = unsafe { libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) };
+    if rc != 0 {
+        return Err(last_os("making / private in the new mount namespace"));
+    }
+    // Mounts of ublk devices copied in from the old namespace (a restarted server re-adopting
+    // its devices) must not live and die with us.
+    for mp in crate::mount::mounts_of_sources(|src| src.starts_with(b"/dev/ublkb")) {
+        if let Ok(c) = CString::new(mp) {
+            // SAFETY: valid NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let _ = HOST.set(host);
+    Ok(())
+}
+
+/// Runs `f` in the mount namespace this process started in (or right here when it never left
+/// it): mounts made by `f` are the ones users and kubelet see.
+pub fn in_host_namespace<T: Send>(f: impl FnOnce() -> Result<T, AttachError> + Send) -> Result<T, AttachError> {
+    let Some(host) = HOST.get() else { return f() };
+    let fd = host.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // A thread may switch mount namespace once it no longer shares its filesystem
+            // context (cwd, root) with the others.
+            // SAFETY: unshare/setns have no memory-safety preconditions; fd stays open (static).
+            if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+                return Err(last_os("unsharing the filesystem context"));
+            }
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNS) } != 0 {
+                return Err(last_os("entering the host mount namespace"));
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| AttachError::new(AttachErrorKind::Io, "mount helper thread panicked"))?
+    })
+}
+
+/// True when this process moved into a private mount namespace.
+pub fn is_private() -> bool {
+    HOST.get().is_some()
+}

@@ -1,0 +1,167 @@
+//! One ublk queue thread: a tag per in-flight request, each an async task on a local executor
+//! driven by the queue's io_uring. Reads whose chunks are cached are copied straight from the
+//! cache file on this thread. Misses are handed to the engine's tokio runtime (queue threads
+//! have no tokio I/O or timer drivers) and the task waits on a oneshot; the runtime writes an
+//! eventfd that this ring always has a read pending on, so a finished fetch wakes the ring.
+
+use lazy_image_engine::{Error as EngineError, LazyImage};
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::uring_async::ublk_submit_sqe_async;
+use libublk::{BufDesc, UblkError, UblkUringData};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use tokio::runtime::Handle;
+
+/// The single place an engine error becomes a ublk completion: a negative errno.
+fn ublk_errno(e: &EngineError) -> i32 {
+    -e.kind().errno()
+}
+
+/// Wakes a queue thread from another thread.
+pub(super) struct Doorbell(OwnedFd);
+
+impl Doorbell {
+    fn new() -> std::io::Result<Self> {
+        // Blocking on purpose: io_uring then waits for a write instead of failing with EAGAIN.
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        Ok(Doorbell(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn ring(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a valid buffer to an eventfd we own. A failed write can only
+        // mean the counter is saturated, which already guarantees a wakeup.
+        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+}
+
+pub(super) struct QueueContext {
+    pub image: LazyImage,
+    pub rt: Handle,
+}
+
+/// Runs queue `qid` until the device stops. Called by libublk on a thread of its own.
+pub(super) fn serve_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
+    let q = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            tracing::error!(qid, error = %e, "ublk queue setup failed");
+            return;
+        }
+    };
+    let bell = match Doorbell::new() {
+        Ok(b) => Arc::new(b),
+        Err(e) => {
+            tracing::error!(qid, error = %e, "eventfd for the ublk queue failed");
+            return;
+        }
+    };
+    let exe = smol::LocalExecutor::new();
+    let mut tasks = Vec::new();
+    for tag in 0..dev.dev_info.queue_depth {
+        let q = q.clone();
+        let bell = bell.clone();
+        tasks.push(exe.spawn(async move {
+            match io_task(&q, tag, ctx, &bell).await {
+                Ok(()) | Err(UblkError::QueueIsDown) => {}
+                Err(e) => tracing::error!(qid, tag, error = %e, "ublk io task failed"),
+            }
+        }));
+    }
+    // Not in `tasks`: it never finishes by itself and must not keep the queue alive.
+    exe.spawn(doorbell_task(bell.clone())).detach();
+    smol::block_on(exe.run(async {
+        let run_ops = || while exe.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
+            tracing::error!(qid, error = %e, "ublk queue event loop failed");
+        }
+    }));
+}
+
+/// Keeps one read of the eventfd in flight on this queue's ring.
+async fn doorbell_task(bell: Arc<Doorbell>) {
+    // The kernel writes here whenever a read completes, possibly after this task is dropped at
+    // queue shutdown: eight leaked bytes per queue keep that write harmless.
+    let buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
+    loop {
+        let sqe = io_uring::opcode::Read::new(io_uring::types::Fd(bell.0.as_raw_fd()), buf.as_mut_ptr(), 8).build();
+        match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
+            Ok(r) if r >= 0 || r == -libc::EINTR || r == -libc::EAGAIN => {}
+            Ok(r) => {
+                tracing::error!(errno = -r, "reading the queue doorbell failed");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+async fn io_task(q: &UblkQueue<'_>, tag: u16, ctx: &QueueContext, bell: &Arc<Doorbell>) -> Result<(), UblkError> {
+    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
+    loop {
+        let res = handle_io(q, tag, buf.as_mut_slice(), ctx, bell).await;
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
+    }
+}
+
+/// Serves one request into `buf`; returns bytes done or a negative errno.
+async fn handle_io(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], ctx: &QueueContext, bell: &Arc<Doorbell>) -> i32 {
+    let iod = q.get_iod(tag);
+    let op = iod.op_flags & 0xff;
+    let offset = iod.start_sector << 9;
+    let len = (iod.nr_sectors as usize) << 9;
+    match op {
+        libublk::sys::UBLK_IO_OP_READ => {}
+        // Nothing is ever dirty on a read-only device.
+        libublk::sys::UBLK_IO_OP_FLUSH => return 0,
+        // The kernel already refuses writes to a read-only disk; this is the second line.
+        libublk::sys::UBLK_IO_OP_WRITE
+        | libublk::sys::UBLK_IO_OP_DISCARD
+        | libublk::sys::UBLK_IO_OP_WRITE_ZEROES
+        | libublk::sys::UBLK_IO_OP_WRITE_SAME => return -libc::EROFS,
+        _ => return -libc::EOPNOTSUPP,
+    }
+    let Some(dst) = buf.get_mut(..len) else {
+        return -libc::EINVAL;
+    };
+    let n = match ctx.image.read_cached_into(offset, dst) {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            let image = ctx.image.clone();
+            let bell = bell.clone();
+            ctx.rt.spawn(async move {
+                let r = image.read(offset, len as u64).await;
+                let _ = tx.send(r);
+                bell.ring();
+            });
+            match rx.await {
+                Ok(Ok(bytes)) => {
+                    dst[..bytes.len()].copy_from_slice(&bytes);
+                    bytes.len()
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(offset, len, error = %e.report(), "ublk read failed");
+                    return ublk_errno(&e);
+                }
+                Err(_) => return -libc::EIO,
+            }
+        }
+        Err(e) => {
+            tracing::warn!(offset, len, error = %e.report(), "ublk read from the cache failed");
+            return ublk_errno(&e);
+        }
+    };
+    // The device is rounded up to whole sectors: bytes past the image's end read as zeros.
+    dst[n..].fill(0);
+    len as i32
+}
