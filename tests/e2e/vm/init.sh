@@ -31,5 +31,5 @@ exec switch_root /newroot /bin/sh -c '
     sh -c "$(cat /results/command)" </dev/null 2>&1
     echo $? >/results/exit.tmp && mv /results/exit.tmp /results/exit
     sync
-    echo o >/proc/sysrq-trigger 2>/dev/null; poweroff -f
+    echo o >/proc/sysrq-trigger 2>/dev/null; sleep 30
 '

@@ -61,7 +61,19 @@ fi
 
 RESULTS=$(mktemp -d /tmp/lazy-image-vm.XXXXXX)
 trap 'rm -rf "$RESULTS"' EXIT
-if [ $# -eq 0 ]; then set -- bash tests/e2e/vm/guest-tests.sh; fi
+if [ $# -eq 0 ]; then
+    # The VM test binaries, built on the host with the same profile as every other test (so
+    # nothing is rebuilt), run in the guest from the shared root.
+    tests=$(cd "$REPO" && cargo test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("e2e_ublk",):
+        print(m["executable"])')
+    [ -n "$tests" ] || die "no VM test binaries were built (cargo test --no-run failed?)"
+    # shellcheck disable=SC2086
+    set -- sh tests/e2e/vm/guest-tests.sh $tests
+fi
 # The command travels as a file on the results share: no quoting through the kernel command line.
 printf '%q ' "$@" >"$RESULTS/command"
 printf 'cd %q\n' "$REPO" >"$RESULTS/cwd"
@@ -79,6 +91,10 @@ timeout --foreground "$TIMEOUT" qemu-system-x86_64 \
     -nic none -display none -serial stdio -no-reboot </dev/null \
     | sed -u 's/^/  guest: /' || true
 echo "vm: guest ran $(( $(date +%s) - start )) s" >&2
+if [ -s "$RESULTS/results.txt" ]; then
+    echo "vm: measured in the guest:" >&2
+    sed 's/^/  /' "$RESULTS/results.txt" >&2
+fi
 [ -e "$RESULTS/exit" ] || die "the guest did not report an exit status (boot failure or timeout after ${TIMEOUT}s)"
 code=$(cat "$RESULTS/exit")
 [ "$code" = 0 ] || die "the command failed in the guest (exit $code)"

@@ -1,0 +1,292 @@
+//! Helpers and the shared suite of the end-to-end tests of the real `lazy-image` binary. The
+//! suite functions take an `Env` bound to one block backend and are called from each backend's
+//! test file: `e2e_mount.rs` (FUSE + loop, on the host) and `e2e_ublk.rs` (ublk, in the VM).
+#![allow(dead_code)]
+
+use rand::RngCore;
+use rand::SeedableRng;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_lazy-image");
+
+/// True when the tools these tests need are here. In CI a missing one fails the test instead of
+/// skipping it silently.
+pub fn prerequisites_met(extra: &[(&'static str, bool)]) -> bool {
+    let mut checks = vec![
+        ("root", unsafe { libc::geteuid() } == 0),
+        ("mkfs.ext4", which("mkfs.ext4")),
+        ("mkfs.erofs", which("mkfs.erofs")),
+        ("mksquashfs", which("mksquashfs")),
+    ];
+    checks.extend_from_slice(extra);
+    let missing: Vec<&str> = checks.into_iter().filter(|(_, ok)| !ok).map(|(n, _)| n).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must provide: {missing:?} (see scripts/install-deps.sh)");
+    eprintln!("skipping: missing {missing:?}");
+    false
+}
+
+pub fn which(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+pub fn sh(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A source tree with a few files of random content, returning name -> sha256.
+pub fn make_tree(dir: &Path, seed: u64, sizes: &[usize]) -> BTreeMap<String, String> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut sums = BTreeMap::new();
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    for (i, &n) in sizes.iter().enumerate() {
+        let mut v = vec![0u8; n];
+        rng.fill_bytes(&mut v);
+        let name = if i % 2 == 0 { format!("file{i}.bin") } else { format!("sub/file{i}.bin") };
+        std::fs::write(dir.join(&name), &v).unwrap();
+        sums.insert(name, hex::encode(Sha256::digest(&v)));
+    }
+    sums
+}
+
+pub fn make_image(fs: &str, tree: &Path, out: &Path) {
+    match fs {
+        "ext4" => sh(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(tree).arg(out).arg("96M")),
+        "erofs" => sh(Command::new("mkfs.erofs").arg("--quiet").arg(out).arg(tree)),
+        "squashfs" => sh(Command::new("mksquashfs").arg(tree).arg(out).args(["-noappend", "-quiet", "-no-progress"])),
+        _ => unreachable!(),
+    }
+}
+
+/// A served directory, a cache and a run directory, and the backend mounts use.
+pub struct Env {
+    // Fields drop in order: the server stops before its directory is removed.
+    _server: KillOnDrop,
+    pub tmp: tempfile::TempDir,
+    pub base: String,
+    pub port: u16,
+    pub backend: &'static str,
+}
+
+impl Env {
+    pub fn new(backend: &'static str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("srv")).unwrap();
+        let port = free_port();
+        let server = Command::new(BIN)
+            .args(["serve"])
+            .arg(tmp.path().join("srv"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "server start");
+        Env { _server: KillOnDrop::new(server), tmp, base: format!("http://127.0.0.1:{port}"), port, backend }
+    }
+
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    /// Starts `lazy-image mount` (appending its stderr to `<mnt>.log`) without waiting.
+    pub fn spawn_mount(&self, url: &str, mnt: &str, extra: &[&str]) -> Child {
+        std::fs::create_dir_all(self.p(mnt)).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.p(&format!("{mnt}.log"))).unwrap();
+        Command::new(BIN)
+            .arg("mount")
+            .arg(url)
+            .arg(self.p(mnt))
+            .arg("--cache-dir")
+            .arg(self.p("cache"))
+            .arg("--run-dir")
+            .arg(self.p("run"))
+            .args(["--backend", self.backend])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn mount(&self, url: &str, mnt: &str, extra: &[&str]) -> Child {
+        let mut child = self.spawn_mount(url, mnt, extra);
+        let mp = self.p(mnt);
+        wait_for(
+            || {
+                if let Ok(Some(st)) = child.try_wait() {
+                    panic!("mount exited with {st}: {}", self.log(mnt));
+                }
+                lazy_mounted(&mp)
+            },
+            "mount",
+        );
+        child
+    }
+
+    pub fn log(&self, mnt: &str) -> String {
+        std::fs::read_to_string(self.p(&format!("{mnt}.log"))).unwrap_or_default()
+    }
+
+    pub fn umount(&self, mnt: &str, mut child: Child) {
+        let out = Command::new(BIN).arg("umount").arg(self.p(mnt)).arg("--run-dir").arg(self.p("run")).output().unwrap();
+        assert!(out.status.success(), "umount: {}\ndaemon log:\n{}", String::from_utf8_lossy(&out.stderr), self.log(mnt));
+        assert!(child.wait().unwrap().success(), "daemon log:\n{}", self.log(mnt));
+        assert!(!lazy_mounted(&self.p(mnt)));
+    }
+
+    pub fn stat(&self) -> serde_json::Value {
+        let out = Command::new(BIN).args(["stat", "--json", "--cache-dir"]).arg(self.p("cache")).output().unwrap();
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// A proxy in front of the server: `delay_ms` each way and `rate` per connection.
+    pub fn slow_proxy(&self, delay_ms: u32, rate: &str) -> (KillOnDrop, String) {
+        let port = free_port();
+        let proxy = Command::new(BIN)
+            .args(["proxy", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("127.0.0.1:{}", self.port)])
+            .args(["--delay-ms", &delay_ms.to_string(), "--rate", rate])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "proxy");
+        (KillOnDrop::new(proxy), format!("http://127.0.0.1:{port}"))
+    }
+}
+
+/// A measured figure: printed, and appended to $LAZY_IMAGE_RESULTS when set (the VM harness
+/// shows that file on the host, as passing tests' output is captured).
+pub fn report(line: &str) {
+    eprintln!("RESULT {line}");
+    if let Some(path) = std::env::var_os("LAZY_IMAGE_RESULTS") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn lazy_mounted(mp: &Path) -> bool {
+    lazy_image_attach::is_mountpoint(mp).unwrap()
+}
+
+pub fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn check_sums(root: &Path, sums: &BTreeMap<String, String>) {
+    for (name, want) in sums {
+        let got = hex::encode(Sha256::digest(std::fs::read(root.join(name)).unwrap()));
+        assert_eq!(&got, want, "{name}");
+    }
+}
+
+/// Kills a helper process (server, proxy, daemon) even when the test fails: a leaked child would
+/// hold the test's output pipe open.
+pub struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    pub fn new(child: Child) -> Self {
+        KillOnDrop(Some(child))
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child present until released")
+    }
+
+    /// Hands the child back without killing it (e.g. to let `umount` stop it cleanly).
+    pub fn release(mut self) -> Child {
+        self.0.take().expect("child present until released")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// ---- The suite every backend runs ----
+
+/// ext4, erofs and squashfs images mount read-only, every file's checksum matches, writes fail.
+pub fn three_filesystems(env: &Env) {
+    let sums = make_tree(&env.p("tree"), 1, &[1 << 20, 5 << 20, 123_457, 7 << 20]);
+    for fs in ["ext4", "erofs", "squashfs"] {
+        make_image(fs, &env.p("tree"), &env.p(&format!("srv/{fs}.img")));
+        let child = env.mount(&format!("{}/{fs}.img", env.base), fs, &[]);
+        check_sums(&env.p(fs), &sums);
+        // Read-only all the way down.
+        assert!(std::fs::write(env.p(&format!("{fs}/new")), b"x").is_err());
+        env.umount(fs, child);
+    }
+}
+
+/// Listing and reading one small file fetches a small part of the image; a second attach of
+/// the same image is served from the warm cache.
+pub fn partial_read_and_warm_reuse(env: &Env) {
+    let sums = make_tree(&env.p("tree"), 2, &[4096, 40 << 20, 3000]);
+    make_image("ext4", &env.p("tree"), &env.p("srv/part.img"));
+    let url = format!("{}/part.img", env.base);
+    let size = std::fs::metadata(env.p("srv/part.img")).unwrap().len();
+
+    let child = env.mount(&url, "m", &[]);
+    let small = std::fs::read(env.p("m/file0.bin")).unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&small)), sums["file0.bin"]);
+    env.umount("m", child);
+    let first = env.stat()[0]["stats"]["origin_bytes"].as_u64().unwrap();
+    assert!(first < size / 20, "listing and one small file fetched {first} of {size} bytes");
+
+    let child = env.mount(&url, "m", &[]);
+    std::fs::read(env.p("m/file0.bin")).unwrap();
+    env.umount("m", child);
+    assert_eq!(env.stat()[0]["stats"]["origin_bytes"].as_u64().unwrap(), 0, "warm attach fetched nothing");
+}
+
+/// A chunk that does not match the pinned manifest is an I/O error for its reader, never its
+/// bytes; the rest of the image still reads correctly.
+pub fn corrupt_chunk_is_eio(env: &Env) {
+    let tree = env.p("ctree");
+    std::fs::create_dir_all(&tree).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut victim = vec![0u8; 4 << 20];
+    rng.fill_bytes(&mut victim);
+    std::fs::write(tree.join("victim.bin"), &victim).unwrap();
+    std::fs::write(tree.join("ok.txt"), b"fine\n").unwrap();
+    let img = env.p("srv/corrupt.img");
+    make_image("erofs", &tree, &img);
+    let out = Command::new(BIN).args(["manifest", "build"]).arg(&img).output().unwrap();
+    assert!(out.status.success());
+    let digest = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    // Flip bytes inside victim.bin's data in the served image (found by its content).
+    let mut bytes = std::fs::read(&img).unwrap();
+    let at = bytes.windows(64).position(|w| w == &victim[1 << 20..(1 << 20) + 64]).expect("file data in the image");
+    for b in &mut bytes[at..at + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&img, &bytes).unwrap();
+
+    let child = env.mount(&format!("{}/corrupt.img", env.base), "c", &["--digest", &digest]);
+    assert_eq!(std::fs::read(env.p("c/ok.txt")).unwrap(), b"fine\n");
+    let err = std::fs::read(env.p("c/victim.bin")).expect_err("corrupt data must not be served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    env.umount("c", child);
+}

@@ -1,0 +1,199 @@
+//! End-to-end with the ublk backend. This host's kernel has no ublk, so these run inside the test
+//! VM (`bash tests/e2e/vm/run.sh`, which sets LAZY_IMAGE_REQUIRE_UBLK=1 so a missing
+//! /dev/ublk-control fails instead of skipping). On a host with ublk they run directly.
+
+mod common;
+
+use common::*;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn ublk_ready() -> bool {
+    let have = Path::new("/dev/ublk-control").exists();
+    if !have {
+        assert!(
+            std::env::var_os("LAZY_IMAGE_REQUIRE_UBLK").is_none(),
+            "LAZY_IMAGE_REQUIRE_UBLK is set but /dev/ublk-control is missing (modprobe ublk_drv)"
+        );
+        eprintln!("skipping: no /dev/ublk-control here; these tests run in the VM (bash tests/e2e/vm/run.sh)");
+        return false;
+    }
+    prerequisites_met(&[])
+}
+
+/// ublk block and char devices present right now.
+fn ublk_devices() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/dev")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("ublkb") || n.starts_with("ublkc"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn assert_no_devices_left() {
+    // Device nodes disappear asynchronously after DEL_DEV returns.
+    let t = Instant::now();
+    while !ublk_devices().is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ublk_devices(), Vec::<String>::new(), "ublk devices left behind");
+}
+
+#[test]
+fn ublk_three_filesystems() {
+    if !ublk_ready() {
+        return;
+    }
+    let env = Env::new("ublk");
+    three_filesystems(&env);
+    assert_no_devices_left();
+}
+
+#[test]
+fn ublk_partial_read_and_warm_reuse() {
+    if !ublk_ready() {
+        return;
+    }
+    partial_read_and_warm_reuse(&Env::new("ublk"));
+    assert_no_devices_left();
+}
+
+#[test]
+fn ublk_corrupt_chunk_is_eio() {
+    if !ublk_ready() {
+        return;
+    }
+    corrupt_chunk_is_eio(&Env::new("ublk"));
+    assert_no_devices_left();
+}
+
+/// The kernel sees a read-only disk: writes to the device itself fail.
+#[test]
+fn ublk_device_refuses_writes() {
+    if !ublk_ready() {
+        return;
+    }
+    let env = Env::new("ublk");
+    make_tree(&env.p("tree"), 5, &[1 << 20]);
+    make_image("erofs", &env.p("tree"), &env.p("srv/ro.img"));
+    let child = env.mount(&format!("{}/ro.img", env.base), "ro", &[]);
+    let dev = lazy_image_attach::mount_source(&env.p("ro")).unwrap().expect("mounted");
+    assert!(dev.to_string_lossy().starts_with("/dev/ublkb"), "{dev:?}");
+    assert_eq!(std::fs::read_to_string(format!("/sys/block/{}/ro", dev.file_name().unwrap().to_string_lossy())).unwrap().trim(), "1");
+    let res = std::fs::OpenOptions::new().write(true).open(&dev).and_then(|f| f.write_all_at(&[0u8; 4096], 0));
+    assert!(res.is_err(), "writing to {dev:?} must fail");
+    env.umount("ro", child);
+    assert_no_devices_left();
+}
+
+/// kill -9 the daemon while readers are mid-file on a slow origin, start it again: the readers
+/// (held by the kernel meanwhile) finish with no error and the right bytes, and the mount never
+/// went away. Reports the time from restart to the first completed read.
+#[test]
+fn ublk_kill9_during_reads_then_restart() {
+    if !ublk_ready() {
+        return;
+    }
+    let env = Env::new("ublk");
+    let sums = make_tree(&env.p("tree"), 6, &[6 << 20, 6 << 20, 6 << 20, 6 << 20]);
+    make_image("ext4", &env.p("tree"), &env.p("srv/crash.img"));
+    let (_proxy, base) = env.slow_proxy(5, "2M");
+    let url = format!("{base}/crash.img");
+    let mut daemon = KillOnDrop::new(env.mount(&url, "k", &[]));
+
+    let start = Instant::now();
+    let done_reads = Arc::new(AtomicU64::new(0));
+    let last_read_ms = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = sums
+        .iter()
+        .map(|(name, want)| {
+            let path = env.p(&format!("k/{name}"));
+            let want = want.clone();
+            let (done, last) = (done_reads.clone(), last_read_ms.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut f = std::fs::File::open(&path).map_err(|e| format!("{path:?}: {e}"))?;
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; 128 << 10];
+                loop {
+                    let n = f.read(&mut buf).map_err(|e| format!("{path:?}: read error {e}"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                    done.fetch_add(1, Ordering::SeqCst);
+                    last.store(start.elapsed().as_millis() as u64, Ordering::SeqCst);
+                }
+                let got = hex::encode(h.finalize());
+                if got == want { Ok(()) } else { Err(format!("{path:?}: wrong bytes")) }
+            })
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_millis(1500));
+    daemon.child().kill().unwrap(); // SIGKILL
+    daemon.child().wait().unwrap();
+    let at_kill = done_reads.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(lazy_mounted(&env.p("k")), "the mount survives its daemon");
+    let stalled = done_reads.load(Ordering::SeqCst);
+    assert!(readers.iter().any(|r| !r.is_finished()), "the kill landed after the readers were done");
+
+    let restart = Instant::now();
+    let new_daemon = KillOnDrop::new(env.spawn_mount(&url, "k", &[]));
+    wait_for(|| done_reads.load(Ordering::SeqCst) > stalled, "reads to resume");
+    let resumed = restart.elapsed();
+    report(&format!(
+        "ublk recovery: reads resumed {:.0} ms after the daemon restarted ({at_kill} reads before the kill, {} while it was down)",
+        resumed.as_secs_f64() * 1000.0,
+        stalled - at_kill
+    ));
+    for r in readers {
+        r.join().unwrap().expect("reader across the restart");
+    }
+    assert!(env.log("k").contains("took over /dev/ublkb"), "{}", env.log("k"));
+    check_sums(&env.p("k"), &sums);
+    env.umount("k", new_daemon.release());
+    assert_no_devices_left();
+}
+
+/// A daemon that dies for good: `umount` cleans up its mount and device, and `cleanup` removes
+/// a device nobody serves or mounts.
+#[test]
+fn ublk_stale_devices_are_cleaned_up() {
+    if !ublk_ready() {
+        return;
+    }
+    let env = Env::new("ublk");
+    make_tree(&env.p("tree"), 8, &[1 << 20]);
+    make_image("erofs", &env.p("tree"), &env.p("srv/stale.img"));
+    let url = format!("{}/stale.img", env.base);
+
+    let mut d = env.mount(&url, "s", &[]);
+    d.kill().unwrap();
+    d.wait().unwrap();
+    assert_eq!(ublk_devices().len(), 2, "a dead daemon's device stays, waiting for recovery");
+    let out = Command::new(BIN).arg("umount").arg(env.p("s")).arg("--run-dir").arg(env.p("run")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!lazy_mounted(&env.p("s")));
+    assert_no_devices_left();
+
+    // No record at all (say, the run directory was lost): unmount by hand, then `cleanup`.
+    let mut d = env.mount(&url, "s", &[]);
+    d.kill().unwrap();
+    d.wait().unwrap();
+    lazy_image_attach::unmount(&env.p("s")).unwrap();
+    std::fs::remove_dir_all(env.p("run")).unwrap();
+    let out = Command::new(BIN).arg("cleanup").arg("--run-dir").arg(env.p("run")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deleted /dev/ublkb"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_no_devices_left();
+}
