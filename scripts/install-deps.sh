@@ -6,7 +6,7 @@
 #   install-deps.sh bench    also the benchmark peers (qemu-storage-daemon's curl driver, nbdkit)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-PKGS=(nginx e2fsprogs erofs-utils squashfs-tools fuse3 util-linux curl python3 libclang-dev protobuf-compiler)
+PKGS=(nginx e2fsprogs erofs-utils squashfs-tools fuse3 util-linux curl python3 libclang-dev)
 BACKPORTS=()
 need_backports=false
 for group in "$@"; do

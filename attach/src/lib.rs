@@ -19,13 +19,17 @@ pub use error::{AttachError, AttachErrorKind};
 pub use fsdetect::{detect, device_block_size, FsType};
 pub use fuse::{FuseExport, IMAGE_FILE_NAME};
 pub use loopdev::LoopDevice;
-pub use mount::{is_mountpoint, mount_points_of, mount_readonly, mount_source, unmount};
+pub use mount::{bind_readonly, is_mountpoint, mount_points_of, mount_readonly, mount_source, unmount, unmount_detach};
 pub use ublk::{UblkDevice, UblkOptions};
 
 use lazy_image_engine::LazyImage;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+
+/// Block-layer readahead set on our devices (KiB): large enough that a sequential reader keeps
+/// several of the engine's ranged requests in flight.
+pub(crate) const READ_AHEAD_KB: &str = "4096";
 
 /// The block backend a user asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

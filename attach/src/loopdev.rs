@@ -37,7 +37,19 @@ impl LoopDevice {
         if !dev.starts_with("/dev/loop") {
             return Err(AttachError::new(AttachErrorKind::Io, format!("losetup printed {dev:?}, not a loop device")));
         }
-        Ok(LoopDevice { path: PathBuf::from(dev) })
+        let dev = LoopDevice { path: PathBuf::from(dev) };
+        dev.tune_readahead();
+        Ok(dev)
+    }
+
+    /// The block layer's readahead (128 KiB by default) is what a sequential reader asks of us
+    /// at a time; a larger window keeps the engine's parallel fetches busy.
+    fn tune_readahead(&self) {
+        let Some(name) = self.path.file_name().and_then(|n| n.to_str()) else { return };
+        let p = format!("/sys/block/{name}/queue/read_ahead_kb");
+        if let Err(e) = std::fs::write(&p, crate::READ_AHEAD_KB) {
+            tracing::debug!(error = %e, "cannot raise {p}");
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -32,22 +32,58 @@ fn mount_readonly_here(dev: &Path, target: &Path, fs: FsType) -> Result<(), Atta
     Ok(())
 }
 
+/// Bind-mounts `src` at `target` read-only (nosuid, nodev), as a pod's view of a staged volume.
+pub fn bind_readonly(src: &Path, target: &Path) -> Result<(), AttachError> {
+    crate::namespace::in_host_namespace(|| {
+        let (s, t) = (cstr(src)?, cstr(target)?);
+        // SAFETY: valid NUL-terminated paths; NULL fstype/data are allowed for a bind mount.
+        let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
+        if rc != 0 {
+            return Err(AttachError::os(format!("bind-mounting {} at {}", src.display(), target.display()), std::io::Error::last_os_error()));
+        }
+        // A bind mount takes its flags only from a remount.
+        let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+        // SAFETY: as above.
+        let rc = unsafe { libc::mount(std::ptr::null(), t.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: valid NUL-terminated path.
+            unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+            return Err(AttachError::os(format!("making {} read-only", target.display()), e));
+        }
+        Ok(())
+    })
+}
+
 /// Unmounts `target`; not mounted counts as done (idempotent teardown).
 pub fn unmount(target: &Path) -> Result<(), AttachError> {
     crate::namespace::in_host_namespace(|| unmount_here(target))
 }
 
 fn unmount_here(target: &Path) -> Result<(), AttachError> {
-    if !is_mountpoint_here(target) {
-        return Ok(());
-    }
+    unmount_with(target, 0)
+}
+
+/// Detaches every mount stacked at `target` even if busy: for mounts of a filesystem whose
+/// device is dead, which can only go away once its last user lets go.
+pub fn unmount_detach(target: &Path) -> Result<(), AttachError> {
+    crate::namespace::in_host_namespace(|| unmount_with(target, libc::MNT_DETACH))
+}
+
+/// Unmounts everything mounted at `target` (mounts can be stacked), top first.
+fn unmount_with(target: &Path, flags: libc::c_int) -> Result<(), AttachError> {
     let tgt = cstr(target)?;
-    // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::umount2(tgt.as_ptr(), 0) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(AttachError::os(format!("unmounting {}", target.display()), e));
+    for _ in 0..16 {
+        if !is_mountpoint_here(target) {
+            return Ok(());
+        }
+        // SAFETY: valid NUL-terminated path.
+        if unsafe { libc::umount2(tgt.as_ptr(), flags) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(AttachError::os(format!("unmounting {}", target.display()), e));
+        }
     }
-    Ok(())
+    Err(AttachError::new(AttachErrorKind::Busy, format!("{} still has mounts after 16 unmounts", target.display())))
 }
 
 /// True when `path` is the mount point of some mount in the namespace users see.
@@ -93,7 +129,12 @@ fn is_mountpoint_here(path: &Path) -> bool {
 
 /// Mount points (in this thread's namespace) whose source matches `pred`.
 pub(crate) fn mounts_of_sources(pred: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
-    mount_table().into_iter().filter(|m| pred(&m.source)).map(|m| m.mountpoint).collect()
+    mounts_matching(|src, _| pred(src))
+}
+
+/// Mount points (in this thread's namespace) for which `pred(source, mountpoint)` holds.
+pub(crate) fn mounts_matching(pred: impl Fn(&[u8], &[u8]) -> bool) -> Vec<Vec<u8>> {
+    mount_table().into_iter().filter(|m| pred(&m.source, &m.mountpoint)).map(|m| m.mountpoint).collect()
 }
 
 struct MountEntry {

@@ -17,7 +17,12 @@ fn last_os(context: &str) -> AttachError {
 
 /// Moves this process into a private mount namespace, remembering the current one for
 /// `in_host_namespace`. Call it before any thread is started. Idempotent.
-pub fn enter_private_mount_namespace() -> Result<(), AttachError> {
+///
+/// The new namespace starts as a copy of the old one. Copies of mounts this process manages
+/// (ublk devices, and everything under `managed`, such as kubelet's directory) are detached:
+/// a copy would pin its mount point, so that unmounting and removing it later in the host
+/// namespace fails with EBUSY.
+pub fn enter_private_mount_namespace(managed: &[&std::path::Path]) -> Result<(), AttachError> {
     if HOST.get().is_some() {
         return Ok(());
     }
@@ -41,7 +46,15 @@ pub fn enter_private_mount_namespace() -> Result<(), AttachError> {
     }
     // Mounts of ublk devices copied in from the old namespace (a restarted server re-adopting
     // its devices) must not live and die with us.
-    for mp in crate::mount::mounts_of_sources(|src| src.starts_with(b"/dev/ublkb")) {
+    use std::os::unix::ffi::OsStrExt;
+    let prefixes: Vec<Vec<u8>> = managed.iter().map(|p| p.as_os_str().as_bytes().to_vec()).collect();
+    let under = |mp: &[u8]| {
+        prefixes.iter().any(|p| mp.starts_with(p) && (mp.len() == p.len() || mp.get(p.len()) == Some(&b'/')))
+    };
+    let mut copies = crate::mount::mounts_matching(|src, mp| src.starts_with(b"/dev/ublkb") || under(mp));
+    // Deepest first, so stacked and nested mounts come off cleanly.
+    copies.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for mp in copies {
         if let Ok(c) = CString::new(mp) {
             // SAFETY: valid NUL-terminated path.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };

@@ -248,32 +248,45 @@ impl LazyImage {
     /// Copies the image's bytes at `offset` into `buf` when every chunk they cover is already
     /// cached, without waiting on anything; returns how many bytes were copied (fewer at the end of
     /// the image), or `None` when some chunk is missing and `read` must be used. Callable from any
-    /// thread: ublk queue threads and the FUSE thread serve warm reads this way without a hop to
-    /// the async runtime. Sequential readers still drive readahead from here.
+    /// thread: the FUSE thread serves warm reads this way without a hop to the async runtime.
     pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
-        let inner = &self.inner;
-        if offset >= inner.info.size || buf.is_empty() {
-            return Ok(Some(0));
+        let Some(n) = self.claim_cached(offset, buf.len() as u64) else { return Ok(None) };
+        if let Err(e) = self.inner.store.read_at(&mut buf[..n as usize], offset) {
+            self.inner.stats.count_error();
+            return Err(e);
         }
-        let end = offset.saturating_add(buf.len() as u64).min(inner.info.size);
+        Ok(Some(n as usize))
+    }
+
+    /// For callers that read the cache file themselves (ublk queues submit the read to their
+    /// io_uring, so several run at once): when `[offset, offset + len)` is entirely cached,
+    /// counts the read, drives readahead like any read, and returns how many bytes to read from
+    /// `cache_data_fd()` at `offset` (fewer at the end of the image); `None` on a miss.
+    pub fn claim_cached(&self, offset: u64, len: u64) -> Option<u64> {
+        let inner = &self.inner;
+        if offset >= inner.info.size || len == 0 {
+            return Some(0);
+        }
+        let end = offset.saturating_add(len).min(inner.info.size);
         let (c0, c1) = (offset / inner.chunk_size, (end - 1) / inner.chunk_size);
         {
             let st = lock(&inner.state);
             if !(c0..=c1).all(|c| st.present.get(c)) {
-                return Ok(None);
+                return None;
             }
         }
-        let n = (end - offset) as usize;
-        if let Err(e) = inner.store.read_at(&mut buf[..n], offset) {
-            inner.stats.count_error();
-            return Err(e);
-        }
         inner.stats.count_chunks(c1 - c0 + 1, 0);
-        inner.stats.count_read(n as u64);
+        inner.stats.count_read(end - offset);
         if let Some((a, b)) = inner.readahead_range(offset, end) {
             inner.start_readahead(a, b);
         }
-        Ok(Some(n))
+        Some(end - offset)
+    }
+
+    /// The cache's data file: byte `o` of the image is at offset `o`. Only ranges that
+    /// `claim_cached` accepted hold the image's bytes.
+    pub fn cache_data_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.store.data_fd()
     }
 
     /// Fetches every missing chunk, `parallel` requests at a time; `progress` gets chunks present.

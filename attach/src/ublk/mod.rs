@@ -287,7 +287,7 @@ impl UblkDevice {
     /// default 128 KiB leaves the engine's parallel fetches idle.
     fn tune_readahead(&self) {
         let p = format!("/sys/block/ublkb{}/queue/read_ahead_kb", self.id);
-        if let Err(e) = std::fs::write(&p, "4096") {
+        if let Err(e) = std::fs::write(&p, crate::READ_AHEAD_KB) {
             tracing::debug!(error = %e, "cannot raise {p}");
         }
     }

@@ -1,8 +1,9 @@
 //! One ublk queue thread: a tag per in-flight request, each an async task on a local executor
-//! driven by the queue's io_uring. Reads whose chunks are cached are copied straight from the
-//! cache file on this thread. Misses are handed to the engine's tokio runtime (queue threads
-//! have no tokio I/O or timer drivers) and the task waits on a oneshot; the runtime writes an
-//! eventfd that this ring always has a read pending on, so a finished fetch wakes the ring.
+//! driven by the queue's io_uring. Reads whose chunks are cached are read from the cache file
+//! through the same ring, so a slow disk never stalls the other tags. Misses are handed to the
+//! engine's tokio runtime (queue threads have no tokio I/O or timer drivers) and the task waits
+//! on a oneshot; the runtime writes an eventfd that this ring always has a read pending on, so a
+//! finished fetch wakes the ring.
 
 use lazy_image_engine::{Error as EngineError, LazyImage};
 use libublk::helpers::IoBuf;
@@ -86,6 +87,49 @@ pub(super) fn serve_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
     }));
 }
 
+/// Reads a cached range (already claimed) from the cache file: straight away when the page
+/// cache has it (no extra trip around the ring), otherwise through this queue's ring so a disk
+/// read never stalls the other tags.
+async fn read_cache(ctx: &QueueContext, offset: u64, dst: &mut [u8]) -> Result<(), i32> {
+    let fd = ctx.image.cache_data_fd().as_raw_fd();
+    let mut done = read_nowait(fd, offset, dst);
+    while done < dst.len() {
+        let rest = &mut dst[done..];
+        let sqe = io_uring::opcode::Read::new(io_uring::types::Fd(fd), rest.as_mut_ptr(), rest.len() as u32)
+            .offset(offset + done as u64)
+            .build();
+        match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
+            Ok(r) if r > 0 => done += r as usize,
+            Ok(0) => {
+                tracing::error!(offset, "cache file ended early");
+                return Err(-libc::EIO);
+            }
+            Ok(r) if r == -libc::EINTR || r == -libc::EAGAIN => {}
+            Ok(r) => {
+                tracing::error!(offset, errno = -r, "reading the cache file failed");
+                return Err(-libc::EIO);
+            }
+            Err(_) => return Err(-libc::EIO),
+        }
+    }
+    Ok(())
+}
+
+/// Copies what the page cache already holds, never blocking; returns the bytes read.
+fn read_nowait(fd: std::os::fd::RawFd, offset: u64, dst: &mut [u8]) -> usize {
+    let mut done = 0usize;
+    while done < dst.len() {
+        let iov = libc::iovec { iov_base: dst[done..].as_mut_ptr().cast(), iov_len: dst.len() - done };
+        // SAFETY: one iovec describing the unfilled tail of `dst`, valid for the call.
+        let n = unsafe { libc::preadv2(fd, &iov, 1, (offset + done as u64) as libc::off_t, libc::RWF_NOWAIT) };
+        if n <= 0 {
+            break; // EAGAIN (not cached), unsupported, or an error the ring path will report
+        }
+        done += n as usize;
+    }
+    done
+}
+
 /// Keeps one read of the eventfd in flight on this queue's ring.
 async fn doorbell_task(bell: Arc<Doorbell>) {
     // The kernel writes here whenever a read completes, possibly after this task is dropped at
@@ -133,9 +177,12 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], ctx: &QueueConte
     let Some(dst) = buf.get_mut(..len) else {
         return -libc::EINVAL;
     };
-    let n = match ctx.image.read_cached_into(offset, dst) {
-        Ok(Some(n)) => n,
-        Ok(None) => {
+    let n = match ctx.image.claim_cached(offset, len as u64) {
+        Some(n) => match read_cache(ctx, offset, &mut dst[..n as usize]).await {
+            Ok(()) => n as usize,
+            Err(errno) => return errno,
+        },
+        None => {
             let (tx, rx) = futures::channel::oneshot::channel();
             let image = ctx.image.clone();
             let bell = bell.clone();
@@ -155,10 +202,6 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], ctx: &QueueConte
                 }
                 Err(_) => return -libc::EIO,
             }
-        }
-        Err(e) => {
-            tracing::warn!(offset, len, error = %e.report(), "ublk read from the cache failed");
-            return ublk_errno(&e);
         }
     };
     // The device is rounded up to whole sectors: bytes past the image's end read as zeros.

@@ -18,7 +18,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mount(a) => {
             let b = Backend::resolve(a.backend.parse()?)?;
             if b == Backend::Ublk {
-                lazy_image_attach::namespace::enter_private_mount_namespace()?;
+                lazy_image_attach::namespace::enter_private_mount_namespace(&[])?;
             }
             Some(b)
         }

@@ -162,6 +162,12 @@ impl CacheStore {
         &self.header
     }
 
+    /// The data file, for callers that read cached ranges with their own I/O (io_uring).
+    pub fn data_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.data.as_fd()
+    }
+
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.data
             .read_exact_at(buf, offset)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs in the VM (see ublk-vm.sh). Prints one table of fio results and ratios.
+set -euo pipefail
+B=$PWD/target/debug/lazy-image
+W=/tmp/ubench
+RUNTIME=${LAZY_IMAGE_BENCH_RUNTIME:-8}
+mkdir -p "$W/tree" "$W/srv" "$W/mnt"
+head -c 200M /dev/urandom >"$W/tree/big.bin"
+mkfs.ext4 -q -F -d "$W/tree" "$W/srv/b.img" 256M
+"$B" serve "$W/srv" --listen 127.0.0.1:8080 2>/dev/null &
+sleep 0.5
+URL=http://127.0.0.1:8080/b.img
+"$B" warm "$URL" --cache-dir "$W/cache" 2>/dev/null
+"$B" mount "$URL" "$W/mnt" --backend ublk --cache-dir "$W/cache" --run-dir "$W/run" 2>"$W/mount.log" &
+for _ in $(seq 200); do mountpoint -q "$W/mnt" && break; sleep 0.1; done
+OURS=$(findmnt -no SOURCE "$W/mnt")
+DATA=$(ls "$W"/cache/*/data)
+LOOP=$(losetup --find --show --read-only "$DATA")
+devs="ours=$OURS loop=$LOOP"
+if [ -n "${LAZY_IMAGE_BENCH_RUBLK:-}" ] && [ -x "$LAZY_IMAGE_BENCH_RUBLK" ]; then
+    before=$(ls /dev | grep -c '^ublkb' || true)
+    "$LAZY_IMAGE_BENCH_RUBLK" add loop -f "$DATA" --read-only >/dev/null 2>&1 || true
+    for _ in $(seq 100); do [ "$(ls /dev | grep -c '^ublkb')" -gt "$before" ] && break; sleep 0.1; done
+    RDEV=/dev/$(ls -t /dev | grep '^ublkb' | grep -v "$(basename "$OURS")" | head -1)
+    [ -b "$RDEV" ] && devs="$devs rublk=$RDEV"
+fi
+echo "bench: devices $devs" >&2
+run() { # name dev rw bs qd
+    fio --name="$1" --filename="$2" --readonly --direct=1 --ioengine=io_uring --rw="$3" --bs="$4" \
+        --iodepth="$5" --runtime="$RUNTIME" --time_based --size=200M --output-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["read"]; print(j["iops"], j["bw_bytes"])'
+}
+# One pass over each device first: its buffers and the page cache are warm for every column.
+for d in $devs; do fio --name=warmup --filename="${d#*=}" --readonly --direct=1 --ioengine=io_uring --rw=read --bs=1M \
+    --iodepth=4 --size=200M --output-format=json >/dev/null 2>&1; done
+: >"$W/results"
+for d in $devs; do
+    name=${d%%=*}; dev=${d#*=}
+    echo "$name seq1m $(run "$name" "$dev" read 1M 4)" >>"$W/results"
+    echo "$name rand4k_qd1 $(run "$name" "$dev" randread 4k 1)" >>"$W/results"
+    echo "$name rand4k_qd32 $(run "$name" "$dev" randread 4k 32)" >>"$W/results"
+done
+python3 - "$W/results" <<'PY'
+import sys
+r = {}
+for line in open(sys.argv[1]):
+    dev, job, iops, bw = line.split()
+    r[(dev, job)] = (float(iops), float(bw))
+devs = [d for d in ("ours", "loop", "rublk") if (d, "seq1m") in r]
+print("\nfio on a warm cache, in the TCG VM (absolute numbers are TCG's; compare the ratios)")
+print(f"{'job':14}" + "".join(f"{d:>14}" for d in devs) + f"{'ours/loop':>12}" + (f"{'rublk/loop':>12}{'ours/rublk':>12}" if "rublk" in devs else ""))
+for job, unit in (("seq1m", "MiB/s"), ("rand4k_qd1", "IOPS"), ("rand4k_qd32", "IOPS")):
+    val = lambda d: r[(d, job)][1] / 2**20 if unit == "MiB/s" else r[(d, job)][0]
+    line = f"{job + ' ' + unit:14}" + "".join(f"{val(d):>14.0f}" for d in devs) + f"{val('ours') / val('loop'):>11.2f}x"
+    if "rublk" in devs:
+        line += f"{val('rublk') / val('loop'):>11.2f}x{val('ours') / val('rublk'):>11.2f}x"
+    print(line)
+PY
+losetup -d "$LOOP"
+# Only rublk's own device: `rublk del -a` would delete ours too.
+case $devs in *rublk=*) "$LAZY_IMAGE_BENCH_RUBLK" del -n "${RDEV#/dev/ublkb}" >/dev/null 2>&1 || true ;; esac
+"$B" umount "$W/mnt" --run-dir "$W/run" 2>/dev/null

@@ -1,0 +1,70 @@
+//! Command-line configuration of the node plugin, checked once at start.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "lazy-image-csi-node", version, about = "lazy-image CSI node plugin (Identity + Node services)")]
+pub struct Args {
+    /// gRPC endpoint kubelet and the registrar call: unix:///path/to.sock (a stale socket is
+    /// replaced).
+    #[arg(long, default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+    /// This node's name (the Kubernetes node name), reported by NodeGetInfo.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_id: String,
+    /// Where per-volume state is persisted so a restarted plugin re-adopts its volumes.
+    #[arg(long, default_value = "/var/lib/lazy-image/node")]
+    pub state_dir: PathBuf,
+    /// Image caches (shared by all volumes of the node).
+    #[arg(long, default_value = "/var/cache/lazy-image")]
+    pub cache_dir: PathBuf,
+    /// Node-wide cache limit in bytes; images not in use are evicted to stay under it.
+    #[arg(long)]
+    pub cache_limit: Option<u64>,
+    /// Staging and target paths must lie under this directory.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    pub kubelet_root: PathBuf,
+    /// Block backend: auto (ublk when /dev/ublk-control exists), ublk or fuse.
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+    #[arg(long, default_value_t = 1)]
+    pub ublk_queues: u16,
+    #[arg(long, default_value_t = 128)]
+    pub ublk_depth: u16,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Topology key whose value is the node id (NodeGetInfo's accessible topology).
+    #[arg(long, default_value = "lazy-image.csi.dev/node")]
+    pub topology_key: String,
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+pub const DRIVER_NAME: &str = "lazy-image.csi.dev";
+
+/// The Unix socket path of an endpoint `unix:///a/b.sock` (or a plain absolute path).
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {
+    let p = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint);
+    if !p.starts_with('/') {
+        return Err(format!("endpoint {endpoint:?} must be unix:///absolute/path"));
+    }
+    Ok(PathBuf::from(p))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn endpoints() {
+        assert_eq!(super::socket_path("unix:///csi/csi.sock").unwrap().to_str(), Some("/csi/csi.sock"));
+        assert_eq!(super::socket_path("/tmp/x.sock").unwrap().to_str(), Some("/tmp/x.sock"));
+        assert!(super::socket_path("tcp://1.2.3.4:5").is_err());
+    }
+}

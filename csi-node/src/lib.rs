@@ -1,0 +1,108 @@
+//! lazy-image CSI node plugin (`lazy-image.csi.dev`): the per-host daemon kubelet calls over a
+//! Unix socket. `service` speaks CSI (Identity + Node), `volumes` does the work (stage, publish,
+//! re-adopt after a restart) on top of the engine and the attach backends (ublk, or FUSE + loop),
+//! `state` persists what a restarted plugin needs, `metrics` exports Prometheus counters.
+//!
+//! The process moves into a private mount namespace at start (a ublk server must never hold a
+//! mount of its own device); mounts kubelet must see are made from the namespace it started in.
+//! On SIGTERM it stops answering and exits without unstaging anything: an upgraded plugin takes
+//! the volumes over (ublk devices are held by the kernel meanwhile).
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod service;
+pub mod spec;
+pub mod state;
+pub mod volumes;
+
+use config::Args;
+use lazy_image_attach::{Backend, UblkOptions};
+use lazy_image_proto::csi::v1::identity_server::IdentityServer;
+use lazy_image_proto::csi::v1::node_server::NodeServer;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
+use volumes::{NodeConfig, Volumes};
+
+pub type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+pub fn run(args: Args) -> Result<(), AnyError> {
+    let backend = Backend::resolve(args.backend.parse()?)?;
+    let socket = config::socket_path(&args.endpoint)?;
+    if args.node_id.is_empty() {
+        return Err("--node-id (or NODE_NAME) must not be empty".into());
+    }
+    // Before any thread exists.
+    std::fs::create_dir_all(&args.state_dir)?;
+    let kubelet_root = args.kubelet_root.canonicalize().unwrap_or_else(|_| args.kubelet_root.clone());
+    let state_dir = args.state_dir.canonicalize()?;
+    lazy_image_attach::namespace::enter_private_mount_namespace(&[&kubelet_root, &state_dir])?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("csi-node").build()?;
+    rt.block_on(serve(args, backend, socket))
+}
+
+async fn serve(args: Args, backend: Backend, socket: std::path::PathBuf) -> Result<(), AnyError> {
+    let volumes = Volumes::new(NodeConfig {
+        state_dir: args.state_dir.clone(),
+        cache_dir: args.cache_dir.clone(),
+        cache_limit: args.cache_limit,
+        backend,
+        ublk: UblkOptions { queues: args.ublk_queues, depth: args.ublk_depth, ..UblkOptions::default() },
+    })?;
+    tracing::info!(backend = backend.name(), node_id = %args.node_id, "starting lazy-image CSI node plugin");
+
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(&socket) {
+        Ok(()) => tracing::info!(socket = %socket.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("removing stale socket {}: {e}", socket.display()).into()),
+    }
+    let listener = tokio::net::UnixListener::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
+
+    if let Some(addr) = args.metrics_addr {
+        let v = volumes.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, v).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+
+    // Answer Identity at once (Probe says "not ready"), re-adopt volumes, then be ready.
+    let ready = Arc::new(AtomicBool::new(false));
+    let identity = service::Identity { ready: ready.clone(), backend };
+    let node = service::Node {
+        volumes: volumes.clone(),
+        node_id: args.node_id.clone(),
+        topology_key: args.topology_key.clone(),
+        kubelet_root: args.kubelet_root.clone(),
+    };
+    let v = volumes.clone();
+    let r = ready.clone();
+    tokio::spawn(async move {
+        v.recover_all().await;
+        r.store(true, Ordering::SeqCst);
+        tracing::info!("ready");
+        v.retry_broken(std::time::Duration::from_secs(10)).await;
+    });
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down; staged volumes stay for the next plugin to take over");
+    };
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_service(NodeServer::new(node))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .await?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

@@ -1,0 +1,566 @@
+//! The node's volumes: stage (open the image, attach a device, mount it read-only at the staging
+//! path), publish (read-only bind mount into a pod), unpublish, unstage, usage and condition,
+//! and re-adoption of everything after a restart. Knows nothing about gRPC: callers pass checked
+//! arguments (`spec`) and get `NodeError`s.
+//!
+//! Every operation on a volume first takes that volume's guard (`begin`); a second operation on
+//! the same volume while one runs fails with `Busy` at once. Each operation is idempotent: it
+//! checks what is already done before doing anything.
+
+use crate::error::{NodeError, NodeErrorKind, NodeResult};
+use crate::spec::{Credentials, VolumeSpec};
+use crate::state::{StateDir, VolumeRecord};
+use lazy_image_attach::ublk::{self, DeviceState};
+use lazy_image_attach::{Attachment, Backend, FsType, LoopDevice, UblkOptions};
+use lazy_image_engine::{load_manifest, HttpSource, ImageConfig, LazyImage, StatsSnapshot};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub struct NodeConfig {
+    pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub cache_limit: Option<u64>,
+    pub backend: Backend,
+    pub ublk: UblkOptions,
+}
+
+/// What `stage` needs, checked by the caller.
+pub struct StageArgs {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub spec: VolumeSpec,
+    pub credentials: Option<Credentials>,
+    /// fs_type from the volume capability, if any.
+    pub fs_type: Option<FsType>,
+}
+
+/// Usage and condition of one volume path.
+pub struct VolumeStats {
+    pub bytes_total: u64,
+    pub bytes_used: u64,
+    pub bytes_available: u64,
+    pub inodes_total: u64,
+    pub inodes_used: u64,
+    pub inodes_available: u64,
+    pub abnormal: bool,
+    pub message: String,
+}
+
+/// A staged volume in memory.
+struct Live {
+    rec: VolumeRecord,
+    image: Option<PooledImage>,
+    attachment: Option<Attachment>,
+    /// Why the volume is not being served (recovery after a restart failed); retried.
+    broken: Option<String>,
+}
+
+#[derive(Clone)]
+struct PooledImage {
+    key: String,
+    image: LazyImage,
+}
+
+/// Volumes of the same image share one open `LazyImage` (one cache, one set of counters).
+#[derive(Default)]
+struct ImagePool {
+    open: HashMap<String, (LazyImage, usize)>,
+}
+
+pub struct Volumes {
+    cfg: NodeConfig,
+    state: StateDir,
+    busy: Mutex<HashSet<String>>,
+    live: Mutex<HashMap<String, Live>>,
+    pool: tokio::sync::Mutex<ImagePool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Releases a volume's operation guard when the operation ends, however it ends.
+pub struct OpGuard<'a> {
+    vols: &'a Volumes,
+    id: String,
+}
+
+impl Drop for OpGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.vols.busy).remove(&self.id);
+    }
+}
+
+fn attach_err(what: &str) -> impl Fn(lazy_image_attach::AttachError) -> NodeError + '_ {
+    move |e| NodeError::attach(what, &e)
+}
+
+impl Volumes {
+    pub fn new(cfg: NodeConfig) -> NodeResult<Arc<Self>> {
+        let state = StateDir::open(&cfg.state_dir)?;
+        Ok(Arc::new(Volumes {
+            cfg,
+            state,
+            busy: Mutex::new(HashSet::new()),
+            live: Mutex::new(HashMap::new()),
+            pool: tokio::sync::Mutex::new(ImagePool::default()),
+        }))
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.cfg.backend
+    }
+
+    /// Where an inline ephemeral volume is staged: the plugin's own directory, not kubelet's.
+    pub fn ephemeral_staging(&self, volume_id: &str) -> PathBuf {
+        self.state.ephemeral_staging(volume_id)
+    }
+
+    /// Takes the guard of `volume_id`, or fails with `Busy` if an operation on it is running.
+    pub fn begin(&self, volume_id: &str) -> NodeResult<OpGuard<'_>> {
+        if !lock(&self.busy).insert(volume_id.to_string()) {
+            return Err(NodeError::new(
+                NodeErrorKind::Busy,
+                format!("an operation on volume {volume_id} is already in progress; retry later"),
+            ));
+        }
+        Ok(OpGuard { vols: self, id: volume_id.to_string() })
+    }
+
+    async fn open_image(&self, spec: &VolumeSpec, creds: Option<&Credentials>) -> NodeResult<PooledImage> {
+        let key = serde_json::to_string(&(spec, creds.map(|c| &c.0))).map_err(|e| NodeError::internal(format!("image key: {e}")))?;
+        let mut pool = self.pool.lock().await;
+        if let Some((img, refs)) = pool.open.get_mut(&key) {
+            *refs += 1;
+            return Ok(PooledImage { key, image: img.clone() });
+        }
+        let what = format!("image {}", spec.url);
+        let mut opts = lazy_image_engine::source::HttpSourceOptions::default();
+        if let Some(c) = creds {
+            let mut v = http::HeaderValue::from_str(&c.0).map_err(|_| NodeError::invalid("credentials are not a valid header value"))?;
+            v.set_sensitive(true);
+            opts.headers.insert(http::header::AUTHORIZATION, v);
+        }
+        let source = HttpSource::new(&spec.url, opts).map_err(|e| NodeError::engine(&what, &e))?;
+        let manifest = match spec.manifest_location() {
+            Some(loc) => Some(load_manifest(&loc, spec.digest.as_deref()).await.map_err(|e| NodeError::engine(&what, &e))?),
+            None => None,
+        };
+        let mut cfg = ImageConfig::new(&self.cfg.cache_dir);
+        cfg.cache_limit = self.cfg.cache_limit;
+        if let Some(cs) = spec.chunk_size {
+            cfg.chunk_size = cs;
+        }
+        cfg.manifest = manifest;
+        let image = LazyImage::open(Arc::new(source), cfg).await.map_err(|e| NodeError::engine(&what, &e))?;
+        pool.open.insert(key.clone(), (image.clone(), 1));
+        Ok(PooledImage { key, image })
+    }
+
+    async fn release_image(&self, img: PooledImage) {
+        let mut pool = self.pool.lock().await;
+        let last = match pool.open.get_mut(&img.key) {
+            Some((_, refs)) if *refs > 1 => {
+                *refs -= 1;
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if last {
+            if let Some((image, _)) = pool.open.remove(&img.key) {
+                drop(pool);
+                if let Err(e) = image.close().await {
+                    tracing::warn!(error = %e.report(), "closing image");
+                }
+            }
+        }
+    }
+
+    fn work_dir(&self, volume_id: &str) -> PathBuf {
+        self.cfg.state_dir.join("work").join(volume_id)
+    }
+
+    /// NodeStageVolume: one device and one read-only mount at the staging path.
+    pub async fn stage(&self, a: StageArgs) -> NodeResult<()> {
+        let _g = self.begin(&a.volume_id)?;
+        self.stage_locked(a, false).await
+    }
+
+    async fn stage_locked(&self, a: StageArgs, ephemeral: bool) -> NodeResult<()> {
+        let id = a.volume_id.clone();
+        let fs = match (a.spec.format, a.fs_type) {
+            (Some(x), Some(y)) if x != y => {
+                return Err(NodeError::invalid(format!("volume {id}: format {} and fs_type {} disagree", x.name(), y.name())))
+            }
+            (x, y) => x.or(y),
+        };
+        if let Some(live) = lock(&self.live).get(&id) {
+            if live.rec.staging_path == a.staging_path && live.rec.spec == a.spec {
+                return Ok(()); // already done
+            }
+            return Err(NodeError::new(
+                NodeErrorKind::AlreadyExists,
+                format!("volume {id} is already staged at {} with other attributes", live.rec.staging_path.display()),
+            ));
+        }
+        std::fs::create_dir_all(&a.staging_path).map_err(|e| NodeError::internal(format!("creating {}: {e}", a.staging_path.display())))?;
+        if lazy_image_attach::is_mountpoint(&a.staging_path).map_err(attach_err(&id))? {
+            return Err(NodeError::new(
+                NodeErrorKind::FailedPrecondition,
+                format!("staging path {} already has something mounted", a.staging_path.display()),
+            ));
+        }
+        let image = self.open_image(&a.spec, a.credentials.as_ref()).await?;
+        let att = Attachment::attach(image.image.clone(), &self.work_dir(&id), &a.staging_path, fs, self.cfg.backend, &self.cfg.ublk).await;
+        let att = match att {
+            Ok(att) => att,
+            Err(e) => {
+                self.release_image(image).await;
+                return Err(NodeError::attach(&format!("volume {id}"), &e));
+            }
+        };
+        let rec = VolumeRecord {
+            volume_id: id.clone(),
+            staging_path: a.staging_path.clone(),
+            spec: a.spec,
+            credentials: a.credentials,
+            fs: att.fs,
+            backend: att.backend(),
+            ublk_id: att.ublk_id(),
+            loop_device: att.ublk_id().is_none().then(|| att.device_path()),
+            fuse_dir: att.fuse_dir(),
+            targets: BTreeSet::new(),
+            ephemeral,
+        };
+        if let Err(e) = self.state.save(&rec) {
+            let _ = att.detach().await;
+            self.release_image(image).await;
+            return Err(e);
+        }
+        tracing::info!(volume_id = %id, device = %att.device_path().display(), staging = %a.staging_path.display(), "volume staged");
+        lock(&self.live).insert(id, Live { rec, image: Some(image), attachment: Some(att), broken: None });
+        Ok(())
+    }
+
+    /// NodeUnstageVolume: unmount, remove the device, close the image. Unknown volumes and paths
+    /// that are not mounted count as done.
+    pub async fn unstage(&self, volume_id: &str, staging_path: &Path) -> NodeResult<()> {
+        let _g = self.begin(volume_id)?;
+        self.unstage_locked(volume_id, staging_path).await
+    }
+
+    async fn unstage_locked(&self, volume_id: &str, staging_path: &Path) -> NodeResult<()> {
+        let live = lock(&self.live).remove(volume_id);
+        let Some(mut live) = live else {
+            // Not ours (any more): make sure nothing stays mounted there.
+            return lazy_image_attach::unmount(staging_path).map_err(attach_err(volume_id));
+        };
+        let put_back = |live: Live, e: NodeError| {
+            lock(&self.live).insert(volume_id.to_string(), live);
+            Err(e)
+        };
+        if live.rec.staging_path != staging_path {
+            let msg = format!("volume {volume_id} is staged at {}, not {}", live.rec.staging_path.display(), staging_path.display());
+            return put_back(live, NodeError::new(NodeErrorKind::FailedPrecondition, msg));
+        }
+        if !live.rec.targets.is_empty() {
+            let msg = format!("volume {volume_id} is still published at {:?}; unpublish it first", live.rec.targets);
+            return put_back(live, NodeError::new(NodeErrorKind::FailedPrecondition, msg));
+        }
+        let res = match live.attachment.take() {
+            Some(att) => att.detach().await.map_err(attach_err(volume_id)),
+            None => teardown_record(&live.rec).map_err(attach_err(volume_id)),
+        };
+        if let Err(e) = res {
+            // The attachment is gone with the failed detach; what is left is described by the
+            // record, which teardown_record can finish later.
+            return put_back(live, e);
+        }
+        if let Some(img) = live.image.take() {
+            self.release_image(img).await;
+        }
+        self.state.remove(volume_id)?;
+        let _ = std::fs::remove_dir_all(self.work_dir(volume_id));
+        tracing::info!(volume_id, "volume unstaged");
+        Ok(())
+    }
+
+    /// NodePublishVolume: a read-only bind mount of the staged volume at `target`. An ephemeral
+    /// volume is staged here first, from `ephemeral`'s spec.
+    pub async fn publish(&self, volume_id: &str, staging_path: Option<&Path>, target: &Path, ephemeral: Option<StageArgs>) -> NodeResult<()> {
+        let _g = self.begin(volume_id)?;
+        if let Some(a) = ephemeral {
+            let known = lock(&self.live).get(volume_id).map(|l| l.rec.ephemeral);
+            match known {
+                Some(true) => {}
+                Some(false) => {
+                    return Err(NodeError::new(NodeErrorKind::AlreadyExists, format!("volume {volume_id} is staged as a persistent volume")))
+                }
+                None => self.stage_locked(a, true).await?,
+            }
+        }
+        let staging = {
+            let live = lock(&self.live);
+            let Some(l) = live.get(volume_id) else {
+                return Err(NodeError::new(NodeErrorKind::FailedPrecondition, format!("volume {volume_id} is not staged on this node")));
+            };
+            if let Some(sp) = staging_path {
+                if !l.rec.ephemeral && l.rec.staging_path != sp {
+                    return Err(NodeError::new(
+                        NodeErrorKind::FailedPrecondition,
+                        format!("volume {volume_id} is staged at {}, not {}", l.rec.staging_path.display(), sp.display()),
+                    ));
+                }
+            }
+            if let Some(why) = &l.broken {
+                return Err(NodeError::new(NodeErrorKind::Unavailable, format!("volume {volume_id} is not being served: {why}")));
+            }
+            if l.rec.targets.contains(target) && lazy_image_attach::is_mountpoint(target).unwrap_or(false) {
+                return Ok(()); // already done
+            }
+            l.rec.staging_path.clone()
+        };
+        std::fs::create_dir_all(target).map_err(|e| NodeError::internal(format!("creating {}: {e}", target.display())))?;
+        if lazy_image_attach::is_mountpoint(target).map_err(attach_err(volume_id))? {
+            return Err(NodeError::new(NodeErrorKind::FailedPrecondition, format!("target path {} already has something mounted", target.display())));
+        }
+        lazy_image_attach::bind_readonly(&staging, target).map_err(attach_err(volume_id))?;
+        let rec = {
+            let mut live = lock(&self.live);
+            let Some(l) = live.get_mut(volume_id) else {
+                return Err(NodeError::internal(format!("volume {volume_id} vanished while publishing")));
+            };
+            l.rec.targets.insert(target.to_path_buf());
+            l.rec.clone()
+        };
+        self.state.save(&rec)?;
+        tracing::info!(volume_id, target = %target.display(), "volume published");
+        Ok(())
+    }
+
+    /// NodeUnpublishVolume: unmount and remove the target; an ephemeral volume is unstaged too.
+    pub async fn unpublish(&self, volume_id: &str, target: &Path) -> NodeResult<()> {
+        let _g = self.begin(volume_id)?;
+        lazy_image_attach::unmount(target).map_err(attach_err(volume_id))?;
+        match std::fs::remove_dir(target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(NodeError::internal(format!("removing {}: {e}", target.display()))),
+        }
+        let rec = {
+            let mut live = lock(&self.live);
+            match live.get_mut(volume_id) {
+                Some(l) => l.rec.targets.remove(target).then(|| l.rec.clone()),
+                None => None,
+            }
+        };
+        if let Some(rec) = rec {
+            self.state.save(&rec)?;
+            tracing::info!(volume_id, target = %target.display(), "volume unpublished");
+            if rec.ephemeral && rec.targets.is_empty() {
+                self.unstage_locked(volume_id, &rec.staging_path).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// NodeGetVolumeStats for a published target or the staging path of `volume_id`.
+    pub fn stats(&self, volume_id: &str, path: &Path) -> NodeResult<VolumeStats> {
+        let (image, broken, device) = {
+            let live = lock(&self.live);
+            let Some(l) = live.get(volume_id) else {
+                return Err(NodeError::new(NodeErrorKind::NotFound, format!("volume {volume_id} is not staged or published on this node")));
+            };
+            if l.rec.staging_path != path && !l.rec.targets.contains(path) {
+                return Err(NodeError::new(NodeErrorKind::NotFound, format!("{} is not a path of volume {volume_id}", path.display())));
+            }
+            (l.image.as_ref().map(|i| i.image.clone()), l.broken.clone(), l.attachment.as_ref().map(|a| a.device_path()))
+        };
+        let mounted = lazy_image_attach::is_mountpoint(path).map_err(attach_err(volume_id))?;
+        let mut st = VolumeStats {
+            bytes_total: 0,
+            bytes_used: 0,
+            bytes_available: 0,
+            inodes_total: 0,
+            inodes_used: 0,
+            inodes_available: 0,
+            abnormal: false,
+            message: "healthy".into(),
+        };
+        if mounted {
+            let vfs = statvfs(path).map_err(|e| NodeError::internal(format!("statvfs {}: {e}", path.display())))?;
+            let bs = vfs.f_frsize as u64;
+            st.bytes_total = vfs.f_blocks as u64 * bs;
+            st.bytes_available = vfs.f_bavail as u64 * bs;
+            st.bytes_used = (vfs.f_blocks as u64).saturating_sub(vfs.f_bfree as u64) * bs;
+            st.inodes_total = vfs.f_files as u64;
+            st.inodes_available = vfs.f_favail as u64;
+            st.inodes_used = (vfs.f_files as u64).saturating_sub(vfs.f_ffree as u64);
+        }
+        let condition = image.map(|i| i.condition());
+        if let Some(why) = broken {
+            (st.abnormal, st.message) = (true, format!("not being served: {why}"));
+        } else if !mounted {
+            (st.abnormal, st.message) = (true, format!("{} is not mounted", path.display()));
+        } else if device.as_deref().is_some_and(|d| !d.exists()) {
+            (st.abnormal, st.message) = (true, "the volume's block device is gone".into());
+        } else if let Some(c) = condition.filter(|c| c.abnormal) {
+            (st.abnormal, st.message) = (true, c.message);
+        }
+        Ok(st)
+    }
+
+    /// Per-volume counters for the metrics endpoint: (volume id, image URL, stats, fill ratio).
+    pub fn metrics(&self) -> Vec<(String, String, StatsSnapshot, f64)> {
+        let live = lock(&self.live);
+        let mut v: Vec<_> = live
+            .iter()
+            .filter_map(|(id, l)| {
+                let img = &l.image.as_ref()?.image;
+                let (have, total) = img.fill();
+                Some((id.clone(), l.rec.spec.url.clone(), img.stats(), have as f64 / total.max(1) as f64))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Re-adopts every volume in the state directory after a (re)start. A volume that cannot be
+    /// served yet (say, the origin is down) is kept and retried by `retry_broken`.
+    pub async fn recover_all(&self) {
+        for rec in self.state.load_all() {
+            let id = rec.volume_id.clone();
+            let _g = match self.begin(&id) {
+                Ok(g) => g,
+                Err(_) => continue,
+            };
+            match self.recover_one(&rec).await {
+                Ok((image, att)) => {
+                    tracing::info!(volume_id = %id, device = %att.device_path().display(), "volume re-adopted");
+                    let mut rec = rec;
+                    rec.ublk_id = att.ublk_id();
+                    rec.loop_device = att.ublk_id().is_none().then(|| att.device_path());
+                    rec.fuse_dir = att.fuse_dir();
+                    if let Err(e) = self.state.save(&rec) {
+                        tracing::error!(volume_id = %id, error = %e, "saving re-adopted volume");
+                    }
+                    lock(&self.live).insert(id, Live { rec, image: Some(image), attachment: Some(att), broken: None });
+                }
+                Err(e) => {
+                    tracing::error!(volume_id = %id, error = %e, "cannot re-adopt volume yet; will retry");
+                    lock(&self.live).insert(id, Live { rec, image: None, attachment: None, broken: Some(e.message) });
+                }
+            }
+        }
+    }
+
+    /// Retries volumes whose re-adoption failed, until they are served or unstaged.
+    pub async fn retry_broken(self: Arc<Self>, every: std::time::Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let broken: Vec<VolumeRecord> = lock(&self.live).values().filter(|l| l.broken.is_some()).map(|l| l.rec.clone()).collect();
+            for rec in broken {
+                let Ok(_g) = self.begin(&rec.volume_id) else { continue };
+                if lock(&self.live).get(&rec.volume_id).is_none_or(|l| l.broken.is_none()) {
+                    continue;
+                }
+                match self.recover_one(&rec).await {
+                    Ok((image, att)) => {
+                        tracing::info!(volume_id = %rec.volume_id, "volume re-adopted on retry");
+                        let mut rec = rec;
+                        rec.ublk_id = att.ublk_id();
+                        rec.loop_device = att.ublk_id().is_none().then(|| att.device_path());
+                        rec.fuse_dir = att.fuse_dir();
+                        let _ = self.state.save(&rec);
+                        lock(&self.live).insert(rec.volume_id.clone(), Live { rec, image: Some(image), attachment: Some(att), broken: None });
+                    }
+                    Err(e) => {
+                        if let Some(l) = lock(&self.live).get_mut(&rec.volume_id) {
+                            l.broken = Some(e.message);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves a recorded volume again: takes over its ublk device if the kernel kept it for us
+    /// (mount and readers survive), otherwise tears down what is left and attaches afresh, then
+    /// restores the pods' bind mounts.
+    async fn recover_one(&self, rec: &VolumeRecord) -> NodeResult<(PooledImage, Attachment)> {
+        let id = &rec.volume_id;
+        let image = self.open_image(&rec.spec, rec.credentials.as_ref()).await?;
+        if let (Backend::Ublk, Some(dev)) = (rec.backend, rec.ublk_id) {
+            let mounted_from = lazy_image_attach::mount_source(&rec.staging_path).map_err(attach_err(id))?;
+            let held = matches!(ublk::device_state(dev), Ok((DeviceState::Quiesced | DeviceState::FailIo, _)));
+            if held && mounted_from.as_deref() == Some(ublk::block_device_path(dev).as_path()) {
+                match Attachment::recover_ublk(image.image.clone(), dev, &rec.staging_path, rec.fs, &self.cfg.ublk).await {
+                    Ok(att) => return Ok((image, att)),
+                    Err(e) => {
+                        self.release_image(image).await;
+                        return Err(NodeError::attach(&format!("volume {id}: taking over /dev/ublkb{dev}"), &e));
+                    }
+                }
+            }
+        }
+        // Nothing to take over: the pods' mounts point at a dead filesystem. Detach them (a pod
+        // may still hold files there) and start again.
+        for t in &rec.targets {
+            if let Err(e) = lazy_image_attach::unmount_detach(t) {
+                tracing::warn!(volume_id = %id, target = %t.display(), error = %e, "detaching a stale pod mount");
+            }
+        }
+        if let Err(e) = lazy_image_attach::unmount_detach(&rec.staging_path) {
+            tracing::warn!(volume_id = %id, error = %e, "detaching the stale staging mount");
+        }
+        if let Err(e) = teardown_record(rec) {
+            self.release_image(image).await;
+            return Err(NodeError::attach(&format!("volume {id}: cleaning up"), &e));
+        }
+        std::fs::create_dir_all(&rec.staging_path).map_err(|e| NodeError::internal(format!("creating {}: {e}", rec.staging_path.display())))?;
+        let att = match Attachment::attach(image.image.clone(), &self.work_dir(id), &rec.staging_path, Some(rec.fs), self.cfg.backend, &self.cfg.ublk).await {
+            Ok(att) => att,
+            Err(e) => {
+                self.release_image(image).await;
+                return Err(NodeError::attach(&format!("volume {id}"), &e));
+            }
+        };
+        for t in &rec.targets {
+            let _ = std::fs::create_dir_all(t);
+            if let Err(e) = lazy_image_attach::bind_readonly(&rec.staging_path, t) {
+                tracing::error!(volume_id = %id, target = %t.display(), error = %e, "restoring a pod's mount");
+            }
+        }
+        Ok((image, att))
+    }
+}
+
+/// Removes what a record describes when no live attachment does: the staging mount, then the
+/// device (a ublk device, or a loop device and its FUSE mount).
+fn teardown_record(rec: &VolumeRecord) -> Result<(), lazy_image_attach::AttachError> {
+    lazy_image_attach::unmount(&rec.staging_path)?;
+    if let Some(id) = rec.ublk_id {
+        ublk::delete_device(id)?;
+    }
+    if let Some(dev) = &rec.loop_device {
+        let _ = LoopDevice::from_path(dev).detach();
+    }
+    if let Some(dir) = &rec.fuse_dir {
+        lazy_image_attach::unmount(dir)?;
+    }
+    Ok(())
+}
+
+fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut out = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: valid NUL-terminated path and a properly sized output buffer.
+    if unsafe { libc::statvfs(c.as_ptr(), out.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs succeeded and filled the struct.
+    Ok(unsafe { out.assume_init() })
+}
