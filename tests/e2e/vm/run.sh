@@ -68,7 +68,7 @@ if [ $# -eq 0 ]; then
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("e2e_ublk",):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("e2e_ublk", "csi_node"):
         print(m["executable"])')
     [ -n "$tests" ] || die "no VM test binaries were built (cargo test --no-run failed?)"
     # shellcheck disable=SC2086
