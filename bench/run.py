@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
-"""Compares lazy-image (FUSE+loop) with downloading the image by curl and loop-mounting it, on one
-ext4 image served by nginx on 127.0.0.1, with no added latency and with DELAY ms each way.
-Every byte read is checked against the source files. Run as root: python3 bench/run.py
-Peers still missing: qemu-storage-daemon (http + qcow2 copy-on-read) and nbdkit (curl + cache)."""
+"""Compares lazy-image (FUSE+loop on this host) with what a user would pick instead, on one ext4
+image served by nginx on 127.0.0.1, with no added latency and with DELAY ms each way:
+  - curl: download the whole image, then loop-mount it;
+  - qemu-storage-daemon: its http block driver under a qcow2 copy-on-read overlay (the cache),
+    exported over FUSE, loop-mounted;
+  - nbdkit: curl plugin + cache filter (cache-on-read), exposed by nbdfuse, loop-mounted.
+Per system: first `ls` + 4 KiB read after attach and its origin bytes; cold sequential read of a
+file; cold random 4 KiB reads (IOPS, p50/p99, origin bytes); the same reads again warm (page cache
+dropped, the system's own cache kept). Every byte read is checked. Run as root:
+    python3 bench/run.py [--image-mib 2048 --seq-mib 512 --random-reads 2000 --delay-ms 5]"""
 
-import argparse, hashlib, json, os, random, statistics, subprocess, sys, tempfile, time
+import argparse, hashlib, json, os, random, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/debug/lazy-image")
@@ -23,15 +29,24 @@ def free_port():
     return p
 
 
+def wait_for(cond, what, timeout=60):
+    t = time.monotonic()
+    while not cond():
+        if time.monotonic() - t > timeout:
+            sys.exit(f"bench: timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def wait_port(port):
     import socket
-    for _ in range(300):
+
+    def up():
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
+            return True
         except OSError:
-            time.sleep(0.02)
-    sys.exit(f"bench: nothing listens on 127.0.0.1:{port}")
+            return False
+    wait_for(up, f"127.0.0.1:{port}")
 
 
 def drop_caches():
@@ -98,31 +113,6 @@ def random_reads(path, src, n, seed):
     return {"iops": n / sum(lat), "p50_ms": 1000 * lat[n // 2], "p99_ms": 1000 * lat[int(n * 0.99)]}
 
 
-class Ours:
-    def __init__(self, work, url, extra):
-        self.work, self.url, self.extra = work, url, extra
-        self.mnt = os.path.join(work, "mnt")
-        self.cache = os.path.join(work, "cache")
-        os.makedirs(self.mnt, exist_ok=True)
-
-    def mount(self, cold):
-        if cold:
-            sh("rm", "-rf", self.cache)
-        self.proc = subprocess.Popen([BIN, "mount", self.url, self.mnt, "--cache-dir", self.cache,
-                                      "--run-dir", os.path.join(self.work, "run")] + self.extra, stderr=subprocess.DEVNULL)
-        for _ in range(3000):
-            if os.path.ismount(self.mnt):
-                return
-            time.sleep(0.01)
-        sys.exit("bench: lazy-image mount did not come up")
-
-    def umount(self):
-        sh(BIN, "umount", self.mnt, "--run-dir", os.path.join(self.work, "run"), stderr=subprocess.DEVNULL)
-        self.proc.wait()
-        out = subprocess.run([BIN, "stat", "--json", "--cache-dir", self.cache], capture_output=True, check=True)
-        return sum(i["stats"]["origin_bytes"] for i in json.loads(out.stdout) if i.get("stats"))
-
-
 def loop_mount(image, mnt):
     dev = subprocess.run(["losetup", "--find", "--show", "--read-only", image], capture_output=True, check=True, text=True).stdout.strip()
     sh("mount", "-o", "ro,noload", dev, mnt)
@@ -134,6 +124,114 @@ def loop_umount(dev, mnt):
     sh("losetup", "-d", dev)
 
 
+class Ours:
+    name = "lazy-image"
+
+    def __init__(self, work, url, extra):
+        self.work, self.url, self.extra = work, url, extra
+        self.mnt = os.path.join(work, "mnt")
+        self.cache = os.path.join(work, "cache")
+        os.makedirs(self.mnt, exist_ok=True)
+
+    def mount(self):
+        sh("rm", "-rf", self.cache)
+        self.proc = subprocess.Popen([BIN, "mount", self.url, self.mnt, "--backend", "fuse", "--cache-dir", self.cache,
+                                      "--run-dir", os.path.join(self.work, "run")] + self.extra, stderr=subprocess.DEVNULL)
+        wait_for(lambda: os.path.ismount(self.mnt), "lazy-image mount")
+        return self.mnt
+
+    def umount(self):
+        sh(BIN, "umount", self.mnt, "--run-dir", os.path.join(self.work, "run"), stderr=subprocess.DEVNULL)
+        self.proc.wait()
+
+
+class QemuStorageDaemon:
+    name = "qemu-storage-daemon"
+
+    def __init__(self, work, url, size):
+        self.dir = os.path.join(work, "qsd")
+        self.url, self.size = url, size
+        self.mnt = os.path.join(work, "qmnt")
+        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.mnt, exist_ok=True)
+
+    def mount(self):
+        ovl, export = os.path.join(self.dir, "ovl.qcow2"), os.path.join(self.dir, "export")
+        for p in (ovl, export):
+            if os.path.exists(p):
+                os.unlink(p)
+        sh("qemu-img", "create", "-q", "-f", "qcow2", ovl, str(self.size))
+        open(export, "w").close()
+        self.proc = subprocess.Popen([
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=http,node-name=web,url={self.url},read-only=on",
+            "--blockdev", f"driver=qcow2,node-name=ovl,file.driver=file,file.filename={ovl},backing=web",
+            "--blockdev", "driver=copy-on-read,node-name=cor,file=ovl",
+            "--export", f"type=fuse,id=exp,node-name=cor,mountpoint={export},writable=off"], stderr=subprocess.DEVNULL)
+        wait_for(lambda: os.path.getsize(export) == self.size, "qemu-storage-daemon FUSE export")
+        self.dev = loop_mount(export, self.mnt)
+        return self.mnt
+
+    def umount(self):
+        loop_umount(self.dev, self.mnt)
+        self.proc.terminate()
+        self.proc.wait()
+
+
+class Nbdkit:
+    name = "nbdkit"
+
+    def __init__(self, work, url):
+        self.dir = os.path.join(work, "nbdfuse")
+        self.url = url
+        self.mnt = os.path.join(work, "nmnt")
+        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.mnt, exist_ok=True)
+
+    def mount(self):
+        self.proc = subprocess.Popen(["nbdfuse", "-r", self.dir, "[", "nbdkit", "--exit-with-parent", "--filter=cache", "curl",
+                                      f"url={self.url}", "cache-on-read=true", "]"], stderr=subprocess.DEVNULL)
+        nbd = os.path.join(self.dir, "nbd")
+        wait_for(lambda: os.path.exists(nbd), "nbdfuse")
+        self.dev = loop_mount(nbd, self.mnt)
+        return self.mnt
+
+    def umount(self):
+        loop_umount(self.dev, self.mnt)
+        sh("fusermount3", "-u", self.dir)
+        self.proc.wait()
+
+
+def measure(system, nginx, a, img_size, tree, seq_sha, small_bytes):
+    """One system, cold then warm: returns its row of figures."""
+    r = {}
+    before = nginx.bytes_sent()
+    mnt = system.mount()
+    t = time.monotonic()
+    os.listdir(mnt)
+    assert open(os.path.join(mnt, "etc/conf7"), "rb").read() == small_bytes
+    r["first_s"] = time.monotonic() - t
+    system.umount()
+    r["first_origin"] = nginx.bytes_sent() - before
+
+    drop_caches()
+    mnt = system.mount()
+    r["seq_rate"] = a.seq_mib * 2**20 / read_verify(os.path.join(mnt, "seq.bin"), seq_sha)
+    drop_caches()
+    r["warm_seq_rate"] = a.seq_mib * 2**20 / read_verify(os.path.join(mnt, "seq.bin"), seq_sha)
+    system.umount()
+
+    before = nginx.bytes_sent()
+    mnt = system.mount()
+    r["rand"] = random_reads(os.path.join(mnt, "rand.bin"), os.path.join(tree, "rand.bin"), a.random_reads, 7)
+    r["rand_origin"] = nginx.bytes_sent() - before
+    drop_caches()
+    r["warm_rand"] = random_reads(os.path.join(mnt, "rand.bin"), os.path.join(tree, "rand.bin"), a.random_reads, 7)
+    system.umount()
+    print(f"bench:   {system.name}: done", file=sys.stderr)
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--image-mib", type=int, default=2048)
@@ -141,6 +239,7 @@ def main():
     ap.add_argument("--random-reads", type=int, default=2000)
     ap.add_argument("--delay-ms", type=int, default=5)
     ap.add_argument("--chunk-size", default=None, help="lazy-image --chunk-size (default: the engine's)")
+    ap.add_argument("--no-peers", action="store_true", help="only lazy-image and curl")
     a = ap.parse_args()
     sh("cargo", "build", "-q", "--bin", "lazy-image", cwd=ROOT)
     work = tempfile.mkdtemp(prefix="lazy-bench.")
@@ -152,9 +251,8 @@ def main():
     with open(os.path.join(tree, "seq.bin"), "wb") as f:
         for _ in range(a.seq_mib):
             f.write(rnd.randbytes(1 << 20))
-    rand_mib = a.image_mib // 2
     with open(os.path.join(tree, "rand.bin"), "wb") as f:
-        for _ in range(rand_mib):
+        for _ in range(a.image_mib // 2):
             f.write(rnd.randbytes(1 << 20))
     for i in range(200):
         with open(os.path.join(tree, "etc", f"conf{i}"), "wb") as f:
@@ -163,22 +261,21 @@ def main():
     sh("mkfs.ext4", "-q", "-F", "-d", tree, image, f"{a.image_mib}M")
     img_size = os.path.getsize(image)
     seq_sha = hashlib.sha256(open(os.path.join(tree, "seq.bin"), "rb").read()).hexdigest()
-    small = os.path.join(tree, "etc", "conf7")
-    small_bytes = open(small, "rb").read()
+    small_bytes = open(os.path.join(tree, "etc", "conf7"), "rb").read()
 
     nginx = Nginx(work, srv)
-    rows = []
+    runs = []
     try:
         for delay in (0, a.delay_ms):
-            port = nginx.port
-            proxy = None
+            port, proxy = nginx.port, None
             if delay:
                 port = free_port()
                 proxy = subprocess.Popen([BIN, "proxy", "--listen", f"127.0.0.1:{port}", "--upstream",
                                           f"127.0.0.1:{nginx.port}", "--delay-ms", str(delay)], stderr=subprocess.DEVNULL)
                 wait_port(port)
             url = f"http://127.0.0.1:{port}/bench.img"
-            r = {"delay": delay}
+            print(f"bench: {delay} ms each way", file=sys.stderr)
+            run = {"delay": delay}
             # curl + loop: the whole image before the first byte.
             dl = os.path.join(work, "dl.img")
             drop_caches()
@@ -190,65 +287,48 @@ def main():
             dev = loop_mount(dl, mnt)
             os.listdir(mnt)
             assert open(os.path.join(mnt, "etc/conf7"), "rb").read() == small_bytes
-            r["curl_first_s"] = time.monotonic() - t
-            r["curl_rate"] = img_size / t_dl
+            run["curl_first_s"] = time.monotonic() - t
+            run["curl_rate"] = img_size / t_dl
             loop_umount(dev, mnt)
             os.unlink(dl)
-            # ours, cold: first ls + 4 KiB read after attach.
-            o = Ours(work, url, ["--chunk-size", a.chunk_size] if a.chunk_size else [])
-            o.mount(cold=True)
-            t = time.monotonic()
-            os.listdir(o.mnt)
-            assert open(os.path.join(o.mnt, "etc/conf7"), "rb").read() == small_bytes
-            r["ours_first_s"] = time.monotonic() - t
-            r["ours_first_origin"] = o.umount()
-            # cold sequential
-            o.mount(cold=True)
-            dt = read_verify(os.path.join(o.mnt, "seq.bin"), seq_sha)
-            r["ours_seq_rate"] = a.seq_mib * 2**20 / dt
-            o.umount()
-            # cold random
-            o.mount(cold=True)
-            r["ours_rand"] = random_reads(os.path.join(o.mnt, "rand.bin"), os.path.join(tree, "rand.bin"), a.random_reads, 7)
-            r["ours_rand_origin"] = o.umount()
-            # warm (cache full, page cache dropped)
-            subprocess.run([BIN, "warm", url, "--cache-dir", o.cache] + o.extra, check=True, stderr=subprocess.DEVNULL)
-            o.mount(cold=False)
-            drop_caches()
-            r["ours_warm_seq_rate"] = a.seq_mib * 2**20 / read_verify(os.path.join(o.mnt, "seq.bin"), seq_sha)
-            drop_caches()
-            r["ours_warm_rand"] = random_reads(os.path.join(o.mnt, "rand.bin"), os.path.join(tree, "rand.bin"), a.random_reads, 8)
-            o.umount()
-            # baseline: the image file itself on a loop device
+            # Baseline for warm reads: the image file itself on a loop device.
             dev = loop_mount(image, mnt)
             drop_caches()
-            r["loop_seq_rate"] = a.seq_mib * 2**20 / read_verify(os.path.join(mnt, "seq.bin"), seq_sha)
+            run["loop_seq_rate"] = a.seq_mib * 2**20 / read_verify(os.path.join(mnt, "seq.bin"), seq_sha)
             drop_caches()
-            r["loop_rand"] = random_reads(os.path.join(mnt, "rand.bin"), os.path.join(tree, "rand.bin"), a.random_reads, 8)
+            run["loop_rand"] = random_reads(os.path.join(mnt, "rand.bin"), os.path.join(tree, "rand.bin"), a.random_reads, 7)
             loop_umount(dev, mnt)
+            systems = [Ours(work, url, ["--chunk-size", a.chunk_size] if a.chunk_size else [])]
+            if not a.no_peers:
+                systems += [QemuStorageDaemon(work, url, img_size), Nbdkit(work, url)]
+            run["systems"] = {s.name: measure(s, nginx, a, img_size, tree, seq_sha, small_bytes) for s in systems}
             if proxy:
                 proxy.terminate()
                 proxy.wait()
-            rows.append(r)
+            runs.append(run)
     finally:
         nginx.stop()
         sh("rm", "-rf", work)
 
     mib = 2**20
     asked = a.random_reads * 4096
-    print(f"\nimage {img_size / mib:.0f} MiB ext4, nginx on 127.0.0.1; delays are added each way by `lazy-image proxy`")
-    print(f"{'metric':44} " + " ".join(f"{str(r['delay']) + ' ms':>18}" for r in rows))
-    def line(name, f):
-        print(f"{name:44} " + " ".join(f"{f(r):>18}" for r in rows))
-    line("curl download+mount, first ls+4K read (s)", lambda r: f"{r['curl_first_s']:.2f}")
-    line("ours first ls+4K read (s)", lambda r: f"{r['ours_first_s']:.3f}")
-    line("ours first-read origin bytes (% image)", lambda r: f"{100 * r['ours_first_origin'] / img_size:.3f}%")
-    line("cold sequential MiB/s: ours / curl", lambda r: f"{r['ours_seq_rate'] / mib:.0f}/{r['curl_rate'] / mib:.0f} = {r['ours_seq_rate'] / r['curl_rate']:.2f}x")
-    line("cold random 4K: IOPS", lambda r: f"{r['ours_rand']['iops']:.0f}")
-    line("cold random 4K: p50 / p99 ms", lambda r: f"{r['ours_rand']['p50_ms']:.2f}/{r['ours_rand']['p99_ms']:.2f}")
-    line("cold random 4K: origin bytes / asked", lambda r: f"{r['ours_rand_origin'] / asked:.1f}x")
-    line("warm sequential: ours / loop on file", lambda r: f"{r['ours_warm_seq_rate'] / r['loop_seq_rate']:.2f}x")
-    line("warm random IOPS: ours / loop on file", lambda r: f"{r['ours_warm_rand']['iops'] / r['loop_rand']['iops']:.2f}x")
+    names = list(runs[0]["systems"])
+    print(f"\nimage {img_size / mib:.0f} MiB ext4 served by nginx on 127.0.0.1; delays added each way by `lazy-image proxy`")
+    cols = [(r, n) for r in runs for n in names]
+    print(f"{'':40}" + "".join(f"{n[:14] + ' ' + str(r['delay']) + 'ms':>22}" for r, n in cols))
+
+    def line(label, f):
+        print(f"{label:40}" + "".join(f"{f(r, r['systems'][n]):>22}" for r, n in cols))
+    line("first ls+4K read after attach (s)", lambda r, s: f"{s['first_s']:.3f}")
+    line("  (curl download+mount: s)", lambda r, s: f"{r['curl_first_s']:.2f}")
+    line("  origin bytes for it (% of image)", lambda r, s: f"{100 * s['first_origin'] / img_size:.3f}%")
+    line("cold sequential MiB/s (x curl's rate)", lambda r, s: f"{s['seq_rate'] / mib:.0f} ({s['seq_rate'] / r['curl_rate']:.2f}x)")
+    line("cold random 4K IOPS", lambda r, s: f"{s['rand']['iops']:.0f}")
+    line("cold random 4K p50 / p99 ms", lambda r, s: f"{s['rand']['p50_ms']:.2f}/{s['rand']['p99_ms']:.2f}")
+    line("cold random origin bytes / asked", lambda r, s: f"{s['rand_origin'] / asked:.1f}x")
+    line("warm sequential (x loop on the file)", lambda r, s: f"{s['warm_seq_rate'] / r['loop_seq_rate']:.2f}x")
+    line("warm random IOPS (x loop on the file)", lambda r, s: f"{s['warm_rand']['iops'] / r['loop_rand']['iops']:.2f}x")
+    print("\ncurl's download rate: " + ", ".join(f"{r['curl_rate'] / mib:.0f} MiB/s at {r['delay']} ms" for r in runs))
 
 
 if __name__ == "__main__":

@@ -64,15 +64,6 @@ impl VolumeSpec {
         };
         Ok(VolumeSpec { url: url.to_string(), format, digest, manifest_url, chunk_size })
     }
-
-    /// The manifest location, if the volume is verified: explicit, or next to the image.
-    pub fn manifest_location(&self) -> Option<String> {
-        match (&self.manifest_url, &self.digest) {
-            (Some(m), _) => Some(m.clone()),
-            (None, Some(_)) => Some(format!("{}.manifest", self.url)),
-            (None, None) => None,
-        }
-    }
 }
 
 fn parse_size(s: &str) -> Option<u64> {
@@ -204,8 +195,8 @@ mod tests {
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("digest", "md5:1")])).is_err());
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("chunkSize", "3000")])).is_err());
         let d = format!("sha256:{}", "a".repeat(64));
-        let s = VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("digest", &d)])).unwrap();
-        assert_eq!(s.manifest_location().as_deref(), Some("http://h/x.manifest"));
+        let s = VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("digest", &d.to_uppercase().replace("SHA256", "sha256"))])).unwrap();
+        assert_eq!(s.digest.as_deref(), Some(d.as_str()), "digests are normalised");
     }
 
     #[test]

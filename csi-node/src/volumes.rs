@@ -12,7 +12,7 @@ use crate::spec::{Credentials, VolumeSpec};
 use crate::state::{StateDir, VolumeRecord};
 use lazy_image_attach::ublk::{self, DeviceState};
 use lazy_image_attach::{Attachment, Backend, FsType, LoopDevice, UblkOptions};
-use lazy_image_engine::{load_manifest, HttpSource, ImageConfig, LazyImage, StatsSnapshot};
+use lazy_image_engine::{resolve_manifest, HttpSource, ImageConfig, LazyImage, StatsSnapshot};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -143,10 +143,9 @@ impl Volumes {
             opts.headers.insert(http::header::AUTHORIZATION, v);
         }
         let source = HttpSource::new(&spec.url, opts).map_err(|e| NodeError::engine(&what, &e))?;
-        let manifest = match spec.manifest_location() {
-            Some(loc) => Some(load_manifest(&loc, spec.digest.as_deref()).await.map_err(|e| NodeError::engine(&what, &e))?),
-            None => None,
-        };
+        let manifest = resolve_manifest(&spec.url, spec.manifest_url.as_deref(), spec.digest.as_deref())
+            .await
+            .map_err(|e| NodeError::engine(&what, &e))?;
         let mut cfg = ImageConfig::new(&self.cfg.cache_dir);
         cfg.cache_limit = self.cfg.cache_limit;
         if let Some(cs) = spec.chunk_size {
@@ -437,17 +436,7 @@ impl Volumes {
                 Err(_) => continue,
             };
             match self.recover_one(&rec).await {
-                Ok((image, att)) => {
-                    tracing::info!(volume_id = %id, device = %att.device_path().display(), "volume re-adopted");
-                    let mut rec = rec;
-                    rec.ublk_id = att.ublk_id();
-                    rec.loop_device = att.ublk_id().is_none().then(|| att.device_path());
-                    rec.fuse_dir = att.fuse_dir();
-                    if let Err(e) = self.state.save(&rec) {
-                        tracing::error!(volume_id = %id, error = %e, "saving re-adopted volume");
-                    }
-                    lock(&self.live).insert(id, Live { rec, image: Some(image), attachment: Some(att), broken: None });
-                }
+                Ok((image, att)) => self.adopt(rec, image, att),
                 Err(e) => {
                     tracing::error!(volume_id = %id, error = %e, "cannot re-adopt volume yet; will retry");
                     lock(&self.live).insert(id, Live { rec, image: None, attachment: None, broken: Some(e.message) });
@@ -467,15 +456,7 @@ impl Volumes {
                     continue;
                 }
                 match self.recover_one(&rec).await {
-                    Ok((image, att)) => {
-                        tracing::info!(volume_id = %rec.volume_id, "volume re-adopted on retry");
-                        let mut rec = rec;
-                        rec.ublk_id = att.ublk_id();
-                        rec.loop_device = att.ublk_id().is_none().then(|| att.device_path());
-                        rec.fuse_dir = att.fuse_dir();
-                        let _ = self.state.save(&rec);
-                        lock(&self.live).insert(rec.volume_id.clone(), Live { rec, image: Some(image), attachment: Some(att), broken: None });
-                    }
+                    Ok((image, att)) => self.adopt(rec, image, att),
                     Err(e) => {
                         if let Some(l) = lock(&self.live).get_mut(&rec.volume_id) {
                             l.broken = Some(e.message);
@@ -484,6 +465,18 @@ impl Volumes {
                 }
             }
         }
+    }
+
+    /// Records the device a re-adopted volume is served from now and makes it live.
+    fn adopt(&self, mut rec: VolumeRecord, image: PooledImage, att: Attachment) {
+        tracing::info!(volume_id = %rec.volume_id, device = %att.device_path().display(), "volume re-adopted");
+        rec.ublk_id = att.ublk_id();
+        rec.loop_device = att.ublk_id().is_none().then(|| att.device_path());
+        rec.fuse_dir = att.fuse_dir();
+        if let Err(e) = self.state.save(&rec) {
+            tracing::error!(volume_id = %rec.volume_id, error = %e, "saving a re-adopted volume");
+        }
+        lock(&self.live).insert(rec.volume_id.clone(), Live { rec, image: Some(image), attachment: Some(att), broken: None });
     }
 
     /// Serves a recorded volume again: takes over its ublk device if the kernel kept it for us

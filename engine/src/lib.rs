@@ -14,6 +14,17 @@ pub use manifest::Manifest;
 pub use source::{FakeSource, FileSource, HttpSource, ImageInfo, RangeSource};
 pub use stats::StatsSnapshot;
 
+/// The manifest an image is verified with, if any: `manifest` (path or URL) when given, else
+/// `image_url` + `.manifest` when a digest is pinned; with `pinned`, its digest must match.
+pub async fn resolve_manifest(image_url: &str, manifest: Option<&str>, pinned: Option<&str>) -> Result<Option<Manifest>> {
+    let loc = match (manifest, pinned) {
+        (Some(m), _) => m.to_string(),
+        (None, Some(_)) => format!("{image_url}.manifest"),
+        (None, None) => return Ok(None),
+    };
+    load_manifest(&loc, pinned).await.map(Some)
+}
+
 /// Loads a manifest from a URL or a local path; with `pinned`, its digest must match.
 pub async fn load_manifest(location: &str, pinned: Option<&str>) -> Result<Manifest> {
     let bytes = if location.starts_with("http://") || location.starts_with("https://") {

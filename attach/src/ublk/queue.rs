@@ -115,15 +115,22 @@ async fn read_cache(ctx: &QueueContext, offset: u64, dst: &mut [u8]) -> Result<(
     Ok(())
 }
 
-/// Copies what the page cache already holds, never blocking; returns the bytes read.
+/// Copies what the page cache already holds, never blocking; returns the bytes read. On a
+/// filesystem that cannot say whether a read would block (EOPNOTSUPP, e.g. tmpfs, whose pages
+/// are memory anyway) it reads plainly.
 fn read_nowait(fd: std::os::fd::RawFd, offset: u64, dst: &mut [u8]) -> usize {
     let mut done = 0usize;
+    let mut flags = libc::RWF_NOWAIT;
     while done < dst.len() {
         let iov = libc::iovec { iov_base: dst[done..].as_mut_ptr().cast(), iov_len: dst.len() - done };
         // SAFETY: one iovec describing the unfilled tail of `dst`, valid for the call.
-        let n = unsafe { libc::preadv2(fd, &iov, 1, (offset + done as u64) as libc::off_t, libc::RWF_NOWAIT) };
+        let n = unsafe { libc::preadv2(fd, &iov, 1, (offset + done as u64) as libc::off_t, flags) };
+        if n < 0 && flags != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            flags = 0;
+            continue;
+        }
         if n <= 0 {
-            break; // EAGAIN (not cached), unsupported, or an error the ring path will report
+            break; // EAGAIN (not cached), or an error the ring path will report
         }
         done += n as usize;
     }

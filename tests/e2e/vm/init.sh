@@ -19,7 +19,8 @@ for d in proc sys dev; do mount --move /$d /newroot/$d 2>/dev/null || mount -o b
 # switch_root, not chroot: the overlay must become the namespace's root, or a thread that
 # re-enters this namespace with setns (as the ublk server does to mount) lands in the initramfs.
 exec switch_root /newroot /bin/sh -c '
-    mount -t tmpfs tmpfs /tmp; mount -t tmpfs tmpfs /run; mkdir -p /dev/pts /dev/shm
+    # /tmp stays the overlay (writable already): a tmpfs there would hide a checkout under /tmp.
+    mount -t tmpfs tmpfs /run; mkdir -p /dev/pts /dev/shm
     mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
     [ -d /sys/fs/cgroup ] && mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
     ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
@@ -31,5 +32,6 @@ exec switch_root /newroot /bin/sh -c '
     sh -c "$(cat /results/command)" </dev/null 2>&1
     echo $? >/results/exit.tmp && mv /results/exit.tmp /results/exit
     sync
-    echo o >/proc/sysrq-trigger 2>/dev/null; sleep 30
+    # Power off now; spin (builtins only: the 9p root goes away) until it happens.
+    echo o >/proc/sysrq-trigger 2>/dev/null; while :; do :; done
 '
