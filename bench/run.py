@@ -113,6 +113,23 @@ def random_reads(path, src, n, seed):
     return {"iops": n / sum(lat), "p50_ms": 1000 * lat[n // 2], "p99_ms": 1000 * lat[int(n * 0.99)]}
 
 
+def origin_round_trip(port, n=50):
+    """p50 of one 4 KiB ranged GET over a kept-alive connection: what one miss must cost at least."""
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    lat = []
+    rnd = random.Random(3)
+    for _ in range(n):
+        off = rnd.randrange(1 << 30) // 4096 * 4096
+        t = time.monotonic()
+        c.request("GET", "/bench.img", headers={"Range": f"bytes={off}-{off + 4095}"})
+        c.getresponse().read()
+        lat.append(time.monotonic() - t)
+    c.close()
+    lat.sort()
+    return 1000 * lat[n // 2]
+
+
 def loop_mount(image, mnt):
     dev = subprocess.run(["losetup", "--find", "--show", "--read-only", image], capture_output=True, check=True, text=True).stdout.strip()
     sh("mount", "-o", "ro,noload", dev, mnt)
@@ -275,7 +292,7 @@ def main():
                 wait_port(port)
             url = f"http://127.0.0.1:{port}/bench.img"
             print(f"bench: {delay} ms each way", file=sys.stderr)
-            run = {"delay": delay}
+            run = {"delay": delay, "rtt_ms": origin_round_trip(port)}
             # curl + loop: the whole image before the first byte.
             dl = os.path.join(work, "dl.img")
             drop_caches()
@@ -325,10 +342,12 @@ def main():
     line("cold sequential MiB/s (x curl's rate)", lambda r, s: f"{s['seq_rate'] / mib:.0f} ({s['seq_rate'] / r['curl_rate']:.2f}x)")
     line("cold random 4K IOPS", lambda r, s: f"{s['rand']['iops']:.0f}")
     line("cold random 4K p50 / p99 ms", lambda r, s: f"{s['rand']['p50_ms']:.2f}/{s['rand']['p99_ms']:.2f}")
+    line("  p50 / one ranged GET's p50", lambda r, s: f"{s['rand']['p50_ms'] / r['rtt_ms']:.2f}x")
     line("cold random origin bytes / asked", lambda r, s: f"{s['rand_origin'] / asked:.1f}x")
     line("warm sequential (x loop on the file)", lambda r, s: f"{s['warm_seq_rate'] / r['loop_seq_rate']:.2f}x")
     line("warm random IOPS (x loop on the file)", lambda r, s: f"{s['warm_rand']['iops'] / r['loop_rand']['iops']:.2f}x")
     print("\ncurl's download rate: " + ", ".join(f"{r['curl_rate'] / mib:.0f} MiB/s at {r['delay']} ms" for r in runs))
+    print("one 4 KiB ranged GET (keep-alive, p50): " + ", ".join(f"{r['rtt_ms']:.2f} ms at {r['delay']} ms" for r in runs))
 
 
 if __name__ == "__main__":
