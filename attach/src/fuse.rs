@@ -90,16 +90,8 @@ impl Filesystem for ImageFs {
             reply.error(libc::EINVAL);
             return;
         }
-        // Warm reads are answered right here; only misses go to the runtime.
-        let mut buf = vec![0u8; size as usize];
-        match self.image.read_cached_into(offset as u64, &mut buf) {
-            Ok(Some(n)) => return reply.data(&buf[..n]),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(offset, size, error = %e.report(), "image read from the cache failed");
-                return reply.error(e.kind().errno());
-            }
-        }
+        // Every read goes to the runtime, hits too: this is fuser's only session thread, and the
+        // kernel keeps several reads in flight that must be served in parallel.
         let image = self.image.clone();
         self.rt.spawn(async move {
             match image.read(offset as u64, size as u64).await {
