@@ -352,7 +352,9 @@ fn run_server(
         },
     );
     if let Err(e) = res {
-        fail(ublk_err(format!("starting ublk device {id}"), e));
+        // Returning drops `ctrl`: a device we added is deleted with it; one we were recovering
+        // stays quiesced for another attempt.
+        return fail(ublk_err(format!("starting ublk device {id}"), e));
     }
     // Queues are gone: the device was stopped (delete requested) or failed to start.
     if delete_on_stop.load(Ordering::SeqCst) {
