@@ -116,7 +116,11 @@ impl Env {
             .unwrap()
     }
 
+    /// Starts `lazy-image mount` and returns once it is fully up: mounted and its run record
+    /// written (the daemon says "mounted" only after both), so a kill right after is recoverable.
     pub fn mount(&self, url: &str, mnt: &str, extra: &[&str]) -> Child {
+        let mounted_lines = || self.log(mnt).matches("lazy-image: mounted ").count();
+        let before = mounted_lines();
         let mut child = self.spawn_mount(url, mnt, extra);
         let mp = self.p(mnt);
         wait_for(
@@ -124,7 +128,7 @@ impl Env {
                 if let Ok(Some(st)) = child.try_wait() {
                     panic!("mount exited with {st}: {}", self.log(mnt));
                 }
-                lazy_mounted(&mp)
+                lazy_mounted(&mp) && mounted_lines() > before
             },
             "mount",
         );
