@@ -18,9 +18,10 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 /// Default chunk size (the unit of caching, verification and the smallest fetch). Chosen by
 /// `bench/run.py --chunk-size` (see bench/README.md): 16 KiB halves the origin bytes of random
@@ -121,6 +122,9 @@ struct Inner {
     readahead_slots: Semaphore,
     stats: Arc<Stats>,
     health: Mutex<Health>,
+    /// Cache writes still running after their readers were answered; `close` waits for them.
+    writes_pending: AtomicUsize,
+    writes_done: Notify,
     /// The runtime the image was opened on: fetches started from threads that have no runtime
     /// (ublk queues, FUSE) are spawned here.
     rt: tokio::runtime::Handle,
@@ -193,6 +197,8 @@ impl LazyImage {
             streams: Mutex::new(Vec::new()),
             stats,
             health: Mutex::new(Health::default()),
+            writes_pending: AtomicUsize::new(0),
+            writes_done: Notify::new(),
             rt: tokio::runtime::Handle::current(),
             cfg,
         });
@@ -305,6 +311,9 @@ impl LazyImage {
             let (have, total) = self.fill();
             progress(have, total);
         }
+        self.settle().await;
+        let (have, total) = self.fill();
+        progress(have, total);
         Ok(())
     }
 
@@ -313,13 +322,27 @@ impl LazyImage {
         self.inner.clone().flush().await
     }
 
-    /// Waits for fetches in flight, then flushes. Readers must be gone.
+    /// Waits for fetches in flight and their cache writes, then flushes. Readers must be gone.
     pub async fn close(self) -> Result<()> {
+        self.settle().await;
+        self.flush().await
+    }
+
+    /// Waits until every fetch in flight has finished and its chunks are written (or given up).
+    async fn settle(&self) {
         let pending: Vec<RunFuture> = lock(&self.inner.state).inflight.values().cloned().collect();
         for f in pending {
             let _ = f.await;
         }
-        self.flush().await
+        loop {
+            let done = self.inner.writes_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.inner.writes_pending.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            done.await;
+        }
     }
 }
 
@@ -363,7 +386,12 @@ impl Inner {
                     hits += 1;
                     plan.push(Slot::Cache);
                 } else if let Some(f) = st.inflight.get(&c) {
-                    misses += 1;
+                    // Fetched and verified, its cache write still running: served from memory.
+                    if matches!(f.peek(), Some(Ok(_))) {
+                        hits += 1;
+                    } else {
+                        misses += 1;
+                    }
                     plan.push(Slot::Wait(f.clone()));
                 } else {
                     misses += 1;
@@ -475,29 +503,46 @@ impl Inner {
         out
     }
 
+    /// Fetches and verifies a run. Its readers get the bytes as soon as they are verified; the
+    /// cache write goes on behind them, and the chunks stay "in flight" (served from this run's
+    /// bytes) until they are on disk and marked present.
     async fn fetch_run(self: Arc<Self>, first: u64, end: u64, readahead: bool) -> Result<Run> {
         let result = self.fetch_verified(first, end, readahead).await;
-        let mut written = false;
-        if let Ok(run) = &result {
-            written = self.write_good_chunks(run).await;
-        }
-        let mut st = lock(&self.state);
-        for c in first..end {
-            st.inflight.remove(&c);
-        }
         match &result {
             Ok(run) => {
-                if written {
-                    for c in first..end {
-                        if !run.bad.contains(&c) {
-                            st.present.set(c);
-                        }
-                    }
-                    st.dirty = true;
-                }
                 lock(&self.health).transient = None;
+                // Chunks that failed verification are not written: the next read refetches them.
+                if !run.bad.is_empty() {
+                    let mut st = lock(&self.state);
+                    for c in &run.bad {
+                        st.inflight.remove(c);
+                    }
+                }
+                self.writes_pending.fetch_add(1, Ordering::SeqCst);
+                let (me, run) = (self.clone(), run.clone());
+                self.rt.spawn(async move {
+                    let written = me.write_good_chunks(&run).await;
+                    {
+                        let mut st = lock(&me.state);
+                        for c in (first..end).filter(|c| !run.bad.contains(c)) {
+                            st.inflight.remove(&c);
+                            if written {
+                                st.present.set(c);
+                            }
+                        }
+                        st.dirty |= written;
+                    }
+                    me.writes_pending.fetch_sub(1, Ordering::SeqCst);
+                    me.writes_done.notify_waiters();
+                });
             }
             Err(e) => {
+                {
+                    let mut st = lock(&self.state);
+                    for c in first..end {
+                        st.inflight.remove(&c);
+                    }
+                }
                 let mut h = lock(&self.health);
                 let msg = e.report();
                 if matches!(e.kind(), ErrorKind::OriginChanged | ErrorKind::Integrity) {
