@@ -53,6 +53,12 @@ impl ImageFs {
 
 impl Filesystem for ImageFs {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        // The loop device reads this file with direct I/O. Without async DIO the kernel sends its
+        // requests one at a time and the loop worker sleeps through each; with it, they are all in
+        // flight at once and complete from our reply.
+        if let Err(missing) = config.add_capabilities(fuser::consts::FUSE_ASYNC_DIO) {
+            tracing::debug!(missing, "kernel offers no async direct I/O for FUSE");
+        }
         // Larger requests mean fewer round trips through the kernel for sequential reads.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
