@@ -10,7 +10,7 @@ file; cold random 4 KiB reads (IOPS, p50/p99, origin bytes); the same reads agai
 dropped, the system's own cache kept). Every byte read is checked. Run as root:
     python3 bench/run.py [--image-mib 2048 --seq-mib 512 --random-reads 2000 --delay-ms 5]"""
 
-import argparse, hashlib, json, os, random, subprocess, sys, tempfile, time
+import argparse, hashlib, os, random, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/debug/lazy-image")
@@ -33,7 +33,7 @@ def wait_for(cond, what, timeout=60):
     t = time.monotonic()
     while not cond():
         if time.monotonic() - t > timeout:
-            sys.exit(f"bench: timed out waiting for {what}")
+            raise TimeoutError(f"bench: timed out waiting for {what}")
         time.sleep(0.02)
 
 
@@ -109,8 +109,56 @@ def random_reads(path, src, n, seed):
             got = os.pread(fd, 4096, off)
             lat.append(time.monotonic() - t)
             assert got == os.pread(sfd, 4096, off), f"{path}@{off}: wrong bytes"
-    lat.sort()
+    return latency_stats(lat)
+
+
+def latency_stats(lat):
+    n = len(lat)
+    lat = sorted(lat)
     return {"iops": n / sum(lat), "p50_ms": 1000 * lat[n // 2], "p99_ms": 1000 * lat[int(n * 0.99)]}
+
+
+# Warm figures are paired: each read goes to the system and to the baseline (the image file on a
+# plain loop device) in turn, alternating which goes first. This VM's disk and wakeup latencies
+# drift by 2x within minutes; measured one after the other, the ratio mostly measured the drift.
+
+def paired_sequential(path, base, want_sha):
+    """Reads two copies of a file in 4 MiB steps, alternately; returns (rate, base rate)."""
+    hs, ts = [hashlib.sha256(), hashlib.sha256()], [0.0, 0.0]
+    with open(path, "rb", buffering=0) as a, open(base, "rb", buffering=0) as b:
+        files, done, step = [a, b], [False, False], 0
+        while not all(done):
+            for i in ((0, 1) if step % 2 == 0 else (1, 0)):
+                if done[i]:
+                    continue
+                t = time.monotonic()
+                chunk = files[i].read(4 << 20)
+                ts[i] += time.monotonic() - t
+                done[i] = not chunk
+                hs[i].update(chunk)
+            step += 1
+    for h, p in zip(hs, (path, base)):
+        assert h.hexdigest() == want_sha, f"{p}: wrong bytes"
+    size = os.path.getsize(path)
+    return size / ts[0], size / ts[1]
+
+
+def paired_random(path, base, src, n, seed):
+    """The same n random 4 KiB reads on two copies, interleaved; returns (stats, base stats)."""
+    rnd = random.Random(seed)
+    size = os.path.getsize(path)
+    lats = [[], []]
+    with open(path, "rb", buffering=0) as a, open(base, "rb", buffering=0) as b, open(src, "rb", buffering=0) as s:
+        fds = [a.fileno(), b.fileno()]
+        for k in range(n):
+            off = rnd.randrange(size // 4096) * 4096
+            want = os.pread(s.fileno(), 4096, off)
+            for i in ((0, 1) if k % 2 == 0 else (1, 0)):
+                t = time.monotonic()
+                got = os.pread(fds[i], 4096, off)
+                lats[i].append(time.monotonic() - t)
+                assert got == want, f"{(path, base)[i]}@{off}: wrong bytes"
+    return latency_stats(lats[0]), latency_stats(lats[1])
 
 
 def origin_round_trip(port, n=50):
@@ -141,11 +189,44 @@ def loop_umount(dev, mnt):
     sh("losetup", "-d", dev)
 
 
-class Ours:
+def force_unmount_under(d):
+    """After a system was killed: detaches whatever it left mounted under `d`, deepest first, and
+    the loop devices under those mounts."""
+    mounts = []
+    for line in open("/proc/self/mountinfo"):
+        f = line.split()
+        point, source = f[4], f[f.index("-") + 2]
+        if point == d or point.startswith(d.rstrip("/") + "/"):
+            mounts.append((point, source))
+    for point, source in sorted(mounts, key=lambda m: -len(m[0])):
+        subprocess.run(["umount", "-l", point], stderr=subprocess.DEVNULL)
+        if source.startswith("/dev/loop"):
+            subprocess.run(["losetup", "-d", source], stderr=subprocess.DEVNULL)
+
+
+class System:
+    """What every compared system has: a process to kill when it hangs, and a directory holding
+    everything it mounts."""
+    proc = None
+    root = None
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+
+    def cleanup(self):
+        self.kill()
+        force_unmount_under(self.root)
+        if self.proc:
+            self.proc.wait()
+
+
+class Ours(System):
     name = "lazy-image"
 
     def __init__(self, work, url, extra):
-        self.work, self.url, self.extra = work, url, extra
+        self.root = self.work = os.path.join(work, "ours")
+        self.url, self.extra = url, extra
         self.mnt = os.path.join(work, "mnt")
         self.cache = os.path.join(work, "cache")
         os.makedirs(self.mnt, exist_ok=True)
@@ -162,13 +243,14 @@ class Ours:
         self.proc.wait()
 
 
-class QemuStorageDaemon:
+class QemuStorageDaemon(System):
     name = "qemu-storage-daemon"
 
     def __init__(self, work, url, size):
         self.dir = os.path.join(work, "qsd")
+        self.root = self.dir
         self.url, self.size = url, size
-        self.mnt = os.path.join(work, "qmnt")
+        self.mnt = os.path.join(self.dir, "mnt")
         os.makedirs(self.dir, exist_ok=True)
         os.makedirs(self.mnt, exist_ok=True)
 
@@ -195,13 +277,14 @@ class QemuStorageDaemon:
         self.proc.wait()
 
 
-class Nbdkit:
+class Nbdkit(System):
     name = "nbdkit"
 
     def __init__(self, work, url):
-        self.dir = os.path.join(work, "nbdfuse")
+        self.root = os.path.join(work, "nbdkit")
+        self.dir = os.path.join(self.root, "fuse")
         self.url = url
-        self.mnt = os.path.join(work, "nmnt")
+        self.mnt = os.path.join(self.root, "mnt")
         os.makedirs(self.dir, exist_ok=True)
         os.makedirs(self.mnt, exist_ok=True)
 
@@ -219,8 +302,9 @@ class Nbdkit:
         self.proc.wait()
 
 
-def measure(system, nginx, a, img_size, tree, seq_sha, small_bytes):
-    """One system, cold then warm: returns its row of figures."""
+def measure(system, nginx, a, tree, seq_sha, small_bytes, base):
+    """One system, cold then warm: returns its row of figures. `base` is the mount point of the
+    image file on a plain loop device, the baseline for warm reads."""
     r = {}
     before = nginx.bytes_sent()
     mnt = system.mount()
@@ -235,7 +319,7 @@ def measure(system, nginx, a, img_size, tree, seq_sha, small_bytes):
     mnt = system.mount()
     r["seq_rate"] = a.seq_mib * 2**20 / read_verify(os.path.join(mnt, "seq.bin"), seq_sha)
     drop_caches()
-    r["warm_seq_rate"] = a.seq_mib * 2**20 / read_verify(os.path.join(mnt, "seq.bin"), seq_sha)
+    r["warm_seq"] = paired_sequential(os.path.join(mnt, "seq.bin"), os.path.join(base, "seq.bin"), seq_sha)
     system.umount()
 
     before = nginx.bytes_sent()
@@ -243,10 +327,26 @@ def measure(system, nginx, a, img_size, tree, seq_sha, small_bytes):
     r["rand"] = random_reads(os.path.join(mnt, "rand.bin"), os.path.join(tree, "rand.bin"), a.random_reads, 7)
     r["rand_origin"] = nginx.bytes_sent() - before
     drop_caches()
-    r["warm_rand"] = random_reads(os.path.join(mnt, "rand.bin"), os.path.join(tree, "rand.bin"), a.random_reads, 7)
+    r["warm_rand"] = paired_random(os.path.join(mnt, "rand.bin"), os.path.join(base, "rand.bin"), os.path.join(tree, "rand.bin"), a.random_reads, 7)
     system.umount()
     print(f"bench:   {system.name}: done", file=sys.stderr)
     return r
+
+
+def measure_with_deadline(system, seconds, *args):
+    """A peer that stops answering (qemu-storage-daemon's FUSE export once did) must not hang the
+    whole run: past the deadline its processes are killed, its reads fail, and its column says so."""
+    timer = threading.Timer(seconds, system.kill)
+    timer.start()
+    try:
+        return measure(system, *args)
+    except Exception as e:
+        why = f"killed after {seconds} s" if not timer.is_alive() else f"failed: {e}"
+        print(f"bench:   {system.name}: {why}", file=sys.stderr)
+        system.cleanup()
+        return {"failed": why}
+    finally:
+        timer.cancel()
 
 
 def main():
@@ -257,6 +357,7 @@ def main():
     ap.add_argument("--delay-ms", type=int, default=5)
     ap.add_argument("--chunk-size", default=None, help="lazy-image --chunk-size (default: the engine's)")
     ap.add_argument("--no-peers", action="store_true", help="only lazy-image and curl")
+    ap.add_argument("--deadline-s", type=int, default=1200, help="a system still measuring after this is killed")
     a = ap.parse_args()
     sh("cargo", "build", "-q", "--bin", "lazy-image", cwd=ROOT)
     work = tempfile.mkdtemp(prefix="lazy-bench.")
@@ -281,6 +382,10 @@ def main():
     small_bytes = open(os.path.join(tree, "etc", "conf7"), "rb").read()
 
     nginx = Nginx(work, srv)
+    # The baseline for warm reads, mounted for the whole run: the image file on a plain loop device.
+    base = os.path.join(work, "base")
+    os.makedirs(base)
+    base_dev = loop_mount(image, base)
     runs = []
     try:
         for delay in (0, a.delay_ms):
@@ -308,23 +413,19 @@ def main():
             run["curl_rate"] = img_size / t_dl
             loop_umount(dev, mnt)
             os.unlink(dl)
-            # Baseline for warm reads: the image file itself on a loop device.
-            dev = loop_mount(image, mnt)
-            drop_caches()
-            run["loop_seq_rate"] = a.seq_mib * 2**20 / read_verify(os.path.join(mnt, "seq.bin"), seq_sha)
-            drop_caches()
-            run["loop_rand"] = random_reads(os.path.join(mnt, "rand.bin"), os.path.join(tree, "rand.bin"), a.random_reads, 7)
-            loop_umount(dev, mnt)
             systems = [Ours(work, url, ["--chunk-size", a.chunk_size] if a.chunk_size else [])]
             if not a.no_peers:
                 systems += [QemuStorageDaemon(work, url, img_size), Nbdkit(work, url)]
-            run["systems"] = {s.name: measure(s, nginx, a, img_size, tree, seq_sha, small_bytes) for s in systems}
+            run["systems"] = {s.name: measure_with_deadline(s, a.deadline_s, nginx, a, tree, seq_sha, small_bytes, base)
+                              for s in systems}
             if proxy:
                 proxy.terminate()
                 proxy.wait()
             runs.append(run)
     finally:
+        loop_umount(base_dev, base)
         nginx.stop()
+        force_unmount_under(work)
         sh("rm", "-rf", work)
 
     mib = 2**20
@@ -335,7 +436,11 @@ def main():
     print(f"{'':40}" + "".join(f"{n[:14] + ' ' + str(r['delay']) + 'ms':>22}" for r, n in cols))
 
     def line(label, f):
-        print(f"{label:40}" + "".join(f"{f(r, r['systems'][n]):>22}" for r, n in cols))
+        cells = []
+        for r, n in cols:
+            s = r["systems"][n]
+            cells.append("-" if "failed" in s else f(r, s))
+        print(f"{label:40}" + "".join(f"{c:>22}" for c in cells))
     line("first ls+4K read after attach (s)", lambda r, s: f"{s['first_s']:.3f}")
     line("  (curl download+mount: s)", lambda r, s: f"{r['curl_first_s']:.2f}")
     line("  origin bytes for it (% of image)", lambda r, s: f"{100 * s['first_origin'] / img_size:.3f}%")
@@ -344,8 +449,12 @@ def main():
     line("cold random 4K p50 / p99 ms", lambda r, s: f"{s['rand']['p50_ms']:.2f}/{s['rand']['p99_ms']:.2f}")
     line("  p50 / one ranged GET's p50", lambda r, s: f"{s['rand']['p50_ms'] / r['rtt_ms']:.2f}x")
     line("cold random origin bytes / asked", lambda r, s: f"{s['rand_origin'] / asked:.1f}x")
-    line("warm sequential (x loop on the file)", lambda r, s: f"{s['warm_seq_rate'] / r['loop_seq_rate']:.2f}x")
-    line("warm random IOPS (x loop on the file)", lambda r, s: f"{s['warm_rand']['iops'] / r['loop_rand']['iops']:.2f}x")
+    line("warm sequential MiB/s (x loop, paired)", lambda r, s: f"{s['warm_seq'][0] / mib:.0f} ({s['warm_seq'][0] / s['warm_seq'][1]:.2f}x)")
+    line("warm random 4K IOPS (x loop, paired)", lambda r, s: f"{s['warm_rand'][0]['iops']:.0f} ({s['warm_rand'][0]['iops'] / s['warm_rand'][1]['iops']:.2f}x)")
+    line("  warm random p50 ms (loop's)", lambda r, s: f"{s['warm_rand'][0]['p50_ms']:.2f} ({s['warm_rand'][1]['p50_ms']:.2f})")
+    for r, n in cols:
+        if "failed" in r["systems"][n]:
+            print(f"{n} at {r['delay']} ms: {r['systems'][n]['failed']}")
     print("\ncurl's download rate: " + ", ".join(f"{r['curl_rate'] / mib:.0f} MiB/s at {r['delay']} ms" for r in runs))
     print("one 4 KiB ranged GET (keep-alive, p50): " + ", ".join(f"{r['rtt_ms']:.2f} ms at {r['delay']} ms" for r in runs))
 
