@@ -258,6 +258,32 @@ async fn warm_cache_is_reused_after_reopen() {
     assert_eq!(src.fetch_count(), fetched, "warm reads fetch nothing");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_answered_before_their_cache_writes_still_land_by_close() {
+    // Readers get a run's bytes before its cache write; re-reads in between must not refetch,
+    // and `close` must wait for the writes, or a re-attach would fetch again.
+    let data = pattern(SIZE, 15);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.readahead_max = 0;
+    let img = LazyImage::open(src.clone(), cfg.clone()).await.unwrap();
+    let offsets: Vec<u64> = (0..40).map(|i| (i * 26_111) % (SIZE as u64 - 5000)).collect();
+    for &o in &offsets {
+        assert_eq!(&img.read(o, 5000).await.unwrap()[..], &data[o as usize..o as usize + 5000]);
+        assert_eq!(&img.read(o, 5000).await.unwrap()[..], &data[o as usize..o as usize + 5000]);
+    }
+    let fetched = src.fetch_count();
+    let have = img.fill().0;
+    img.close().await.unwrap();
+    let img = LazyImage::open(src.clone(), cfg).await.unwrap();
+    assert!(img.fill().0 >= have && img.fill().0 > 0);
+    for &o in &offsets {
+        assert_eq!(&img.read(o, 5000).await.unwrap()[..], &data[o as usize..o as usize + 5000]);
+    }
+    assert_eq!(src.fetch_count(), fetched, "every chunk read before close is cached after it");
+}
+
 #[tokio::test]
 async fn second_opener_of_a_cache_is_refused() {
     let src = Arc::new(FakeSource::new(pattern(SIZE, 15)));
