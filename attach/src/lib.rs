@@ -2,7 +2,9 @@
 //! - ublk (`ublk`): the image is a read-only `/dev/ublkbN` served by this process, which can
 //!   die and be replaced without breaking the mount (USER_RECOVERY);
 //! - FUSE + loop (`fuse`, `loopdev`), where the kernel has no ublk: the image is one read-only
-//!   file on a private FUSE mount, attached read-only to a loop device.
+//!   file on a private FUSE mount, attached read-only to a loop device. When the image is
+//!   already complete in the cache the loop device reads the cache's data file directly: native
+//!   loop speed, and the mount no longer needs this process at all.
 //!
 //! Either way the filesystem is mounted read-only (`mount`), in the namespace users see
 //! (`namespace`); teardown runs in reverse: filesystem, device, server.
@@ -89,7 +91,8 @@ impl Backend {
 
 enum Device {
     Ublk(UblkDevice),
-    Loop { dev: LoopDevice, fuse: FuseExport },
+    /// `fuse` is `None` when the loop device reads the complete cache file directly.
+    Loop { dev: LoopDevice, fuse: Option<FuseExport> },
 }
 
 /// A mounted image. `detach` tears it down; dropping it without `detach` leaves it mounted on
@@ -122,8 +125,10 @@ impl Attachment {
         if is_mountpoint(mountpoint)? {
             return Err(AttachError::new(AttachErrorKind::Busy, format!("{} is already a mount point", mountpoint.display())));
         }
-        let device = match backend {
-            Backend::Ublk => {
+        // A complete cache is a plain file holding the image: no server needed in between.
+        let complete = if backend == Backend::Fuse { image.complete_data_file() } else { None };
+        let device = match (backend, complete) {
+            (Backend::Ublk, _) => {
                 let opts = ublk_opts.clone();
                 let block = device_block_size(&image, fs).await?;
                 let dev = blocking(move || UblkDevice::create(image, block, &opts)).await?;
@@ -135,7 +140,20 @@ impl Attachment {
                 }
                 Device::Ublk(dev)
             }
-            Backend::Fuse => {
+            (Backend::Fuse, Some(file)) => {
+                let mp = mountpoint.to_path_buf();
+                let dev = blocking(move || {
+                    let dev = LoopDevice::attach_readonly(&file)?;
+                    if let Err(e) = mount_readonly(dev.path(), &mp, fs) {
+                        let _ = dev.detach();
+                        return Err(e);
+                    }
+                    Ok(dev)
+                })
+                .await?;
+                Device::Loop { dev, fuse: None }
+            }
+            (Backend::Fuse, None) => {
                 let fuse = FuseExport::start(image, &work_dir.join("fuse"), tokio::runtime::Handle::current())?;
                 let mp = mountpoint.to_path_buf();
                 let file = fuse.image_path();
@@ -151,7 +169,7 @@ impl Attachment {
                 })
                 .await;
                 match res {
-                    Ok(dev) => Device::Loop { dev, fuse },
+                    Ok(dev) => Device::Loop { dev, fuse: Some(fuse) },
                     Err(e) => {
                         fuse.stop();
                         return Err(e);
@@ -176,6 +194,25 @@ impl Attachment {
         Ok(Attachment { mountpoint: mountpoint.to_path_buf(), fs, device: Device::Ublk(dev) })
     }
 
+    /// Re-adopts loop device `dev` that a previous process set up on `image`'s complete cache
+    /// file and mounted at `mountpoint`: it needs no server, so the mount and every reader went
+    /// on undisturbed. Refused unless the mount is from `dev` and `dev` still reads the very file
+    /// the cache has now (a reset would have replaced it).
+    pub fn adopt_direct_loop(image: &LazyImage, dev: &Path, mountpoint: &Path, fs: FsType) -> Result<Self, AttachError> {
+        let refuse = |why: String| Err(AttachError::new(AttachErrorKind::Busy, format!("cannot adopt {}: {why}", dev.display())));
+        let Some(data) = image.complete_data_file() else { return refuse("the image is not complete in the cache".into()) };
+        let dev = LoopDevice::from_path(dev);
+        if mount_source(mountpoint)?.as_deref() != Some(dev.path()) {
+            return refuse(format!("{} is not mounted from it", mountpoint.display()));
+        }
+        let backing = dev.backing_file();
+        let data = data.canonicalize().unwrap_or(data);
+        if backing.as_deref() != Some(data.as_path()) {
+            return refuse(format!("it reads {:?}, not the cache file {}", backing, data.display()));
+        }
+        Ok(Attachment { mountpoint: mountpoint.to_path_buf(), fs, device: Device::Loop { dev, fuse: None } })
+    }
+
     pub fn backend(&self) -> Backend {
         match self.device {
             Device::Ublk(_) => Backend::Ublk,
@@ -198,12 +235,18 @@ impl Attachment {
         }
     }
 
-    /// The FUSE mount of the FUSE+loop backend.
+    /// The FUSE mount of the FUSE+loop backend; `None` for ublk and for a loop device on the
+    /// complete cache file.
     pub fn fuse_dir(&self) -> Option<PathBuf> {
         match &self.device {
-            Device::Ublk(_) => None,
-            Device::Loop { fuse, .. } => fuse.image_path().parent().map(Path::to_path_buf),
+            Device::Loop { fuse: Some(fuse), .. } => fuse.image_path().parent().map(Path::to_path_buf),
+            _ => None,
         }
+    }
+
+    /// Whether reads bypass this process (a loop device on the complete cache file).
+    pub fn is_direct(&self) -> bool {
+        matches!(self.device, Device::Loop { fuse: None, .. })
     }
 
     /// Unmounts the filesystem, then removes the device and stops serving it. If the filesystem
@@ -215,7 +258,9 @@ impl Attachment {
             Device::Ublk(dev) => blocking(move || dev.delete()).await,
             Device::Loop { dev, fuse } => {
                 blocking(move || dev.detach()).await?;
-                fuse.stop();
+                if let Some(fuse) = fuse {
+                    fuse.stop();
+                }
                 Ok(())
             }
         }

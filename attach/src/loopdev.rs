@@ -1,4 +1,5 @@
-//! Read-only loop devices over the FUSE image file, set up with util-linux `losetup`.
+//! Read-only loop devices over the FUSE image file (or over a complete cache's data file), set
+//! up with util-linux `losetup`.
 
 use crate::{AttachError, AttachErrorKind};
 use std::path::{Path, PathBuf};
@@ -50,6 +51,14 @@ impl LoopDevice {
         if let Err(e) = std::fs::write(&p, crate::READ_AHEAD_KB) {
             tracing::debug!(error = %e, "cannot raise {p}");
         }
+    }
+
+    /// The file the kernel reads this device from, as sysfs names it (a removed file ends in
+    /// " (deleted)"); `None` if the device is not bound.
+    pub fn backing_file(&self) -> Option<PathBuf> {
+        let name = self.path.file_name()?.to_str()?;
+        let s = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+        Some(PathBuf::from(s.trim_end_matches('\n')))
     }
 
     pub fn path(&self) -> &Path {

@@ -23,6 +23,8 @@ pub struct MountRecord {
 pub enum DeviceRecord {
     Ublk { id: u32 },
     Fuse { loop_device: PathBuf, fuse_dir: PathBuf },
+    /// A loop device on the complete cache file: works with no daemon at all.
+    Loop { loop_device: PathBuf },
 }
 
 pub fn record_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {

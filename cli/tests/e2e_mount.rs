@@ -47,6 +47,45 @@ fn fuse_corrupt_chunk_is_eio() {
 }
 
 #[test]
+fn complete_image_mounts_on_its_cache_file_and_outlives_its_daemon() {
+    if !host_ready() {
+        return;
+    }
+    let env = Env::new("fuse");
+    let sums = make_tree(&env.p("tree"), 4, &[3 << 20, 50_000, 9 << 20]);
+    make_image("ext4", &env.p("tree"), &env.p("srv/full.img"));
+    let url = format!("{}/full.img", env.base);
+    let out = Command::new(BIN).args(["warm", &url, "--cache-dir"]).arg(env.p("cache")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let data_file = cache_dir(&env.p("cache")).join("data");
+
+    let child = env.mount(&url, "m", &[]);
+    assert!(env.log("m").contains("reads the cache file directly"), "{}", env.log("m"));
+    let backing = |dev: &str| std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file")).unwrap();
+    let dev = lazy_image_attach::mount_source(&env.p("m")).unwrap().expect("mounted from a device");
+    let dev_name = dev.file_name().unwrap().to_str().unwrap().to_string();
+    assert_eq!(backing(&dev_name).trim(), data_file.to_str().unwrap(), "the loop device reads the cache file");
+    assert!(!std::fs::read_to_string("/proc/self/mounts").unwrap().contains(env.p("cache").to_str().unwrap()), "no FUSE mount");
+    check_sums(&env.p("m"), &sums);
+
+    // The daemon dies: nothing sits between the loop device and the file, so reads go on.
+    let mut killed = KillOnDrop::new(child);
+    killed.child().kill().unwrap();
+    killed.child().wait().unwrap();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    check_sums(&env.p("m"), &sums);
+
+    // A new daemon adopts the mount as it is; then it unmounts cleanly.
+    let child = env.mount(&url, "m", &[]);
+    assert!(env.log("m").contains("adopted"), "{}", env.log("m"));
+    assert_eq!(lazy_image_attach::mount_source(&env.p("m")).unwrap(), Some(dev));
+    check_sums(&env.p("m"), &sums);
+    env.umount("m", child);
+    assert_eq!(loop_devices_on(&env.p("cache")), 0, "no loop device left behind");
+    assert_eq!(env.stat()[0]["stats"]["origin_bytes"].as_u64().unwrap(), 0, "nothing fetched after warm");
+}
+
+#[test]
 fn digest_pinned_mount_and_bad_inputs() {
     if !host_ready() {
         return;

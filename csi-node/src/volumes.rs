@@ -479,8 +479,8 @@ impl Volumes {
         lock(&self.live).insert(rec.volume_id.clone(), Live { rec, image: Some(image), attachment: Some(att), broken: None });
     }
 
-    /// Serves a recorded volume again: takes over its ublk device if the kernel kept it for us
-    /// (mount and readers survive), otherwise tears down what is left and attaches afresh, then
+    /// Serves a recorded volume again: takes over its ublk device if the kernel kept it for us,
+    /// or keeps a loop device on the complete cache file (mount and readers survive), otherwise tears down what is left and attaches afresh, then
     /// restores the pods' bind mounts.
     async fn recover_one(&self, rec: &VolumeRecord) -> NodeResult<(PooledImage, Attachment)> {
         let id = &rec.volume_id;
@@ -496,6 +496,13 @@ impl Volumes {
                         return Err(NodeError::attach(&format!("volume {id}: taking over /dev/ublkb{dev}"), &e));
                     }
                 }
+            }
+        }
+        if let (Backend::Fuse, Some(dev), None) = (rec.backend, &rec.loop_device, &rec.fuse_dir) {
+            // A loop device on the complete cache file never needed us: keep it as it is.
+            match Attachment::adopt_direct_loop(&image.image, dev, &rec.staging_path, rec.fs) {
+                Ok(att) => return Ok((image, att)),
+                Err(e) => tracing::warn!(volume_id = %id, error = %e, "cannot keep the direct loop device; attaching afresh"),
             }
         }
         // Nothing to take over: the pods' mounts point at a dead filesystem. Detach them (a pod

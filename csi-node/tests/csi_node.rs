@@ -588,6 +588,53 @@ async fn restart_readopts_volumes() {
     h.assert_clean();
 }
 
+/// FUSE + loop with the image complete in the cache: staging puts the loop device on the cache
+/// file itself, so a kill -9 of the plugin does not touch the pod's mount at all (same mount,
+/// an open file reads on), and the restarted plugin keeps it as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_image_is_staged_on_its_cache_file_and_survives_a_restart() {
+    if backend() != "fuse" || !prerequisites_met() {
+        return;
+    }
+    let mut h = Harness::new().await;
+    let mut node = h.node().await;
+    // Fill the cache by reading the whole device once.
+    node.node_stage_volume(h.stage_req("vol-w", &h.url("vol.img"))).await.unwrap();
+    let dev = lazy_image_attach::mount_source(Path::new(&h.staging("vol-w"))).unwrap().unwrap();
+    assert_eq!(std::fs::read(&dev).unwrap(), std::fs::read(h.p("srv/vol.img")).unwrap());
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-w".into(), staging_target_path: h.staging("vol-w") }).await.unwrap();
+
+    node.node_stage_volume(h.stage_req("vol-d", &h.url("vol.img"))).await.unwrap();
+    node.node_publish_volume(h.publish_req("vol-d", "pod")).await.unwrap();
+    let dev = lazy_image_attach::mount_source(Path::new(&h.staging("vol-d"))).unwrap().unwrap();
+    let backing = std::fs::read_to_string(format!("/sys/block/{}/loop/backing_file", dev.file_name().unwrap().to_str().unwrap())).unwrap();
+    assert!(backing.starts_with(h.p("cache").to_str().unwrap()) && backing.trim_end().ends_with("/data"), "{backing}");
+    let target = h.target("pod", "vol-d");
+    let mount_id = |path: &str| {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines().find(|l| l.split(' ').nth(4) == Some(path)).map(|l| l.split(' ').next().unwrap().to_string())
+    };
+    let before = mount_id(&target).expect("pod mount");
+    let mut open = std::fs::File::open(Path::new(&target).join("data/big.bin")).unwrap();
+
+    h.kill();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let mut got = Vec::new();
+    open.read_to_end(&mut got).unwrap();
+    assert!(got == h.files["data/big.bin"], "a file opened before the kill reads on with no plugin");
+    h.check_files(&target);
+    h.start().await;
+    assert_eq!(mount_id(&target).as_ref(), Some(&before), "the pod's mount was kept, not re-made");
+    assert_eq!(lazy_image_attach::mount_source(Path::new(&h.staging("vol-d"))).unwrap(), Some(dev));
+    let mut node = h.node().await;
+    h.check_files(&target);
+    node.node_stage_volume(h.stage_req("vol-d", &h.url("vol.img"))).await.unwrap();
+    drop(open);
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: "vol-d".into(), target_path: target }).await.unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-d".into(), staging_target_path: h.staging("vol-d") }).await.unwrap();
+    h.assert_clean();
+}
+
 async fn http_get(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();

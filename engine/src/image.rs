@@ -295,6 +295,14 @@ impl LazyImage {
         self.inner.store.data_fd()
     }
 
+    /// The cache's data file when every chunk is in it: then it holds exactly the image, byte `o`
+    /// at offset `o`, and is never written again (only misses are written, and a cache reset
+    /// makes a new file), so it can be read directly, e.g. by a loop device, with no server.
+    pub fn complete_data_file(&self) -> Option<PathBuf> {
+        let (have, total) = self.fill();
+        (have == total).then(|| self.inner.store.data_path())
+    }
+
     /// Fetches every missing chunk, `parallel` requests at a time; `progress` gets chunks present.
     pub async fn prefetch_all(&self, parallel: usize, mut progress: impl FnMut(u64, u64)) -> Result<()> {
         use futures::stream::{self, StreamExt, TryStreamExt};

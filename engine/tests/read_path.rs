@@ -258,6 +258,31 @@ async fn warm_cache_is_reused_after_reopen() {
     assert_eq!(src.fetch_count(), fetched, "warm reads fetch nothing");
 }
 
+#[tokio::test]
+async fn complete_data_file_is_the_image_and_survives_a_reset() {
+    let data = pattern(SIZE + 1000, 17);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src.clone(), dir.path()).await;
+    img.read(0, 4096).await.unwrap();
+    assert_eq!(img.complete_data_file(), None, "partly cached");
+    img.prefetch_all(4, |_, _| {}).await.unwrap();
+    let path = img.complete_data_file().expect("fully cached");
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    // A loop device holds the file open; the origin changes and the cache is reset under it.
+    let held = std::fs::File::open(&path).unwrap();
+    img.close().await.unwrap();
+    let new = pattern(SIZE + 1000, 18);
+    src.replace(new.clone(), "\"v2\"");
+    let img = open(src.clone(), dir.path()).await;
+    assert_eq!(img.fill().0, 0);
+    assert_eq!(&img.read(0, 8192).await.unwrap()[..], &new[..8192]);
+    img.close().await.unwrap();
+    let mut old = Vec::new();
+    std::io::Read::read_to_end(&mut &held, &mut old).unwrap();
+    assert_eq!(old, data, "the reset made a new file instead of rewriting the held one");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_answered_before_their_cache_writes_still_land_by_close() {
     // Readers get a run's bytes before its cache write; re-reads in between must not refetch,

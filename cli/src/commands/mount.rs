@@ -1,7 +1,8 @@
 //! `mount` runs in the foreground: open the image, attach it (ublk or FUSE + loop), mount, record
 //! the mount for `umount`, then serve until SIGINT/SIGTERM and tear down in order. Run again
 //! for a mount point whose ublk daemon died, it takes the device over instead (the mount and
-//! the readers blocked on it survive). `umount` and `cleanup` undo what dead daemons left.
+//! the readers blocked on it survive); likewise a loop device on the complete cache file, which
+//! went on serving without it. `umount` and `cleanup` undo what dead daemons left.
 
 use crate::args::{CleanupArgs, MountArgs, UblkArgs, UmountArgs};
 use crate::run_state::{self, DeviceRecord, MountRecord};
@@ -33,7 +34,7 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
             bail!("{} is already mounted by lazy-image (pid {})", mountpoint.display(), rec.pid);
         }
         match recoverable(&rec, &mountpoint, backend)? {
-            Some(id) => takeover = Some((id, rec.fs)),
+            Some(t) => takeover = Some((t, rec.fs)),
             None => bail!(
                 "{} is left over from a lazy-image daemon that died (pid {}); run `lazy-image umount {}` first",
                 mountpoint.display(),
@@ -53,9 +54,16 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
     );
     let work = img.cache_dir();
     let att = match takeover {
-        Some((id, fs)) => {
+        Some((Takeover::Ublk(id), fs)) => {
             let att = Attachment::recover_ublk(img.clone(), id, &mountpoint, fs, &opts).await?;
             eprintln!("lazy-image: took over /dev/ublkb{id} (its daemon had died); {} stays mounted", mountpoint.display());
+            att
+        }
+        Some((Takeover::Loop(dev), fs)) => {
+            let att = Attachment::adopt_direct_loop(&img, &dev, &mountpoint, fs).with_context(|| {
+                format!("{} is left over from a daemon that died; run `lazy-image umount {}` first", mountpoint.display(), mountpoint.display())
+            })?;
+            eprintln!("lazy-image: adopted {} (reads the complete cache; its daemon had died); {} stays mounted", dev.display(), mountpoint.display());
             att
         }
         None => {
@@ -64,13 +72,17 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
                 backend.name(),
                 if backend == Backend::Fuse { " (no /dev/ublk-control, or --backend fuse)" } else { "" }
             );
-            Attachment::attach(img.clone(), &work, &mountpoint, fs, backend, &opts).await?
+            let att = Attachment::attach(img.clone(), &work, &mountpoint, fs, backend, &opts).await?;
+            if att.is_direct() {
+                eprintln!("lazy-image: the image is complete in the cache: the loop device reads the cache file directly");
+            }
+            att
         }
     };
     let device = match (att.ublk_id(), att.fuse_dir()) {
         (Some(id), _) => DeviceRecord::Ublk { id },
         (None, Some(fuse_dir)) => DeviceRecord::Fuse { loop_device: att.device_path(), fuse_dir },
-        (None, None) => bail!("attachment has neither a ublk nor a loop device"),
+        (None, None) => DeviceRecord::Loop { loop_device: att.device_path() },
     };
     let rec = MountRecord {
         pid: std::process::id(),
@@ -116,18 +128,27 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
     Ok(())
 }
 
-/// The ublk device a dead daemon left mounted at `mountpoint`, if a new daemon can take it over.
-fn recoverable(rec: &MountRecord, mountpoint: &Path, backend: Backend) -> Result<Option<u32>> {
-    let DeviceRecord::Ublk { id } = rec.device else { return Ok(None) };
-    if backend != Backend::Ublk {
-        return Ok(None);
-    }
+/// What a dead daemon left mounted that a new daemon can take over.
+enum Takeover {
+    /// A ublk device the kernel holds for a new server.
+    Ublk(u32),
+    /// A loop device on the complete cache file, which never needed the daemon.
+    Loop(std::path::PathBuf),
+}
+
+/// The device a dead daemon left mounted at `mountpoint`, if a new daemon can take it over.
+fn recoverable(rec: &MountRecord, mountpoint: &Path, backend: Backend) -> Result<Option<Takeover>> {
+    let id = match &rec.device {
+        DeviceRecord::Ublk { id } if backend == Backend::Ublk => *id,
+        DeviceRecord::Loop { loop_device } if backend == Backend::Fuse => return Ok(Some(Takeover::Loop(loop_device.clone()))),
+        _ => return Ok(None),
+    };
     let mounted_from = lazy_image_attach::mount_source(mountpoint)?;
     if mounted_from.as_deref() != Some(ublk::block_device_path(id).as_path()) {
         return Ok(None);
     }
     Ok(match ublk::device_state(id) {
-        Ok((DeviceState::Quiesced | DeviceState::FailIo, _)) => Some(id),
+        Ok((DeviceState::Quiesced | DeviceState::FailIo, _)) => Some(Takeover::Ublk(id)),
         _ => None,
     })
 }
@@ -167,6 +188,9 @@ fn clean_up_after(rec: &MountRecord) -> Result<()> {
         DeviceRecord::Fuse { loop_device, fuse_dir } => {
             let _ = LoopDevice::from_path(loop_device).detach();
             lazy_image_attach::unmount(fuse_dir)?;
+        }
+        DeviceRecord::Loop { loop_device } => {
+            let _ = LoopDevice::from_path(loop_device).detach();
         }
     }
     Ok(())

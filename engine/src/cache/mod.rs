@@ -15,4 +15,4 @@ mod store;
 
 pub use bitmap::Bitmap;
 pub use evict::{evict_unused, list_images, CachedImage};
-pub use store::{cache_key, CacheHeader, CacheStore, CACHE_FORMAT_VERSION};
+pub use store::{cache_key, CacheHeader, CacheStore, CACHE_FORMAT_VERSION, DATA_FILE};

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const CACHE_FORMAT_VERSION: u32 = 1;
+/// The image's bytes at their own offsets, sparse where chunks are missing.
+pub const DATA_FILE: &str = "data";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheHeader {
@@ -98,13 +100,6 @@ impl CacheStore {
         try_lock(&lock).map_err(io(&dir, "locking the cache"))?;
         // The lock file's mtime records last use, for eviction order.
         lock.set_len(0).map_err(io(&dir, "touching the lock file"))?;
-        let data = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(dir.join("data"))
-            .map_err(io(&dir, "opening the data file"))?;
         let bitmap_file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -143,12 +138,25 @@ impl CacheStore {
                 bitmap_file.set_len(0).map_err(io(&dir, "resetting the bitmap"))?;
                 bitmap_file.write_all_at(b.as_bytes(), 0).map_err(io(&dir, "resetting the bitmap"))?;
                 bitmap_file.sync_data().map_err(io(&dir, "syncing the bitmap"))?;
-                data.set_len(0).map_err(io(&dir, "resetting the data file"))?;
+                // A new file, not a truncated one: a loop device may still read the old bytes
+                // directly (see `LazyImage::complete_data_file`) and must keep them.
+                if let Err(e) = std::fs::remove_file(dir.join(DATA_FILE)) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        return Err(io(&dir, "removing the old data file")(e));
+                    }
+                }
                 write_atomic(&dir, "header.json", &serde_json::to_vec_pretty(&header).unwrap_or_default())
                     .map_err(io(&dir, "writing the header"))?;
                 b
             }
         };
+        let data = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join(DATA_FILE))
+            .map_err(io(&dir, "opening the data file"))?;
         data.set_len(header.info.size).map_err(io(&dir, "sizing the data file"))?;
         let used = AtomicU64::new(bitmap.count_ones() * header.chunk_size);
         Ok((CacheStore { dir, header, data, bitmap_file, _lock: lock, budget, used }, bitmap))
@@ -160,6 +168,10 @@ impl CacheStore {
 
     pub fn header(&self) -> &CacheHeader {
         &self.header
+    }
+
+    pub fn data_path(&self) -> PathBuf {
+        self.dir.join(DATA_FILE)
     }
 
     /// The data file, for callers that read cached ranges with their own I/O (io_uring).
