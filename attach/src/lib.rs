@@ -143,7 +143,7 @@ impl Attachment {
             (Backend::Fuse, Some(file)) => {
                 let mp = mountpoint.to_path_buf();
                 let dev = blocking(move || {
-                    let dev = LoopDevice::attach_readonly(&file)?;
+                    let dev = LoopDevice::attach_file_readonly(&file)?;
                     if let Err(e) = mount_readonly(dev.path(), &mp, fs) {
                         let _ = dev.detach();
                         return Err(e);
