@@ -92,7 +92,7 @@ pub async fn detect(image: &LazyImage) -> Result<FsType, AttachError> {
 pub async fn device_block_size(image: &LazyImage, fs: FsType) -> Result<u32, AttachError> {
     let head = image.read(0, 2048).await?;
     let fs_block = fs.block_size(&head).unwrap_or(512);
-    Ok(if fs_block >= 4096 && image.size() % 4096 == 0 { 4096 } else { 512 })
+    Ok(if fs_block >= 4096 && image.size().is_multiple_of(4096) { 4096 } else { 512 })
 }
 
 #[cfg(test)]

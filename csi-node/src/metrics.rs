@@ -12,10 +12,13 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// A counter's name, help text, and how to read it from a volume's stats.
+type Counter = (&'static str, &'static str, fn(&lazy_image_engine::StatsSnapshot) -> u64);
+
 pub fn render(volumes: &Volumes) -> String {
     let rows = volumes.metrics();
     let mut out = String::new();
-    let counters: [(&str, &str, fn(&lazy_image_engine::StatsSnapshot) -> u64); 8] = [
+    let counters: [Counter; 8] = [
         ("lazy_image_chunk_hits_total", "Chunks served from the local cache.", |s| s.chunk_hits),
         ("lazy_image_chunk_misses_total", "Chunks that had to be fetched.", |s| s.chunk_misses),
         ("lazy_image_origin_bytes_total", "Bytes fetched from the origin.", |s| s.origin_bytes),

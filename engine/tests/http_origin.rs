@@ -144,13 +144,15 @@ fn nginx(root: &Path) -> Option<(std::process::Child, String)> {
         ),
     )
     .unwrap();
-    let child = std::process::Command::new(bin).arg("-c").arg(&conf).arg("-p").arg(root).spawn().unwrap();
+    let mut child = std::process::Command::new(bin).arg("-c").arg(&conf).arg("-p").arg(root).spawn().unwrap();
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Some((child, format!("http://127.0.0.1:{port}")));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("nginx did not start; see {}/error.log", root.display());
 }
 

@@ -241,7 +241,7 @@ impl UblkDevice {
         let opts2 = opts.clone();
         let server = std::thread::Builder::new()
             .name("ublk-ctrl".into())
-            .spawn(move || run_server(image, rt, opts2, features, lbs_shift, recover, tx, delete))
+            .spawn(move || run_server(image, rt, opts2, DeviceSpec { features, lbs_shift, recover }, tx, delete))
             .map_err(|e| AttachError::os("starting the ublk control thread", e))?;
 
         let deadline = std::time::Instant::now() + opts.start_timeout;
@@ -305,16 +305,24 @@ impl UblkDevice {
     }
 }
 
+/// The device the control thread adds (or recovers), as the driver and the image shape it.
+struct DeviceSpec {
+    /// The driver's feature flags.
+    features: u64,
+    lbs_shift: u8,
+    /// The id of a quiesced device to take over instead of adding one.
+    recover: Option<u32>,
+}
+
 fn run_server(
     image: LazyImage,
     rt: tokio::runtime::Handle,
     opts: UblkOptions,
-    features: u64,
-    lbs_shift: u8,
-    recover: Option<u32>,
+    spec: DeviceSpec,
     tx: mpsc::Sender<Startup>,
     delete_on_stop: Arc<AtomicBool>,
 ) {
+    let DeviceSpec { features, lbs_shift, recover } = spec;
     let fail = |e: AttachError| {
         let _ = tx.send(Startup::Failed(e));
     };
