@@ -142,15 +142,7 @@ impl Attachment {
             }
             (Backend::Fuse, Some(file)) => {
                 let mp = mountpoint.to_path_buf();
-                let dev = blocking(move || {
-                    let dev = LoopDevice::attach_file_readonly(&file)?;
-                    if let Err(e) = mount_readonly(dev.path(), &mp, fs) {
-                        let _ = dev.detach();
-                        return Err(e);
-                    }
-                    Ok(dev)
-                })
-                .await?;
+                let dev = blocking(move || loop_and_mount(LoopDevice::attach_file_readonly, &file, &mp, fs)).await?;
                 Device::Loop { dev, fuse: None }
             }
             (Backend::Fuse, None) => {
@@ -159,15 +151,7 @@ impl Attachment {
                 let file = fuse.image_path();
                 // Loop setup and mount block on the FUSE file, which this process serves: keep
                 // them off the runtime threads that answer FUSE reads.
-                let res = blocking(move || {
-                    let dev = LoopDevice::attach_readonly(&file)?;
-                    if let Err(e) = mount_readonly(dev.path(), &mp, fs) {
-                        let _ = dev.detach();
-                        return Err(e);
-                    }
-                    Ok(dev)
-                })
-                .await;
+                let res = blocking(move || loop_and_mount(LoopDevice::attach_readonly, &file, &mp, fs)).await;
                 match res {
                     Ok(dev) => Device::Loop { dev, fuse: Some(fuse) },
                     Err(e) => {
@@ -265,6 +249,21 @@ impl Attachment {
             }
         }
     }
+}
+
+/// Attaches `file` to a loop device with `attach` and mounts it; a failed mount detaches it again.
+fn loop_and_mount(
+    attach: fn(&Path) -> Result<LoopDevice, AttachError>,
+    file: &Path,
+    mountpoint: &Path,
+    fs: FsType,
+) -> Result<LoopDevice, AttachError> {
+    let dev = attach(file)?;
+    if let Err(e) = mount_readonly(dev.path(), mountpoint, fs) {
+        let _ = dev.detach();
+        return Err(e);
+    }
+    Ok(dev)
 }
 
 /// Runs blocking device and mount work off the runtime threads (which may be serving the very

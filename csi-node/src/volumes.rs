@@ -238,7 +238,11 @@ impl Volumes {
             self.release_image(image).await;
             return Err(e);
         }
-        tracing::info!(volume_id = %id, device = %att.device_path().display(), staging = %a.staging_path.display(), "volume staged");
+        tracing::info!(
+            volume_id = %id, device = %att.device_path().display(), staging = %a.staging_path.display(),
+            // Reads of a direct volume never reach the plugin: its read counters stay still.
+            direct_from_cache = att.is_direct(), "volume staged"
+        );
         lock(&self.live).insert(id, Live { rec, image: Some(image), attachment: Some(att), broken: None });
         Ok(())
     }
