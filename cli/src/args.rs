@@ -85,6 +85,10 @@ pub struct MountArgs {
     /// Block backend: auto (ublk when /dev/ublk-control exists, else FUSE+loop), ublk or fuse.
     #[arg(long, default_value = "auto")]
     pub backend: String,
+    /// Fetch the rest of the image in the background while mounted (readers' misses go first).
+    /// Once complete, the next FUSE+loop mount reads the cache file directly.
+    #[arg(long)]
+    pub prefetch: bool,
     #[command(flatten)]
     pub ublk: UblkArgs,
 }

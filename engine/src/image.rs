@@ -325,6 +325,47 @@ impl LazyImage {
         Ok(())
     }
 
+    /// Fetches every chunk still missing, in image order, while the image is in use: through the
+    /// readahead pool, so readers' misses keep their own fetch slots and never queue behind it,
+    /// one window of `readahead_fetches` requests at a time. Returns once the image is complete in
+    /// the cache, or with what stopped it (origin changed, retries exhausted, a corrupt chunk, a
+    /// cache limit with no room for the whole image). Dropping the future stops it; fetches
+    /// already started finish on their own.
+    pub async fn fill_in_background(&self) -> Result<()> {
+        let inner = &self.inner;
+        let window = (inner.cfg.max_request / inner.chunk_size).max(1) * inner.cfg.readahead_fetches.max(1) as u64;
+        // A second pass picks up chunks a reader's fetch had claimed and then failed.
+        for _pass in 0..2 {
+            let mut c = 0;
+            while c < inner.chunks {
+                let end = (c + window).min(inner.chunks);
+                let runs = inner.claim_missing(c, end);
+                for f in &runs {
+                    inner.rt.spawn(f.clone());
+                }
+                for f in runs {
+                    let run = f.await?;
+                    if let Some(bad) = run.bad.first() {
+                        return Err(Error::new(
+                            ErrorKind::Integrity,
+                            format!("{}: chunk {bad} does not match the manifest", inner.source.describe()),
+                        ));
+                    }
+                }
+                c = end;
+            }
+            self.settle().await;
+            if self.complete_data_file().is_some() {
+                return Ok(());
+            }
+        }
+        let (have, total) = self.fill();
+        Err(Error::new(
+            ErrorKind::CacheIo,
+            format!("{} of {total} chunks could not be cached: the cache limit leaves no room for the whole image", total - have),
+        ))
+    }
+
     /// Persists the bitmap and stats now (also done periodically and by `close`).
     pub async fn flush(&self) -> Result<()> {
         self.inner.clone().flush().await
@@ -467,6 +508,14 @@ impl Inner {
     /// them through the readahead pool.
     fn start_readahead(self: &Arc<Self>, a: u64, b: u64) {
         let (r0, r1) = (a / self.chunk_size, b.div_ceil(self.chunk_size).min(self.chunks));
+        for f in self.claim_missing(r0, r1) {
+            self.rt.spawn(f);
+        }
+    }
+
+    /// Claims the chunks in `[r0, r1)` that are neither present nor in flight, as readahead runs
+    /// (the readahead pool), and returns their futures for the caller to spawn.
+    fn claim_missing(self: &Arc<Self>, r0: u64, r1: u64) -> Vec<RunFuture> {
         let mut runs = Vec::new();
         let mut ra_chunks = 0;
         {
@@ -487,9 +536,7 @@ impl Inner {
             }
         }
         self.stats.count_readahead(ra_chunks);
-        for f in runs {
-            self.rt.spawn(f);
-        }
+        runs
     }
 
     /// Splits chunks `[first, end)` into runs of at most `max_request` bytes, registers each as in

@@ -284,6 +284,35 @@ async fn complete_data_file_is_the_image_and_survives_a_reset() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_fill_completes_the_image_beside_readers() {
+    let data = pattern(SIZE + 5000, 19);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    src.inject(Fault::Delay(std::time::Duration::from_millis(2)));
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src.clone(), dir.path()).await;
+    let filler = { let img = img.clone(); tokio::spawn(async move { img.fill_in_background().await }) };
+    // Readers meanwhile get exactly the image's bytes, wherever the fill is.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+    for _ in 0..200 {
+        let o = rng.gen_range(0..data.len() as u64 - 9000);
+        assert_eq!(&img.read(o, 9000).await.unwrap()[..], &data[o as usize..o as usize + 9000]);
+    }
+    filler.await.unwrap().unwrap();
+    assert!(img.complete_data_file().is_some());
+    assert_eq!(src.bytes_count(), data.len() as u64, "every byte fetched once, none twice");
+    assert_eq!(&img.read(0, data.len() as u64).await.unwrap()[..], &data[..]);
+
+    // With a cache limit below the image it stops with a clear error instead of refetching forever.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir2.path());
+    cfg.cache_limit = Some(SIZE as u64 / 2);
+    let img = LazyImage::open(Arc::new(FakeSource::new(data.clone())), cfg).await.unwrap();
+    let e = img.fill_in_background().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CacheIo);
+    assert!(e.to_string().contains("cache limit"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_answered_before_their_cache_writes_still_land_by_close() {
     // Readers get a run's bytes before its cache write; re-reads in between must not refetch,
     // and `close` must wait for the writes, or a re-attach would fetch again.

@@ -101,6 +101,19 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
         mountpoint.display()
     );
 
+    let filler = (a.prefetch && img.complete_data_file().is_none()).then(|| {
+        let img = img.clone();
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            match img.fill_in_background().await {
+                Ok(()) => eprintln!(
+                    "lazy-image: the whole image is cached now ({:.1} s); its next mount reads the cache file directly",
+                    t.elapsed().as_secs_f64()
+                ),
+                Err(e) => eprintln!("lazy-image: background prefetch stopped: {}", e.report()),
+            }
+        })
+    });
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     loop {
@@ -113,6 +126,9 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
             Ok(()) => break,
             Err(e) => eprintln!("lazy-image: cannot unmount yet ({e}); still serving, signal again to retry"),
         }
+    }
+    if let Some(f) = filler {
+        f.abort();
     }
     att.detach().await?;
     let s = img.stats();
