@@ -85,7 +85,8 @@ pub struct MountArgs {
     /// Block backend: auto (ublk when /dev/ublk-control exists, else FUSE+loop), ublk or fuse.
     #[arg(long, default_value = "auto")]
     pub backend: String,
-    /// Fetch the rest of the image in the background while mounted (readers' misses go first).
+    /// Fetch the rest of the image in the background while mounted (two 1 MiB requests at a
+    /// time, beside readers' own misses).
     /// Once complete, the next FUSE+loop mount reads the cache file directly.
     #[arg(long)]
     pub prefetch: bool,

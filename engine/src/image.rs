@@ -28,6 +28,11 @@ use tokio::sync::{Notify, Semaphore};
 /// 4 KiB reads against 32 KiB with no loss in sequential rate or latency.
 pub const DEFAULT_CHUNK_SIZE: u64 = 16 * 1024;
 
+/// Requests a background fill keeps in flight, and their size. A reader whose chunk a fill
+/// request is fetching waits for that whole request, so they are small and few.
+const FILL_REQUESTS: u64 = 2;
+const FILL_REQUEST_BYTES: u64 = 1 << 20;
+
 #[derive(Debug, Clone)]
 pub struct ImageConfig {
     pub cache_root: PathBuf,
@@ -326,20 +331,23 @@ impl LazyImage {
     }
 
     /// Fetches every chunk still missing, in image order, while the image is in use: through the
-    /// readahead pool, so readers' misses keep their own fetch slots and never queue behind it,
-    /// one window of `readahead_fetches` requests at a time. Returns once the image is complete in
+    /// readahead pool, so readers' misses keep their own fetch slots, with at most
+    /// `FILL_REQUESTS` requests in flight, so readers still get most of the origin and the CPU. Returns once the image is complete in
     /// the cache, or with what stopped it (origin changed, retries exhausted, a corrupt chunk, a
     /// cache limit with no room for the whole image). Dropping the future stops it; fetches
     /// already started finish on their own.
     pub async fn fill_in_background(&self) -> Result<()> {
         let inner = &self.inner;
-        let window = (inner.cfg.max_request / inner.chunk_size).max(1) * inner.cfg.readahead_fetches.max(1) as u64;
+        let per_request = (FILL_REQUEST_BYTES.min(inner.cfg.max_request) / inner.chunk_size).max(1);
         // A second pass picks up chunks a reader's fetch had claimed and then failed.
         for _pass in 0..2 {
             let mut c = 0;
             while c < inner.chunks {
-                let end = (c + window).min(inner.chunks);
-                let runs = inner.claim_missing(c, end);
+                let end = (c + per_request * FILL_REQUESTS).min(inner.chunks);
+                let runs: Vec<RunFuture> = (c..end)
+                    .step_by(per_request as usize)
+                    .flat_map(|a| inner.claim_missing(a, (a + per_request).min(end)))
+                    .collect();
                 for f in &runs {
                     inner.rt.spawn(f.clone());
                 }
