@@ -1,5 +1,5 @@
 //! What a volume is, parsed once from the CSI request and checked strictly: the volume
-//! attributes (`url`, `format`, `digest`, `manifestUrl`, `chunkSize`), the credentials from the
+//! attributes (`url`, `format`, `digest`, `manifestUrl`, `chunkSize`, `prefetch`), the credentials from the
 //! node-stage secrets, the access mode, and the ids and paths kubelet sends.
 
 use crate::error::{NodeError, NodeResult};
@@ -21,16 +21,19 @@ pub struct VolumeSpec {
     pub digest: Option<String>,
     pub manifest_url: Option<String>,
     pub chunk_size: Option<u64>,
+    /// Fetch the whole image in the background while the volume is staged.
+    #[serde(default)]
+    pub prefetch: bool,
 }
 
 impl VolumeSpec {
     pub fn from_attributes(attrs: &HashMap<String, String>) -> NodeResult<Self> {
         for k in attrs.keys() {
-            let known = matches!(k.as_str(), "url" | "format" | "digest" | "manifestUrl" | "chunkSize")
+            let known = matches!(k.as_str(), "url" | "format" | "digest" | "manifestUrl" | "chunkSize" | "prefetch")
                 || PASSTHROUGH_PREFIXES.iter().any(|p| k.starts_with(p));
             if !known {
                 return Err(NodeError::invalid(format!(
-                    "unknown volume attribute {k:?} (expected url, format, digest, manifestUrl, chunkSize)"
+                    "unknown volume attribute {k:?} (expected url, format, digest, manifestUrl, chunkSize, prefetch)"
                 )));
             }
         }
@@ -62,7 +65,12 @@ impl VolumeSpec {
                 Some(n)
             }
         };
-        Ok(VolumeSpec { url: url.to_string(), format, digest, manifest_url, chunk_size })
+        let prefetch = match attrs.get("prefetch").map(String::as_str) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(v) => return Err(NodeError::invalid(format!("volume attribute prefetch {v:?} must be \"true\" or \"false\""))),
+        };
+        Ok(VolumeSpec { url: url.to_string(), format, digest, manifest_url, chunk_size, prefetch })
     }
 }
 
@@ -194,6 +202,9 @@ mod tests {
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("format", "xfs")])).is_err());
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("digest", "md5:1")])).is_err());
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("chunkSize", "3000")])).is_err());
+        assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("prefetch", "true")])).unwrap().prefetch);
+        assert!(!VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x")])).unwrap().prefetch);
+        assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("prefetch", "yes")])).is_err());
         let d = format!("sha256:{}", "a".repeat(64));
         let s = VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("digest", &d.to_uppercase().replace("SHA256", "sha256"))])).unwrap();
         assert_eq!(s.digest.as_deref(), Some(d.as_str()), "digests are normalised");

@@ -65,7 +65,29 @@ struct PooledImage {
 /// Volumes of the same image share one open `LazyImage` (one cache, one set of counters).
 #[derive(Default)]
 struct ImagePool {
-    open: HashMap<String, (LazyImage, usize)>,
+    open: HashMap<String, Pooled>,
+}
+
+struct Pooled {
+    image: LazyImage,
+    refs: usize,
+    /// The background fill some volume of this image asked for (`prefetch`).
+    filler: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Pooled {
+    fn prefetch_if(&mut self, wanted: bool) {
+        if !wanted || self.filler.is_some() || self.image.complete_data_file().is_some() {
+            return;
+        }
+        let image = self.image.clone();
+        self.filler = Some(tokio::spawn(async move {
+            match image.fill_in_background().await {
+                Ok(()) => tracing::info!(cache = %image.cache_dir().display(), "image complete in the cache"),
+                Err(e) => tracing::warn!(error = %e.report(), "background prefetch stopped"),
+            }
+        }));
+    }
 }
 
 pub struct Volumes {
@@ -129,11 +151,14 @@ impl Volumes {
     }
 
     async fn open_image(&self, spec: &VolumeSpec, creds: Option<&Credentials>) -> NodeResult<PooledImage> {
-        let key = serde_json::to_string(&(spec, creds.map(|c| &c.0))).map_err(|e| NodeError::internal(format!("image key: {e}")))?;
+        // Volumes that differ only in `prefetch` share the image (and its one cache).
+        let image_spec = VolumeSpec { prefetch: false, ..spec.clone() };
+        let key = serde_json::to_string(&(image_spec, creds.map(|c| &c.0))).map_err(|e| NodeError::internal(format!("image key: {e}")))?;
         let mut pool = self.pool.lock().await;
-        if let Some((img, refs)) = pool.open.get_mut(&key) {
-            *refs += 1;
-            return Ok(PooledImage { key, image: img.clone() });
+        if let Some(p) = pool.open.get_mut(&key) {
+            p.refs += 1;
+            p.prefetch_if(spec.prefetch);
+            return Ok(PooledImage { key, image: p.image.clone() });
         }
         let what = format!("image {}", spec.url);
         let mut opts = lazy_image_engine::source::HttpSourceOptions::default();
@@ -153,24 +178,29 @@ impl Volumes {
         }
         cfg.manifest = manifest;
         let image = LazyImage::open(Arc::new(source), cfg).await.map_err(|e| NodeError::engine(&what, &e))?;
-        pool.open.insert(key.clone(), (image.clone(), 1));
+        let mut p = Pooled { image: image.clone(), refs: 1, filler: None };
+        p.prefetch_if(spec.prefetch);
+        pool.open.insert(key.clone(), p);
         Ok(PooledImage { key, image })
     }
 
     async fn release_image(&self, img: PooledImage) {
         let mut pool = self.pool.lock().await;
         let last = match pool.open.get_mut(&img.key) {
-            Some((_, refs)) if *refs > 1 => {
-                *refs -= 1;
+            Some(p) if p.refs > 1 => {
+                p.refs -= 1;
                 false
             }
             Some(_) => true,
             None => false,
         };
         if last {
-            if let Some((image, _)) = pool.open.remove(&img.key) {
+            if let Some(p) = pool.open.remove(&img.key) {
                 drop(pool);
-                if let Err(e) = image.close().await {
+                if let Some(f) = p.filler {
+                    f.abort();
+                }
+                if let Err(e) = p.image.close().await {
                     tracing::warn!(error = %e.report(), "closing image");
                 }
             }

@@ -588,8 +588,8 @@ async fn restart_readopts_volumes() {
     h.assert_clean();
 }
 
-/// FUSE + loop with the image complete in the cache: staging puts the loop device on the cache
-/// file itself, so a kill -9 of the plugin does not touch the pod's mount at all (same mount,
+/// FUSE + loop with the image complete in the cache (here by a `prefetch` volume staged
+/// before): staging puts the loop device on the cache file itself, so a kill -9 of the plugin does not touch the pod's mount at all (same mount,
 /// an open file reads on), and the restarted plugin keeps it as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_image_is_staged_on_its_cache_file_and_survives_a_restart() {
@@ -598,10 +598,15 @@ async fn complete_image_is_staged_on_its_cache_file_and_survives_a_restart() {
     }
     let mut h = Harness::new().await;
     let mut node = h.node().await;
-    // Fill the cache by reading the whole device once.
-    node.node_stage_volume(h.stage_req("vol-w", &h.url("vol.img"))).await.unwrap();
-    let dev = lazy_image_attach::mount_source(Path::new(&h.staging("vol-w"))).unwrap().unwrap();
-    assert_eq!(std::fs::read(&dev).unwrap(), std::fs::read(h.p("srv/vol.img")).unwrap());
+    // A volume with `prefetch` fills the cache in the background while it is staged.
+    let mut req = h.stage_req("vol-w", &h.url("vol.img"));
+    req.volume_context.insert("prefetch".into(), "true".into());
+    node.node_stage_volume(req).await.unwrap();
+    let t = Instant::now();
+    while !h.log().contains("image complete in the cache") {
+        assert!(t.elapsed() < Duration::from_secs(60), "prefetch did not finish:\n{}", h.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-w".into(), staging_target_path: h.staging("vol-w") }).await.unwrap();
 
     node.node_stage_volume(h.stage_req("vol-d", &h.url("vol.img"))).await.unwrap();
