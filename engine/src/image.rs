@@ -30,7 +30,7 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 16 * 1024;
 
 /// Requests a background fill keeps in flight, and their size. A reader whose chunk a fill
 /// request is fetching waits for that whole request, so they are small and few.
-const FILL_REQUESTS: u64 = 2;
+const FILL_REQUESTS: usize = 2;
 const FILL_REQUEST_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone)]
@@ -308,62 +308,61 @@ impl LazyImage {
         (have == total).then(|| self.inner.store.data_path())
     }
 
-    /// Fetches every missing chunk, `parallel` requests at a time; `progress` gets chunks present.
-    pub async fn prefetch_all(&self, parallel: usize, mut progress: impl FnMut(u64, u64)) -> Result<()> {
-        use futures::stream::{self, StreamExt, TryStreamExt};
-        let step = self.inner.cfg.max_request.max(self.inner.chunk_size);
-        let size = self.size();
-        let mut s = stream::iter((0..size).step_by(step as usize))
-            .map(|off| {
-                let me = self.inner.clone();
-                // Already reading everything in parallel: readahead would only duplicate requests.
-                async move { me.read(off, step, false).await.map(|_| ()) }
-            })
-            .buffer_unordered(parallel.max(1));
-        while s.try_next().await?.is_some() {
-            let (have, total) = self.fill();
-            progress(have, total);
-        }
-        self.settle().await;
-        let (have, total) = self.fill();
-        progress(have, total);
-        Ok(())
+    /// Fetches every missing chunk as fast as the origin allows (`lazy-image warm`): `parallel`
+    /// requests of up to `max_request` at a time through the demand pool; `progress` gets
+    /// (chunks present, chunks total). Ends like `fill_in_background`.
+    pub async fn prefetch_all(&self, parallel: usize, progress: impl FnMut(u64, u64)) -> Result<()> {
+        self.fill_missing(parallel.max(1), self.inner.cfg.max_request, false, progress).await
     }
 
-    /// Fetches every chunk still missing, in image order, while the image is in use: through the
-    /// readahead pool, so readers' misses keep their own fetch slots, with at most
-    /// `FILL_REQUESTS` requests in flight, so readers still get most of the origin and the CPU. Returns once the image is complete in
-    /// the cache, or with what stopped it (origin changed, retries exhausted, a corrupt chunk, a
-    /// cache limit with no room for the whole image). Dropping the future stops it; fetches
-    /// already started finish on their own.
+    /// Fetches every chunk still missing while the image is in use: through the readahead pool,
+    /// so readers' misses keep their own fetch slots, and only `FILL_REQUESTS` requests of
+    /// `FILL_REQUEST_BYTES` at a time, so readers still get most of the origin and the CPU.
+    /// Returns once the image is complete in the cache, or with what stopped it (origin changed,
+    /// retries exhausted, a corrupt chunk, a cache limit with no room for the whole image).
+    /// Dropping the future stops it; fetches already started finish on their own.
     pub async fn fill_in_background(&self) -> Result<()> {
+        self.fill_missing(FILL_REQUESTS, FILL_REQUEST_BYTES, true, |_, _| {}).await
+    }
+
+    /// Walks the image in order and fetches the chunks neither present nor in flight, `requests`
+    /// of at most `request_bytes` at a time, through the readahead or the demand pool.
+    async fn fill_missing(&self, requests: usize, request_bytes: u64, readahead: bool, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+        use futures::stream::{self, StreamExt, TryStreamExt};
         let inner = &self.inner;
-        let per_request = (FILL_REQUEST_BYTES.min(inner.cfg.max_request) / inner.chunk_size).max(1);
+        let per = (request_bytes.min(inner.cfg.max_request) / inner.chunk_size).max(1);
         // A second pass picks up chunks a reader's fetch had claimed and then failed.
         for _pass in 0..2 {
-            let mut c = 0;
-            while c < inner.chunks {
-                let end = (c + per_request * FILL_REQUESTS).min(inner.chunks);
-                let runs: Vec<RunFuture> = (c..end)
-                    .step_by(per_request as usize)
-                    .flat_map(|a| inner.claim_missing(a, (a + per_request).min(end)))
-                    .collect();
-                for f in &runs {
-                    inner.rt.spawn(f.clone());
-                }
-                for f in runs {
-                    let run = f.await?;
-                    if let Some(bad) = run.bad.first() {
-                        return Err(Error::new(
-                            ErrorKind::Integrity,
-                            format!("{}: chunk {bad} does not match the manifest", inner.source.describe()),
-                        ));
+            let mut s = stream::iter((0..inner.chunks).step_by(per as usize))
+                .map(|a| {
+                    let me = inner.clone();
+                    async move {
+                        // Claimed only when its turn comes: chunks readers fetched meanwhile are skipped.
+                        let runs = me.claim_missing(a, (a + per).min(me.chunks), readahead);
+                        for f in &runs {
+                            me.rt.spawn(f.clone());
+                        }
+                        for f in runs {
+                            let run = f.await?;
+                            if let Some(bad) = run.bad.first() {
+                                return Err(Error::new(
+                                    ErrorKind::Integrity,
+                                    format!("{}: chunk {bad} does not match the manifest", me.source.describe()),
+                                ));
+                            }
+                        }
+                        Ok(())
                     }
-                }
-                c = end;
+                })
+                .buffer_unordered(requests);
+            while s.try_next().await?.is_some() {
+                let (have, total) = self.fill();
+                progress(have, total);
             }
             self.settle().await;
-            if self.complete_data_file().is_some() {
+            let (have, total) = self.fill();
+            progress(have, total);
+            if have == total {
                 return Ok(());
             }
         }
@@ -516,16 +515,16 @@ impl Inner {
     /// them through the readahead pool.
     fn start_readahead(self: &Arc<Self>, a: u64, b: u64) {
         let (r0, r1) = (a / self.chunk_size, b.div_ceil(self.chunk_size).min(self.chunks));
-        for f in self.claim_missing(r0, r1) {
+        for f in self.claim_missing(r0, r1, true) {
             self.rt.spawn(f);
         }
     }
 
-    /// Claims the chunks in `[r0, r1)` that are neither present nor in flight, as readahead runs
-    /// (the readahead pool), and returns their futures for the caller to spawn.
-    fn claim_missing(self: &Arc<Self>, r0: u64, r1: u64) -> Vec<RunFuture> {
+    /// Claims the chunks in `[r0, r1)` that are neither present nor in flight, as runs for the
+    /// readahead or the demand pool, and returns their futures for the caller to spawn.
+    fn claim_missing(self: &Arc<Self>, r0: u64, r1: u64, readahead: bool) -> Vec<RunFuture> {
         let mut runs = Vec::new();
-        let mut ra_chunks = 0;
+        let mut claimed = 0;
         {
             let mut st = lock(&self.state);
             let mut c = r0;
@@ -538,12 +537,16 @@ impl Inner {
                 while e < r1 && !st.present.get(e) && !st.inflight.contains_key(&e) {
                     e += 1;
                 }
-                ra_chunks += e - c;
-                runs.extend(self.claim_runs(&mut st, c, e, true).into_iter().map(|r| r.2));
+                claimed += e - c;
+                runs.extend(self.claim_runs(&mut st, c, e, readahead).into_iter().map(|r| r.2));
                 c = e;
             }
         }
-        self.stats.count_readahead(ra_chunks);
+        if readahead {
+            self.stats.count_readahead(claimed);
+        } else {
+            self.stats.count_chunks(0, claimed);
+        }
         runs
     }
 
