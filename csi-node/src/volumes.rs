@@ -12,7 +12,7 @@ use crate::spec::{Credentials, VolumeSpec};
 use crate::state::{StateDir, VolumeRecord};
 use lazy_image_attach::ublk::{self, DeviceState};
 use lazy_image_attach::{Attachment, Backend, FsType, LoopDevice, UblkOptions};
-use lazy_image_engine::{resolve_manifest, HttpSource, ImageConfig, LazyImage, StatsSnapshot};
+use lazy_image_engine::{resolve_manifest, FillResume, HttpSource, ImageConfig, LazyImage, StatsSnapshot};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -82,7 +82,10 @@ impl Pooled {
         }
         let image = self.image.clone();
         self.filler = Some(tokio::spawn(async move {
-            match image.fill_in_background().await {
+            let paused = |e: &lazy_image_engine::Error, pause: std::time::Duration| {
+                tracing::warn!(error = %e.report(), resume_in_s = pause.as_secs(), "background prefetch paused")
+            };
+            match image.fill_until_complete(&FillResume::default(), paused).await {
                 Ok(()) => tracing::info!(cache = %image.cache_dir().display(), "image complete in the cache"),
                 Err(e) => tracing::warn!(error = %e.report(), "background prefetch stopped"),
             }

@@ -33,6 +33,21 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 16 * 1024;
 const FILL_REQUESTS: usize = 2;
 const FILL_REQUEST_BYTES: u64 = 1 << 20;
 
+/// How `fill_until_complete` waits before starting a stopped fill again.
+#[derive(Debug, Clone)]
+pub struct FillResume {
+    pub first_pause: Duration,
+    pub max_pause: Duration,
+}
+
+impl Default for FillResume {
+    /// Long enough that an origin outage costs a few requests, short enough that a node
+    /// resumes within minutes of the origin's return.
+    fn default() -> Self {
+        FillResume { first_pause: Duration::from_secs(10), max_pause: Duration::from_secs(600) }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ImageConfig {
     pub cache_root: PathBuf,
@@ -323,6 +338,31 @@ impl LazyImage {
     /// Dropping the future stops it; fetches already started finish on their own.
     pub async fn fill_in_background(&self) -> Result<()> {
         self.fill_missing(FILL_REQUESTS, FILL_REQUEST_BYTES, true, |_, _| {}).await
+    }
+
+    /// `fill_in_background` for a long-lived process (a node plugin, a mount daemon): when the fill
+    /// stops on something the origin may get over (retries ran out, transport, 5xx), it starts
+    /// again after a pause that doubles from `resume.first_pause` to `resume.max_pause` (back to
+    /// the first after a pass that made progress); `on_pause` hears each such stop. Returns once
+    /// the image is complete, or with an error no pause can mend: the origin changed, a chunk
+    /// failed verification, the cache cannot hold the image or cannot be written.
+    pub async fn fill_until_complete(&self, resume: &FillResume, mut on_pause: impl FnMut(&Error, Duration)) -> Result<()> {
+        let mut pause = resume.first_pause;
+        loop {
+            let before = self.fill().0;
+            match self.fill_in_background().await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() || e.kind() == ErrorKind::DeadlineExceeded => {
+                    if self.fill().0 > before {
+                        pause = resume.first_pause;
+                    }
+                    on_pause(&e, pause);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(resume.max_pause);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Walks the image in order and fetches the chunks neither present nor in flight, `requests`

@@ -313,6 +313,38 @@ async fn background_fill_completes_the_image_beside_readers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_stopped_by_an_outage_resumes_and_one_stopped_by_a_changed_origin_does_not() {
+    use lazy_image_engine::FillResume;
+    let data = pattern(SIZE, 23);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.retry.deadline = std::time::Duration::from_millis(300);
+    let img = LazyImage::open(src.clone(), cfg).await.unwrap();
+    // An outage at one place outlasts several fills' retries.
+    src.inject(Fault::FailAt { offset: SIZE as u64 / 2, times: 40, kind: ErrorKind::OriginStatus(503) });
+    let resume = FillResume { first_pause: std::time::Duration::from_millis(20), max_pause: std::time::Duration::from_millis(80) };
+    let mut pauses = Vec::new();
+    img.fill_until_complete(&resume, |e, d| pauses.push((e.kind(), d))).await.unwrap();
+    assert!(pauses.len() >= 2, "the outage stopped more than one fill: {pauses:?}");
+    assert!(pauses.iter().all(|(k, _)| *k == ErrorKind::DeadlineExceeded), "{pauses:?}");
+    assert!(pauses.iter().all(|(_, d)| *d <= resume.max_pause));
+    assert!(img.complete_data_file().is_some());
+    assert_eq!(src.bytes_count(), data.len() as u64, "every byte fetched once");
+    assert_eq!(&img.read(0, data.len() as u64).await.unwrap()[..], &data[..]);
+
+    // A new version at the origin is no outage: the fill ends at once with that error.
+    let dir2 = tempfile::tempdir().unwrap();
+    let src2 = Arc::new(FakeSource::new(data.clone()));
+    let img = open(src2.clone(), dir2.path()).await;
+    src2.replace(pattern(SIZE, 24), "\"v2\"");
+    let mut paused = 0;
+    let e = img.fill_until_complete(&resume, |_, _| paused += 1).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OriginChanged);
+    assert_eq!(paused, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_answered_before_their_cache_writes_still_land_by_close() {
     // Readers get a run's bytes before its cache write; re-reads in between must not refetch,
     // and `close` must wait for the writes, or a re-attach would fetch again.

@@ -105,7 +105,11 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
         let img = img.clone();
         tokio::spawn(async move {
             let t = std::time::Instant::now();
-            match img.fill_in_background().await {
+            let resume = lazy_image_engine::FillResume::default();
+            let paused = |e: &lazy_image_engine::Error, pause: std::time::Duration| {
+                eprintln!("lazy-image: background prefetch paused: {}; resuming in {} s", e.report(), pause.as_secs())
+            };
+            match img.fill_until_complete(&resume, paused).await {
                 Ok(()) => eprintln!(
                     "lazy-image: the whole image is cached now ({:.1} s); its next mount reads the cache file directly",
                     t.elapsed().as_secs_f64()
