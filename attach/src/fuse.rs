@@ -1,4 +1,4 @@
-//! A FUSE filesystem with a single read-only file whose bytes are the image. Reads are handed to
+//! A FUSE filesystem with a single read-only file whose bytes are the image. Misses and large reads are handed to
 //! the engine's tokio runtime and answered when the data is there, so the FUSE thread never
 //! waits on the network and many reads are in flight at once.
 
@@ -17,6 +17,8 @@ const FILE: u64 = 2;
 const TTL: Duration = Duration::from_secs(3600);
 /// FOPEN_KEEP_CACHE: the file's content is immutable, keep page cache across opens.
 const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+/// Reads up to this size that hit the cache are served on the session thread (see `read`).
+const SYNC_HIT_MAX: usize = 64 << 10;
 
 struct ImageFs {
     image: LazyImage,
@@ -96,8 +98,22 @@ impl Filesystem for ImageFs {
             reply.error(libc::EINVAL);
             return;
         }
-        // Every read goes to the runtime, hits too: this is fuser's only session thread, and the
-        // kernel keeps several reads in flight that must be served in parallel.
+        // A small read whose chunks are all cached is answered here, on fuser's session thread:
+        // a hop to the runtime costs a thread wakeup, a large share of a warm 4 KiB read (paired
+        // with a plain loop device, warm random 0.65-0.70x -> 0.78-0.83x). Larger reads (the
+        // loop device's readahead, up to 1 MiB) still go to the runtime: served here one at a
+        // time they starved sequential reads of parallel disk reads.
+        if (size as usize) <= SYNC_HIT_MAX {
+            let mut buf = vec![0u8; size as usize];
+            match self.image.read_cached_into(offset as u64, &mut buf) {
+                Ok(Some(n)) => return reply.data(&buf[..n]),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(offset, size, error = %e.report(), "cache read failed");
+                    return reply.error(e.kind().errno());
+                }
+            }
+        }
         let image = self.image.clone();
         self.rt.spawn(async move {
             match image.read(offset as u64, size as u64).await {
