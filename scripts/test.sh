@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh vm
+# FUSE over io_uring (kernel 6.14+) is offered only when the fuse module's enable_uring is set:
+# set it so the FUSE tests cover that transport (the fuse-dev tests keep /dev/fuse covered).
+uring=/sys/module/fuse/parameters/enable_uring
+if [ -w "$uring" ]; then echo Y > "$uring"; fi
 cargo test --workspace
 # The ublk tests need a kernel with ublk: they run in a VM (Debian's 6.12 kernel under qemu).
 bash tests/e2e/vm/run.sh

@@ -19,7 +19,7 @@ pub mod ublk;
 
 pub use error::{AttachError, AttachErrorKind};
 pub use fsdetect::{detect, device_block_size, FsType};
-pub use fuse::{FuseExport, IMAGE_FILE_NAME};
+pub use fuse::{FuseExport, IMAGE_FILE_NAME, IO_URING_ENV as FUSE_IO_URING_ENV};
 pub use loopdev::LoopDevice;
 pub use mount::{bind_readonly, is_mountpoint, mount_points_of, mount_readonly, mount_source, unmount, unmount_detach};
 pub use ublk::{UblkDevice, UblkOptions};
@@ -224,6 +224,15 @@ impl Attachment {
     pub fn fuse_dir(&self) -> Option<PathBuf> {
         match &self.device {
             Device::Loop { fuse: Some(fuse), .. } => fuse.image_path().parent().map(Path::to_path_buf),
+            _ => None,
+        }
+    }
+
+    /// For the FUSE+loop backend served by this process: whether the kernel sends its requests
+    /// over io_uring queues (`Some(true)`) or `/dev/fuse` (`Some(false)`).
+    pub fn fuse_io_uring(&self) -> Option<bool> {
+        match &self.device {
+            Device::Loop { fuse: Some(fuse), .. } => Some(fuse.uses_io_uring()),
             _ => None,
         }
     }

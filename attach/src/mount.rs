@@ -70,6 +70,12 @@ pub fn unmount_detach(target: &Path) -> Result<(), AttachError> {
     crate::namespace::in_host_namespace(|| unmount_with(target, libc::MNT_DETACH))
 }
 
+/// Unmounts `target` in this process's own mount namespace (where its FUSE export is mounted,
+/// which may be a private one); with `lazy`, even if busy.
+pub(crate) fn unmount_own(target: &Path, lazy: bool) -> Result<(), AttachError> {
+    unmount_with(target, if lazy { libc::MNT_DETACH } else { 0 })
+}
+
 /// Unmounts everything mounted at `target` (mounts can be stacked), top first.
 fn unmount_with(target: &Path, flags: libc::c_int) -> Result<(), AttachError> {
     let tgt = cstr(target)?;

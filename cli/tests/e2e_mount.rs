@@ -30,6 +30,16 @@ fn fuse_three_filesystems() {
     assert_eq!(loop_devices_on(&env.p("cache")), 0, "no loop device left behind");
 }
 
+/// The FUSE backend over /dev/fuse, where the kernel would offer io_uring (the default above).
+#[test]
+fn fuse_dev_three_filesystems() {
+    if !host_ready() {
+        return;
+    }
+    three_filesystems(&Env::new("fuse-dev"));
+    partial_read_and_warm_reuse(&Env::new("fuse-dev"));
+}
+
 #[test]
 fn fuse_partial_read_and_warm_reuse() {
     if !host_ready() {

@@ -93,8 +93,13 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
         device,
     };
     run_state::write(&a.run_dir, &rec)?;
+    let via = match att.fuse_io_uring() {
+        Some(true) => " (FUSE over io_uring)",
+        Some(false) => " (FUSE over /dev/fuse)",
+        None => "",
+    };
     eprintln!(
-        "lazy-image: mounted {} read-only at {} from {}. Ctrl-C or `lazy-image umount {}` detaches.",
+        "lazy-image: mounted {} read-only at {} from {}{via}. Ctrl-C or `lazy-image umount {}` detaches.",
         att.fs.name(),
         mountpoint.display(),
         att.device_path().display(),

@@ -92,6 +92,17 @@ impl Env {
         Env { _server: KillOnDrop::new(server), tmp, base: format!("http://127.0.0.1:{port}"), port, backend }
     }
 
+    /// How the mount log must say the FUSE backend talks to the kernel: over io_uring wherever
+    /// the kernel offers it (the fuse module's `enable_uring`), unless told not to.
+    pub fn fuse_transport(&self) -> Option<&'static str> {
+        let offered = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring").is_ok_and(|v| v.trim() == "Y");
+        match self.backend {
+            "fuse" if offered => Some("(FUSE over io_uring)"),
+            "fuse" | "fuse-dev" => Some("(FUSE over /dev/fuse)"),
+            _ => None,
+        }
+    }
+
     pub fn p(&self, rel: &str) -> PathBuf {
         self.tmp.path().join(rel)
     }
@@ -108,7 +119,9 @@ impl Env {
             .arg(self.p("cache"))
             .arg("--run-dir")
             .arg(self.p("run"))
-            .args(["--backend", self.backend])
+            // "fuse-dev": the FUSE backend kept to /dev/fuse where the kernel offers io_uring.
+            .args(["--backend", if self.backend == "fuse-dev" { "fuse" } else { self.backend }])
+            .env("LAZY_IMAGE_FUSE_IO_URING", if self.backend == "fuse-dev" { "0" } else { "1" })
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -237,6 +250,9 @@ pub fn three_filesystems(env: &Env) {
     for fs in ["ext4", "erofs", "squashfs"] {
         make_image(fs, &env.p("tree"), &env.p(&format!("srv/{fs}.img")));
         let child = env.mount(&format!("{}/{fs}.img", env.base), fs, &[]);
+        if let Some(via) = env.fuse_transport() {
+            assert!(env.log(fs).contains(via), "expected {via}: {}", env.log(fs));
+        }
         check_sums(&env.p(fs), &sums);
         // Read-only all the way down.
         assert!(std::fs::write(env.p(&format!("{fs}/new")), b"x").is_err());

@@ -1,0 +1,354 @@
+//! A FUSE filesystem with a single read-only file whose bytes are the image, served by this
+//! process. Two transports to the kernel, one request handler:
+//! - `/dev/fuse` read and write (every kernel): one session thread reads requests;
+//! - FUSE over io_uring (`uring`, when the kernel offers it: `enable_uring` of the fuse module):
+//!   one queue per CPU, so a request is answered on the CPU that sent it, without a wakeup of a
+//!   thread elsewhere (warm random reads 0.83-0.90x -> 0.92-0.95x of a plain loop device in a
+//!   spike, paired).
+//! Small reads that hit the cache are answered on the thread that received them; misses and
+//! large reads go to the engine's tokio runtime and are answered when the data is there, so no
+//! transport thread waits on the network and many reads are in flight at once.
+
+mod abi;
+mod uring;
+
+use crate::{AttachError, AttachErrorKind};
+use abi::{InHeader, Out};
+use lazy_image_engine::LazyImage;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+use tokio::runtime::Handle;
+
+pub const IMAGE_FILE_NAME: &str = "image";
+const ROOT: u64 = 1;
+const FILE: u64 = 2;
+/// Attributes never change while mounted: let the kernel cache them.
+const TTL_S: u64 = 3600;
+/// Largest request the kernel sends (readahead of the loop device); also the payload buffer of
+/// each io_uring entry.
+const MAX_WRITE: usize = 1 << 20;
+const MAX_PAGES: u16 = (MAX_WRITE / 4096) as u16;
+/// Reads up to this size that hit the cache are served on the transport thread (see `read`).
+const SYNC_HIT_MAX: usize = 64 << 10;
+/// Set to `0` to keep to `/dev/fuse` even where the kernel offers io_uring.
+pub const IO_URING_ENV: &str = "LAZY_IMAGE_FUSE_IO_URING";
+
+/// Where the answer to one request goes: `/dev/fuse` or the io_uring entry it came on.
+trait Reply: Send + 'static {
+    /// `error` is 0 or a negative errno; `body` is ignored with an error.
+    fn send(self, error: i32, body: &[u8]);
+    /// For requests the kernel expects no answer to (they only come over /dev/fuse).
+    fn forget(self);
+}
+
+struct DevReply {
+    dev: Arc<File>,
+    unique: u64,
+    sent: bool,
+}
+
+impl Reply for DevReply {
+    fn send(mut self, error: i32, body: &[u8]) {
+        self.finish(error, body);
+        self.sent = true;
+    }
+    fn forget(mut self) {
+        self.sent = true;
+    }
+}
+
+/// A request dropped unanswered (its task cancelled) fails with EIO rather than never.
+impl Drop for DevReply {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.finish(-libc::EIO, &[]);
+        }
+    }
+}
+
+impl DevReply {
+    fn finish(&self, error: i32, body: &[u8]) {
+        let body = if error == 0 { body } else { &[] };
+        let head = abi::out_header(self.unique, error, body.len());
+        let iov = [
+            libc::iovec { iov_base: head.as_ptr() as *mut _, iov_len: head.len() },
+            libc::iovec { iov_base: body.as_ptr() as *mut _, iov_len: body.len() },
+        ];
+        // SAFETY: both buffers outlive the call; the fd is open while `dev` lives.
+        if unsafe { libc::writev(self.dev.as_raw_fd(), iov.as_ptr(), 2) } < 0 {
+            // ENOENT: the request was interrupted meanwhile, nobody waits for it.
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::debug!(error = %e, "FUSE reply not delivered");
+            }
+        }
+    }
+}
+
+struct ImageFs {
+    image: LazyImage,
+    rt: Handle,
+    started: u64,
+}
+
+impl ImageFs {
+    fn attr(&self, out: &mut Out, ino: u64) {
+        let (size, mode, nlink) = if ino == ROOT { (0, libc::S_IFDIR | 0o555, 2) } else { (self.image.size(), libc::S_IFREG | 0o444, 1) };
+        out.u64(ino).u64(size).u64(size.div_ceil(512));
+        out.u64(self.started).u64(self.started).u64(self.started);
+        out.u32(0).u32(0).u32(0).u32(mode).u32(nlink).u32(0).u32(0).u32(0).u32(4096).u32(0);
+    }
+
+    /// Answers one request (`arg` is its first argument: the op's header, or a LOOKUP's name).
+    fn serve(&self, h: &InHeader, arg: &[u8], reply: impl Reply) {
+        let mut out = Out::default();
+        let error = match h.opcode {
+            abi::LOOKUP => {
+                let name = arg.split(|&c| c == 0).next().unwrap_or_default();
+                if h.nodeid != ROOT || name != IMAGE_FILE_NAME.as_bytes() {
+                    -libc::ENOENT
+                } else {
+                    out.u64(FILE).u64(0).u64(TTL_S).u64(TTL_S).u32(0).u32(0);
+                    self.attr(&mut out, FILE);
+                    0
+                }
+            }
+            abi::GETATTR if h.nodeid == ROOT || h.nodeid == FILE => {
+                out.u64(TTL_S).u32(0).u32(0);
+                self.attr(&mut out, h.nodeid);
+                0
+            }
+            abi::GETATTR => -libc::ENOENT,
+            abi::OPEN if h.nodeid != FILE => -libc::EISDIR,
+            abi::OPEN if abi::u32_at(arg, 0) as i32 & libc::O_ACCMODE != libc::O_RDONLY => -libc::EROFS,
+            abi::OPEN => {
+                out.u64(0).u32(abi::FOPEN_KEEP_CACHE).u32(0);
+                0
+            }
+            abi::OPENDIR if h.nodeid != ROOT => -libc::ENOTDIR,
+            abi::OPENDIR => {
+                out.u64(0).u32(0).u32(0);
+                0
+            }
+            abi::READ if h.nodeid != FILE => -libc::EINVAL,
+            abi::READ => return self.read(abi::u64_at(arg, 8), abi::u32_at(arg, 16) as usize, reply),
+            abi::READDIR if h.nodeid != ROOT => -libc::ENOTDIR,
+            abi::READDIR => {
+                self.readdir(&mut out, abi::u64_at(arg, 8), abi::u32_at(arg, 16) as usize);
+                0
+            }
+            abi::STATFS => {
+                out.pad_to(40).u32(4096).u32(255).u32(4096).pad_to(80);
+                0
+            }
+            abi::RELEASE | abi::RELEASEDIR | abi::FLUSH | abi::DESTROY => 0,
+            // No answer is expected to these.
+            abi::FORGET | abi::BATCH_FORGET | abi::INTERRUPT => return reply.forget(),
+            _ => -libc::ENOSYS,
+        };
+        reply.send(error, &out.0);
+    }
+
+    fn read(&self, offset: u64, size: usize, reply: impl Reply) {
+        let size = size.min(MAX_WRITE);
+        // A small read whose chunks are all cached is answered on this thread: a hop to the
+        // runtime costs a thread wakeup, a large share of a warm 4 KiB read (paired with a plain
+        // loop device, warm random 0.65-0.70x -> 0.78-0.83x over /dev/fuse). Larger reads (the
+        // loop device's readahead) still go to the runtime: served one at a time here they
+        // starved sequential reads of parallel disk reads.
+        if size <= SYNC_HIT_MAX {
+            let mut buf = vec![0u8; size];
+            match self.image.read_cached_into(offset, &mut buf) {
+                Ok(Some(n)) => return reply.send(0, &buf[..n]),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(offset, size, error = %e.report(), "cache read failed");
+                    return reply.send(-e.kind().errno(), &[]);
+                }
+            }
+        }
+        let image = self.image.clone();
+        self.rt.spawn(async move {
+            match image.read(offset, size as u64).await {
+                Ok(bytes) => reply.send(0, &bytes),
+                Err(e) => {
+                    tracing::warn!(offset, size, error = %e.report(), "image read failed");
+                    reply.send(-e.kind().errno(), &[]);
+                }
+            }
+        });
+    }
+
+    fn readdir(&self, out: &mut Out, offset: u64, size: usize) {
+        let entries = [(ROOT, libc::DT_DIR, "."), (ROOT, libc::DT_DIR, ".."), (FILE, libc::DT_REG, IMAGE_FILE_NAME)];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            let len = (24 + name.len()).next_multiple_of(8);
+            if out.0.len() + len > size {
+                break;
+            }
+            out.u64(*ino).u64(i as u64 + 1).u32(name.len() as u32).u32(*kind as u32);
+            out.0.extend_from_slice(name.as_bytes());
+            let end = out.0.len().next_multiple_of(8);
+            out.pad_to(end);
+        }
+    }
+
+    /// The INIT answer: the features this server wants of those the kernel offers (`arg` is
+    /// `fuse_init_in`). Returns the body and whether io_uring was agreed.
+    fn init(&self, arg: &[u8], want_uring: bool) -> (Out, bool) {
+        let (minor, max_readahead) = (abi::u32_at(arg, 4), abi::u32_at(arg, 8));
+        let offered = abi::u32_at(arg, 12) as u64 | (abi::u32_at(arg, 16) as u64) << 32;
+        let mut want = abi::ASYNC_READ | abi::BIG_WRITES | abi::ASYNC_DIO | abi::MAX_PAGES | abi::INIT_EXT;
+        if want_uring {
+            want |= abi::OVER_IO_URING;
+        }
+        let flags = want & offered;
+        let mut out = Out::default();
+        out.u32(7).u32(minor.min(42)).u32(max_readahead.min(MAX_WRITE as u32)).u32(flags as u32);
+        out.u16(64).u16(48).u32(MAX_WRITE as u32).u32(1).u16(MAX_PAGES).u16(0).u32((flags >> 32) as u32);
+        out.pad_to(64);
+        (out, flags & abi::OVER_IO_URING != 0)
+    }
+}
+
+/// A running FUSE export of one image. `stop` unmounts it.
+pub struct FuseExport {
+    dir: PathBuf,
+    session: Option<JoinHandle<()>>,
+    rings: Arc<Mutex<Option<uring::Rings>>>,
+}
+
+impl FuseExport {
+    pub fn start(image: LazyImage, dir: &Path, rt: Handle) -> Result<Self, AttachError> {
+        std::fs::create_dir_all(dir).map_err(|e| AttachError::os(format!("creating {}", dir.display()), e))?;
+        if crate::is_mountpoint(dir)? {
+            // Left behind by a process that died: it cannot be serving anyone now.
+            crate::unmount(dir)?;
+        }
+        let unsupported = |what: String, e: std::io::Error| {
+            let mut err = AttachError::os(what, e);
+            err.kind = AttachErrorKind::Unsupported;
+            err
+        };
+        let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").map_err(|e| unsupported("opening /dev/fuse".into(), e))?;
+        let dev = Arc::new(dev);
+        mount_fuse(&dev, dir).map_err(|e| unsupported(format!("mounting FUSE at {} (is /dev/fuse available?)", dir.display()), e))?;
+        let started = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let fs = Arc::new(ImageFs { image, rt, started });
+        let want_uring = std::env::var(IO_URING_ENV).map_or(true, |v| v != "0");
+        let rings = Arc::new(Mutex::new(None));
+        let session = {
+            let (dev, rings) = (dev.clone(), rings.clone());
+            std::thread::Builder::new().name("lazy-image-fuse".into()).spawn(move || session(fs, dev, want_uring, rings))
+        };
+        match session {
+            Ok(s) => Ok(FuseExport { dir: dir.to_path_buf(), session: Some(s), rings }),
+            Err(e) => {
+                let _ = crate::mount::unmount_own(dir, true);
+                Err(AttachError::os("starting the FUSE session thread", e))
+            }
+        }
+    }
+
+    pub fn image_path(&self) -> PathBuf {
+        self.dir.join(IMAGE_FILE_NAME)
+    }
+
+    /// True when requests come over io_uring queues rather than `/dev/fuse` reads.
+    pub fn uses_io_uring(&self) -> bool {
+        self.rings.lock().is_ok_and(|r| r.is_some())
+    }
+
+    /// Unmounts (the kernel then ends the connection) and waits for the transport threads.
+    pub fn stop(mut self) {
+        // fusectl names the connection after the mount's (anonymous) device number.
+        let conn = std::fs::metadata(&self.dir).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            libc::minor(m.dev())
+        });
+        // Mounted in this process's namespace, which is private for the node plugin.
+        if let Err(e) = crate::mount::unmount_own(&self.dir, false) {
+            tracing::warn!(error = %e, "unmounting the FUSE export; detaching it");
+            let _ = crate::mount::unmount_own(&self.dir, true);
+            // A detached mount keeps its connection while used: end it so the threads return.
+            if let Some(c) = conn {
+                let _ = std::fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1");
+            }
+        }
+        if let Some(r) = self.rings.lock().ok().and_then(|mut r| r.take()) {
+            r.stop();
+        }
+        if let Some(s) = self.session.take() {
+            let _ = s.join();
+        }
+    }
+}
+
+/// Mounts a FUSE filesystem served over `dev` at `dir`, read-only.
+fn mount_fuse(dev: &File, dir: &Path) -> std::io::Result<()> {
+    let invalid = |_| std::io::Error::from_raw_os_error(libc::EINVAL);
+    let target = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(invalid)?;
+    let data = CString::new(format!("fd={},rootmode=40000,user_id=0,group_id=0", dev.as_raw_fd())).map_err(invalid)?;
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let r = unsafe { libc::mount(c"lazy-image".as_ptr(), target.as_ptr(), c"fuse.lazy-image".as_ptr(), flags, data.as_ptr().cast()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The `/dev/fuse` session: answers INIT, starts the io_uring queues when agreed, and serves
+/// what comes over `/dev/fuse` (everything without io_uring; with it, what the kernel sends
+/// before the queues are registered, and FORGET and INTERRUPT) until the connection ends.
+fn session(fs: Arc<ImageFs>, dev: Arc<File>, want_uring: bool, rings: Arc<Mutex<Option<uring::Rings>>>) {
+    // The kernel refuses reads into a buffer that could not take the largest write.
+    let mut buf = vec![0u8; MAX_WRITE + 4096];
+    loop {
+        // SAFETY: `buf` is valid for `buf.len()` bytes; the fd is open while `dev` lives.
+        let n = unsafe { libc::read(dev.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Interrupted, or a request that was withdrawn before we read it.
+                Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ENOENT) => continue,
+                // The filesystem was unmounted or the connection aborted.
+                Some(libc::ENODEV) => return,
+                _ => {
+                    tracing::warn!(error = %e, "reading /dev/fuse failed; FUSE session ends");
+                    return;
+                }
+            }
+        }
+        let req = &buf[..n as usize];
+        let Some(h) = InHeader::parse(req) else { continue };
+        let arg = &req[abi::IN_HEADER..];
+        let reply = DevReply { dev: dev.clone(), unique: h.unique, sent: false };
+        if h.opcode == abi::INIT {
+            let (out, uring) = fs.init(arg, want_uring);
+            reply.send(0, &out.0);
+            if uring {
+                match uring::Rings::start(fs.clone(), dev.clone()) {
+                    Ok(r) => {
+                        tracing::debug!("FUSE requests come over io_uring");
+                        if let Ok(mut slot) = rings.lock() {
+                            *slot = Some(r);
+                        }
+                    }
+                    // The kernel keeps sending over /dev/fuse until every queue is registered.
+                    Err(e) => tracing::warn!(error = %e, "FUSE over io_uring not available; using /dev/fuse"),
+                }
+            }
+            continue;
+        }
+        fs.serve(&h, arg, reply);
+        if h.opcode == abi::DESTROY {
+            return;
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! FUSE over io_uring: one queue per possible CPU (the kernel sends each request to the queue of
+//! the CPU it was issued on, and wants every queue registered before it uses any). Each queue
+//! thread is pinned to its CPU and owns a ring of `DEPTH` entries; an entry is a header buffer
+//! and a payload buffer the kernel fills with a request. The answer is written into the same
+//! buffers and handed back with COMMIT_AND_FETCH, which also asks for the next request.
+//!
+//! Only the queue thread submits to its ring: the kernel completes a ring command through the
+//! task that submitted it, and a command submitted from a runtime thread dies with that thread.
+//! Answers made elsewhere (misses, on the runtime) fill their entry's buffers, queue the commit
+//! and wake the queue thread through an eventfd.
+
+use super::abi::{self, InHeader};
+use super::{ImageFs, Reply, MAX_WRITE};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+/// Requests in flight per queue (the kernel holds the rest until an entry is free). Each entry
+/// has a `MAX_WRITE` payload buffer, touched only as far as answers fill it.
+const DEPTH: usize = 8;
+/// `user_data` of the eventfd read that wakes a queue thread.
+const WAKE: u64 = u64::MAX;
+/// `user_data` bit of a cache file read for the entry in the low bits.
+const CACHE_READ: u64 = 1 << 32;
+
+/// A READ answered from the cache file through the ring, between its reads.
+#[derive(Clone, Copy)]
+struct CacheRead {
+    unique: u64,
+    commit_id: u64,
+    offset: u64,
+    want: usize,
+    done: usize,
+}
+
+/// One entry's buffers. Owned by the kernel from REGISTER or COMMIT_AND_FETCH until the
+/// completion that delivers a request, then by exactly one `RingReply` until its commit.
+struct Entry {
+    header: Box<[u8]>,
+    payload: Box<[u8]>,
+    iov: [libc::iovec; 2],
+}
+
+struct Queue {
+    qid: u16,
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    dev: Arc<File>,
+    entries: Vec<Entry>,
+    /// Commits (entry, commit id) made off the queue thread, for it to submit.
+    pending: Mutex<Vec<(usize, u64)>>,
+    /// Written to wake the queue thread (pending commits, or stop).
+    wake: OwnedFd,
+    /// Where the queue thread's read of `wake` lands.
+    wake_buf: Box<[u8; 8]>,
+    thread: OnceLock<std::thread::ThreadId>,
+}
+
+// SAFETY: entries' buffers are reached through raw pointers only, by one party at a time (see
+// `Entry`); the ring is used by the queue thread only.
+unsafe impl Send for Queue {}
+unsafe impl Sync for Queue {}
+
+impl Queue {
+    fn new(qid: u16, dev: Arc<File>) -> std::io::Result<Self> {
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(DEPTH as u32 * 2)?;
+        let entries = (0..DEPTH)
+            .map(|_| {
+                let mut header = vec![0u8; abi::RING_HEADER].into_boxed_slice();
+                let mut payload = vec![0u8; MAX_WRITE].into_boxed_slice();
+                let iov = [
+                    libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() },
+                    libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() },
+                ];
+                Entry { header, payload, iov }
+            })
+            .collect();
+        // SAFETY: eventfd has no memory-safety preconditions; the fd is checked, then owned.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Queue { qid, ring, dev, entries, pending: Mutex::new(Vec::new()), wake, wake_buf: Box::new([0; 8]), thread: OnceLock::new() })
+    }
+
+    /// A FUSE ring command for entry `i`.
+    fn command(&self, op: u32, commit_id: u64, i: usize) -> squeue::Entry128 {
+        let mut cmd = [0u8; 80];
+        cmd[8..16].copy_from_slice(&commit_id.to_le_bytes());
+        cmd[16..18].copy_from_slice(&self.qid.to_le_bytes());
+        let e = opcode::UringCmd80::new(types::Fd(self.dev.as_raw_fd()), op)
+            .cmd(cmd)
+            .addr(Some(self.entries[i].iov.as_ptr() as u64))
+            .build()
+            .user_data(i as u64);
+        // The kernel wants the iovec count in the SQE's `len`, which the builder does not set.
+        // SAFETY: Entry128 is the 128-byte `io_uring_sqe`; `len` is the u32 at byte 24.
+        let mut raw: [u8; 128] = unsafe { std::mem::transmute(e) };
+        raw[24..28].copy_from_slice(&2u32.to_le_bytes());
+        unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
+    }
+
+    /// Queues `e` for the next submit. Queue thread only.
+    fn push(&self, e: &squeue::Entry128) -> std::io::Result<()> {
+        // SAFETY: only the queue thread touches the submission queue; the buffers an entry
+        // points to live as long as the queue.
+        let mut sq = unsafe { self.ring.submission_shared() };
+        unsafe { sq.push(e) }.map_err(|_| std::io::Error::other("FUSE ring submission queue full"))?;
+        sq.sync();
+        Ok(())
+    }
+
+    /// Asks for the next wakeup through `wake`. Queue thread only.
+    fn arm_wake(&self) -> std::io::Result<()> {
+        let e = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), self.wake_buf.as_ptr() as *mut u8, 8).build().user_data(WAKE);
+        self.push(&squeue::Entry128::from(e))
+    }
+
+    fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte buffer, as eventfd wants; the fd is open while the queue lives.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+
+    /// Submits the commits answers made since the last call. Queue thread only.
+    fn push_pending(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for (i, commit_id) in pending {
+            if let Err(e) = self.push(&self.command(abi::URING_CMD_COMMIT_AND_FETCH, commit_id, i)) {
+                tracing::warn!(error = %e, qid = self.qid, "FUSE ring commit not queued");
+            }
+        }
+    }
+
+    /// Writes the answer's header for entry `i`, whose payload holds `n` bytes of it.
+    fn answer(&self, i: usize, unique: u64, error: i32, n: usize) {
+        let head = abi::out_header(unique, error, n);
+        // SAFETY: the caller owns entry `i` until its commit; offsets are < RING_HEADER.
+        unsafe {
+            let h = self.header(i);
+            std::ptr::copy_nonoverlapping(head.as_ptr(), h, head.len());
+            std::ptr::copy_nonoverlapping((n as u32).to_le_bytes().as_ptr(), h.add(abi::RING_PAYLOAD_SZ), 4);
+        }
+    }
+
+    /// Answers entry `i` with `n` payload bytes (or `error`) and commits it. Queue thread only.
+    fn commit(&self, i: usize, unique: u64, commit_id: u64, error: i32, n: usize) {
+        self.answer(i, unique, error, if error == 0 { n } else { 0 });
+        if let Err(e) = self.push(&self.command(abi::URING_CMD_COMMIT_AND_FETCH, commit_id, i)) {
+            tracing::warn!(error = %e, qid = self.qid, "FUSE ring commit not queued");
+        }
+    }
+
+    /// Reads `[offset + done, offset + want)` of the cache file into entry `i`'s payload
+    /// through the ring. Queue thread only.
+    fn read_cache(&self, fs: &ImageFs, i: usize, r: &CacheRead) -> std::io::Result<()> {
+        let fd = fs.image.cache_data_fd().as_raw_fd();
+        // SAFETY: the range is within the entry's payload (`want <= MAX_WRITE`).
+        let dst = unsafe { self.payload(i).add(r.done) };
+        let e = opcode::Read::new(types::Fd(fd), dst, (r.want - r.done) as u32).offset(r.offset + r.done as u64).build().user_data(CACHE_READ | i as u64);
+        self.push(&squeue::Entry128::from(e))
+    }
+
+    fn header(&self, i: usize) -> *mut u8 {
+        self.entries[i].header.as_ptr() as *mut u8
+    }
+
+    fn payload(&self, i: usize) -> *mut u8 {
+        self.entries[i].payload.as_ptr() as *mut u8
+    }
+}
+
+struct RingReply {
+    queue: Arc<Queue>,
+    entry: usize,
+    unique: u64,
+    commit_id: u64,
+    sent: bool,
+}
+
+impl Reply for RingReply {
+    fn send(mut self, error: i32, body: &[u8]) {
+        self.finish(error, body);
+        self.sent = true;
+    }
+    /// Every request over the ring must be committed, or its entry is lost.
+    fn forget(self) {
+        self.send(0, &[]);
+    }
+}
+
+/// A request dropped unanswered (its task cancelled) fails with EIO instead of holding its
+/// entry, and its reader, forever.
+impl Drop for RingReply {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.finish(-libc::EIO, &[]);
+        }
+    }
+}
+
+impl RingReply {
+    fn finish(&self, error: i32, body: &[u8]) {
+        let n = if error == 0 { body.len().min(MAX_WRITE) } else { 0 };
+        // SAFETY: this reply owns the entry until its commit (see `Entry`); `n <= MAX_WRITE`.
+        unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), self.queue.payload(self.entry), n) };
+        self.queue.answer(self.entry, self.unique, error, n);
+        self.queue.pending.lock().unwrap_or_else(|p| p.into_inner()).push((self.entry, self.commit_id));
+        // The queue thread submits after each batch; anyone else must wake it.
+        if self.queue.thread.get() != Some(&std::thread::current().id()) {
+            self.queue.wake();
+        }
+    }
+}
+
+pub(super) struct Rings {
+    queues: Vec<Arc<Queue>>,
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Rings {
+    /// Registers every queue's entries and starts the queue threads.
+    pub(super) fn start(fs: Arc<ImageFs>, dev: Arc<File>) -> std::io::Result<Self> {
+        let n = possible_cpus();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut rings = Rings { queues: Vec::new(), threads: Vec::new(), stop: stop.clone() };
+        for qid in 0..n {
+            let q = Arc::new(Queue::new(qid, dev.clone())?);
+            let (q2, fs, stop) = (q.clone(), fs.clone(), stop.clone());
+            let t = std::thread::Builder::new().name(format!("lazy-image-fuse-q{qid}")).spawn(move || run(q2, fs, stop))?;
+            rings.queues.push(q);
+            rings.threads.push(t);
+        }
+        Ok(rings)
+    }
+
+    /// Wakes every queue thread and waits for it. Call after the connection ended (unmount).
+    pub(super) fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for q in &self.queues {
+            q.wake();
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The kernel makes one queue per possible CPU (`/sys/devices/system/cpu/possible`, "0-3").
+fn possible_cpus() -> u16 {
+    let parse = |s: &str| -> Option<u16> {
+        let mut n = 0u16;
+        for part in s.trim().split(',') {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            n += b.parse::<u16>().ok()? - a.parse::<u16>().ok()? + 1;
+        }
+        Some(n)
+    };
+    std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| parse(&s))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u16))
+}
+
+fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
+    // Requests arrive on the queue of the CPU that issued them: answering there avoids a
+    // cross-CPU wakeup, the point of this transport. Not fatal if refused (offline CPU).
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(q.qid as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    let _ = q.thread.set(std::thread::current().id());
+    // Registered from this thread: the kernel completes each command through its submitter.
+    let registered = (0..DEPTH).try_for_each(|i| q.push(&q.command(abi::URING_CMD_REGISTER, 0, i))).and_then(|()| q.arm_wake());
+    if let Err(e) = registered {
+        tracing::warn!(error = %e, qid = q.qid, "registering FUSE ring entries");
+        return;
+    }
+    let mut live = DEPTH;
+    let mut reads: Vec<Option<CacheRead>> = vec![None; DEPTH];
+    loop {
+        match q.ring.submitter().submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, qid = q.qid, "FUSE ring wait failed; queue ends");
+                return;
+            }
+        }
+        // SAFETY: only this thread reads the completion queue.
+        let done: Vec<(u64, i32)> = unsafe { q.ring.completion_shared() }.map(|c| (c.user_data(), c.result())).collect();
+        for (ud, res) in done {
+            if ud == WAKE {
+                if let Err(e) = q.arm_wake() {
+                    tracing::warn!(error = %e, qid = q.qid, "re-arming the FUSE queue wakeup");
+                }
+                continue;
+            }
+            if res < 0 {
+                // The connection ended (ENOTCONN, ECANCELED) or the kernel refused a commit.
+                live -= 1;
+                if !stop.load(Ordering::SeqCst) && res != -libc::ENOTCONN && res != -libc::ECANCELED {
+                    tracing::warn!(qid = q.qid, error = %std::io::Error::from_raw_os_error(-res), "FUSE ring entry failed");
+                }
+                continue;
+            }
+            if ud & CACHE_READ != 0 {
+                let i = (ud & !CACHE_READ) as usize;
+                let Some(mut r) = reads[i].take() else { continue };
+                if res > 0 {
+                    r.done += res as usize;
+                }
+                let error = match res {
+                    _ if r.done == r.want => 0,
+                    n if n > 0 => match q.read_cache(&fs, i, &r) {
+                        Ok(()) => {
+                            reads[i] = Some(r);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cache read not queued");
+                            -libc::EIO
+                        }
+                    },
+                    0 => {
+                        tracing::error!(offset = r.offset, "cache file ended early");
+                        -libc::EIO
+                    }
+                    e => {
+                        tracing::warn!(offset = r.offset, error = %std::io::Error::from_raw_os_error(-e), "cache read failed");
+                        -libc::EIO
+                    }
+                };
+                q.commit(i, r.unique, r.commit_id, error, r.want);
+                continue;
+            }
+            let i = ud as usize;
+            // SAFETY: the kernel handed this entry back with a request; it is ours until the
+            // reply commits it. Copies are taken before the reply may overwrite the buffers.
+            let (h, commit_id, arg) = unsafe {
+                let header = std::slice::from_raw_parts(q.header(i), abi::RING_HEADER);
+                let h = InHeader::parse(header);
+                let commit_id = abi::u64_at(header, abi::RING_COMMIT_ID);
+                let in_payload = (abi::u32_at(header, abi::RING_PAYLOAD_SZ) as usize).min(MAX_WRITE);
+                // The op's header arrives in op_in; further arguments (a LOOKUP's name) in the
+                // payload.
+                let arg = match h {
+                    Some(h) if h.opcode == abi::LOOKUP => std::slice::from_raw_parts(q.payload(i), in_payload).to_vec(),
+                    _ => header[abi::RING_OP_IN..abi::RING_OP_IN + 128].to_vec(),
+                };
+                (h, commit_id, arg)
+            };
+            // A read whose chunks are all cached goes to the cache file through this ring: no
+            // other thread involved, and several disk reads in flight for sequential readers.
+            if let Some(h) = h.filter(|h| h.opcode == abi::READ && h.nodeid == super::FILE) {
+                let (offset, size) = (abi::u64_at(&arg, 8), (abi::u32_at(&arg, 16) as usize).min(MAX_WRITE));
+                if let Some(n) = fs.image.claim_cached(offset, size as u64) {
+                    let r = CacheRead { unique: h.unique, commit_id, offset, want: n as usize, done: 0 };
+                    if r.want == 0 {
+                        q.commit(i, r.unique, r.commit_id, 0, 0);
+                    } else if let Err(e) = q.read_cache(&fs, i, &r) {
+                        tracing::warn!(error = %e, "cache read not queued");
+                        q.commit(i, r.unique, r.commit_id, -libc::EIO, 0);
+                    } else {
+                        reads[i] = Some(r);
+                    }
+                    continue;
+                }
+            }
+            let reply = RingReply { queue: q.clone(), entry: i, unique: h.map_or(commit_id, |h| h.unique), commit_id, sent: false };
+            match h {
+                Some(h) => fs.serve(&h, &arg, reply),
+                None => reply.send(-libc::EINVAL, &[]),
+            }
+        }
+        q.push_pending();
+        if stop.load(Ordering::SeqCst) || live == 0 {
+            return;
+        }
+    }
+}
