@@ -42,41 +42,57 @@ const SYNC_HIT_MAX: usize = 64 << 10;
 /// Set to `0` to keep to `/dev/fuse` even where the kernel offers io_uring.
 pub const IO_URING_ENV: &str = "LAZY_IMAGE_FUSE_IO_URING";
 
-/// Where the answer to one request goes: `/dev/fuse` or the io_uring entry it came on.
-trait Reply: Send + 'static {
+/// How a transport delivers an answer: `/dev/fuse`, or the io_uring entry the request came on.
+trait Deliver: Send + 'static {
+    /// Whether requests that take no answer (FORGET, INTERRUPT) must still be handed back.
+    const HAND_BACK_UNANSWERED: bool;
     /// `error` is 0 or a negative errno; `body` is ignored with an error.
-    fn send(self, error: i32, body: &[u8]);
-    /// For requests the kernel expects no answer to (they only come over /dev/fuse).
-    fn forget(self);
+    fn deliver(&self, error: i32, body: &[u8]);
+}
+
+/// The answer to one request, given once. Dropped unanswered (its task cancelled), it fails the
+/// request with EIO rather than leaving its reader (and, over io_uring, its entry) waiting.
+struct Reply<D: Deliver> {
+    to: D,
+    sent: bool,
+}
+
+impl<D: Deliver> Reply<D> {
+    fn new(to: D) -> Self {
+        Reply { to, sent: false }
+    }
+
+    fn send(mut self, error: i32, body: &[u8]) {
+        self.sent = true;
+        self.to.deliver(error, body);
+    }
+
+    /// For requests the kernel expects no answer to.
+    fn forget(mut self) {
+        self.sent = true;
+        if D::HAND_BACK_UNANSWERED {
+            self.to.deliver(0, &[]);
+        }
+    }
+}
+
+impl<D: Deliver> Drop for Reply<D> {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.to.deliver(-libc::EIO, &[]);
+        }
+    }
 }
 
 struct DevReply {
     dev: Arc<File>,
     unique: u64,
-    sent: bool,
 }
 
-impl Reply for DevReply {
-    fn send(mut self, error: i32, body: &[u8]) {
-        self.finish(error, body);
-        self.sent = true;
-    }
-    fn forget(mut self) {
-        self.sent = true;
-    }
-}
+impl Deliver for DevReply {
+    const HAND_BACK_UNANSWERED: bool = false;
 
-/// A request dropped unanswered (its task cancelled) fails with EIO rather than never.
-impl Drop for DevReply {
-    fn drop(&mut self) {
-        if !self.sent {
-            self.finish(-libc::EIO, &[]);
-        }
-    }
-}
-
-impl DevReply {
-    fn finish(&self, error: i32, body: &[u8]) {
+    fn deliver(&self, error: i32, body: &[u8]) {
         let body = if error == 0 { body } else { &[] };
         let head = abi::out_header(self.unique, error, body.len());
         let iov = [
@@ -109,7 +125,7 @@ impl ImageFs {
     }
 
     /// Answers one request (`arg` is its first argument: the op's header, or a LOOKUP's name).
-    fn serve(&self, h: &InHeader, arg: &[u8], reply: impl Reply) {
+    fn serve<D: Deliver>(&self, h: &InHeader, arg: &[u8], reply: Reply<D>) {
         let mut out = Out::default();
         let error = match h.opcode {
             abi::LOOKUP => {
@@ -158,7 +174,7 @@ impl ImageFs {
         reply.send(error, &out.0);
     }
 
-    fn read(&self, offset: u64, size: usize, reply: impl Reply) {
+    fn read<D: Deliver>(&self, offset: u64, size: usize, reply: Reply<D>) {
         let size = size.min(MAX_WRITE);
         // A small read whose chunks are all cached is answered on this thread: a hop to the
         // runtime costs a thread wakeup, a large share of a warm 4 KiB read (paired with a plain
@@ -332,7 +348,7 @@ fn session(fs: Arc<ImageFs>, dev: Arc<File>, want_uring: bool, rings: Arc<Mutex<
         let req = &buf[..n as usize];
         let Some(h) = InHeader::parse(req) else { continue };
         let arg = &req[abi::IN_HEADER..];
-        let reply = DevReply { dev: dev.clone(), unique: h.unique, sent: false };
+        let reply = Reply::new(DevReply { dev: dev.clone(), unique: h.unique });
         if h.opcode == abi::INIT {
             let (out, uring) = fs.init(arg, want_uring);
             reply.send(0, &out.0);

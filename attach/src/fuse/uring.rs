@@ -10,7 +10,7 @@
 //! and wake the queue thread through an eventfd.
 
 use super::abi::{self, InHeader};
-use super::{ImageFs, Reply, MAX_WRITE};
+use super::{Deliver, ImageFs, Reply, MAX_WRITE};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -178,32 +178,13 @@ struct RingReply {
     entry: usize,
     unique: u64,
     commit_id: u64,
-    sent: bool,
 }
 
-impl Reply for RingReply {
-    fn send(mut self, error: i32, body: &[u8]) {
-        self.finish(error, body);
-        self.sent = true;
-    }
+impl Deliver for RingReply {
     /// Every request over the ring must be committed, or its entry is lost.
-    fn forget(self) {
-        self.send(0, &[]);
-    }
-}
+    const HAND_BACK_UNANSWERED: bool = true;
 
-/// A request dropped unanswered (its task cancelled) fails with EIO instead of holding its
-/// entry, and its reader, forever.
-impl Drop for RingReply {
-    fn drop(&mut self) {
-        if !self.sent {
-            self.finish(-libc::EIO, &[]);
-        }
-    }
-}
-
-impl RingReply {
-    fn finish(&self, error: i32, body: &[u8]) {
+    fn deliver(&self, error: i32, body: &[u8]) {
         let n = if error == 0 { body.len().min(MAX_WRITE) } else { 0 };
         // SAFETY: this reply owns the entry until its commit (see `Entry`); `n <= MAX_WRITE`.
         unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), self.queue.payload(self.entry), n) };
@@ -373,7 +354,7 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
                     continue;
                 }
             }
-            let reply = RingReply { queue: q.clone(), entry: i, unique: h.map_or(commit_id, |h| h.unique), commit_id, sent: false };
+            let reply = Reply::new(RingReply { queue: q.clone(), entry: i, unique: h.map_or(commit_id, |h| h.unique), commit_id });
             match h {
                 Some(h) => fs.serve(&h, &arg, reply),
                 None => reply.send(-libc::EINVAL, &[]),
