@@ -36,11 +36,33 @@ struct CacheRead {
     done: usize,
 }
 
+/// A buffer the kernel and this process both write, reached only through its raw pointer
+/// (never through a Rust reference), freed on drop.
+struct RawBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl RawBuf {
+    fn zeroed(len: usize) -> Self {
+        let ptr = Box::into_raw(vec![0u8; len].into_boxed_slice()).cast::<u8>();
+        RawBuf { ptr, len }
+    }
+}
+
+impl Drop for RawBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `Box::into_raw` of a boxed slice of `len` bytes, freed once.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+    }
+}
+
 /// One entry's buffers. Owned by the kernel from REGISTER or COMMIT_AND_FETCH until the
-/// completion that delivers a request, then by exactly one `RingReply` until its commit.
+/// completion that delivers a request, then by exactly one `RingReply` (or the queue thread's
+/// cache read) until its commit.
 struct Entry {
-    header: Box<[u8]>,
-    payload: Box<[u8]>,
+    header: RawBuf,
+    payload: RawBuf,
     iov: [libc::iovec; 2],
 }
 
@@ -54,7 +76,7 @@ struct Queue {
     /// Written to wake the queue thread (pending commits, or stop).
     wake: OwnedFd,
     /// Where the queue thread's read of `wake` lands.
-    wake_buf: Box<[u8; 8]>,
+    wake_buf: RawBuf,
     thread: OnceLock<std::thread::ThreadId>,
 }
 
@@ -68,11 +90,10 @@ impl Queue {
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(DEPTH as u32 * 2)?;
         let entries = (0..DEPTH)
             .map(|_| {
-                let mut header = vec![0u8; abi::RING_HEADER].into_boxed_slice();
-                let mut payload = vec![0u8; MAX_WRITE].into_boxed_slice();
+                let (header, payload) = (RawBuf::zeroed(abi::RING_HEADER), RawBuf::zeroed(MAX_WRITE));
                 let iov = [
-                    libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() },
-                    libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() },
+                    libc::iovec { iov_base: header.ptr.cast(), iov_len: header.len },
+                    libc::iovec { iov_base: payload.ptr.cast(), iov_len: payload.len },
                 ];
                 Entry { header, payload, iov }
             })
@@ -83,7 +104,7 @@ impl Queue {
             return Err(std::io::Error::last_os_error());
         }
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Queue { qid, ring, dev, entries, pending: Mutex::new(Vec::new()), wake, wake_buf: Box::new([0; 8]), thread: OnceLock::new() })
+        Ok(Queue { qid, ring, dev, entries, pending: Mutex::new(Vec::new()), wake, wake_buf: RawBuf::zeroed(8), thread: OnceLock::new() })
     }
 
     /// A FUSE ring command for entry `i`.
@@ -115,7 +136,7 @@ impl Queue {
 
     /// Asks for the next wakeup through `wake`. Queue thread only.
     fn arm_wake(&self) -> std::io::Result<()> {
-        let e = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), self.wake_buf.as_ptr() as *mut u8, 8).build().user_data(WAKE);
+        let e = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), self.wake_buf.ptr, 8).build().user_data(WAKE);
         self.push(&squeue::Entry128::from(e))
     }
 
@@ -165,11 +186,11 @@ impl Queue {
     }
 
     fn header(&self, i: usize) -> *mut u8 {
-        self.entries[i].header.as_ptr() as *mut u8
+        self.entries[i].header.ptr
     }
 
     fn payload(&self, i: usize) -> *mut u8 {
-        self.entries[i].payload.as_ptr() as *mut u8
+        self.entries[i].payload.ptr
     }
 }
 
