@@ -304,14 +304,6 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
                 }
                 continue;
             }
-            if res < 0 {
-                // The connection ended (ENOTCONN, ECANCELED) or the kernel refused a commit.
-                live -= 1;
-                if !stop.load(Ordering::SeqCst) && res != -libc::ENOTCONN && res != -libc::ECANCELED {
-                    tracing::warn!(qid = q.qid, error = %std::io::Error::from_raw_os_error(-res), "FUSE ring entry failed");
-                }
-                continue;
-            }
             if ud & CACHE_READ != 0 {
                 let i = (ud & !CACHE_READ) as usize;
                 let Some(mut r) = reads[i].take() else { continue };
@@ -340,6 +332,14 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
                     }
                 };
                 q.commit(i, r.unique, r.commit_id, error, r.want);
+                continue;
+            }
+            if res < 0 {
+                // The connection ended (ENOTCONN, ECANCELED) or the kernel refused a commit.
+                live -= 1;
+                if !stop.load(Ordering::SeqCst) && res != -libc::ENOTCONN && res != -libc::ECANCELED {
+                    tracing::warn!(qid = q.qid, error = %std::io::Error::from_raw_os_error(-res), "FUSE ring entry failed");
+                }
                 continue;
             }
             let i = ud as usize;
