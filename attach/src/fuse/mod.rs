@@ -192,6 +192,11 @@ impl ImageFs {
                 }
             }
         }
+        self.read_on_runtime(offset, size, reply);
+    }
+
+    /// Serves a read on the runtime: a miss (fetched from the origin) or a large read.
+    fn read_on_runtime<D: Deliver>(&self, offset: u64, size: usize, reply: Reply<D>) {
         let image = self.image.clone();
         self.rt.spawn(async move {
             match image.read(offset, size as u64).await {
@@ -286,14 +291,15 @@ impl FuseExport {
 
     /// Unmounts (the kernel then ends the connection) and waits for the transport threads.
     pub fn stop(mut self) {
-        // fusectl names the connection after the mount's (anonymous) device number.
-        let conn = std::fs::metadata(&self.dir).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            libc::minor(m.dev())
-        });
         // Mounted in this process's namespace, which is private for the node plugin.
         if let Err(e) = crate::mount::unmount_own(&self.dir, false) {
             tracing::warn!(error = %e, "unmounting the FUSE export; detaching it");
+            // fusectl names the connection after the mount's (anonymous) device number, read
+            // while the mount is still there.
+            let conn = std::fs::metadata(&self.dir).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                libc::minor(m.dev())
+            });
             let _ = crate::mount::unmount_own(&self.dir, true);
             // A detached mount keeps its connection while used: end it so the threads return.
             if let Some(c) = conn {

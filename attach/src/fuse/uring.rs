@@ -372,8 +372,11 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
                     } else {
                         reads[i] = Some(r);
                     }
-                    continue;
+                } else {
+                    let reply = Reply::new(RingReply { queue: q.clone(), entry: i, unique: h.unique, commit_id });
+                    fs.read_on_runtime(offset, size, reply);
                 }
+                continue;
             }
             let reply = Reply::new(RingReply { queue: q.clone(), entry: i, unique: h.map_or(commit_id, |h| h.unique), commit_id });
             match h {
