@@ -263,9 +263,21 @@ impl LazyImage {
 
     /// Returns the image's bytes in `[offset, offset + len)`, shortened at the end of the image.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
-        let r = self.inner.read(offset, len, true).await;
+        let end = offset.saturating_add(len).min(self.inner.info.size);
+        let mut out = vec![0u8; end.saturating_sub(offset) as usize];
+        let n = self.read_into(offset, &mut out).await?;
+        out.truncate(n);
+        Ok(Bytes::from(out))
+    }
+
+    /// Like `read`, into `buf` (its length is what is asked for); returns how many bytes were
+    /// written, fewer at the end of the image. A transport with a buffer of its own (a FUSE ring
+    /// entry) saves an allocation and a copy per read: at 1 MiB requests those were a tenth of
+    /// the CPU of a cold sequential read.
+    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let r = self.inner.read_into(offset, buf, true).await;
         match &r {
-            Ok(b) => self.inner.stats.count_read(b.len() as u64),
+            Ok(n) => self.inner.stats.count_read(*n as u64),
             Err(_) => self.inner.stats.count_error(),
         }
         r
@@ -463,11 +475,13 @@ impl Inner {
         (start, (start + self.chunk_size).min(self.info.size))
     }
 
-    async fn read(self: &Arc<Self>, offset: u64, len: u64, allow_readahead: bool) -> Result<Bytes> {
-        if offset >= self.info.size || len == 0 {
-            return Ok(Bytes::new());
+    /// Fills `out[..n]` with the image's bytes at `offset`, where `n` is `out.len()` shortened at
+    /// the end of the image; returns `n`.
+    async fn read_into(self: &Arc<Self>, offset: u64, out: &mut [u8], allow_readahead: bool) -> Result<usize> {
+        if offset >= self.info.size || out.is_empty() {
+            return Ok(0);
         }
-        let end = offset.saturating_add(len).min(self.info.size);
+        let end = offset.saturating_add(out.len() as u64).min(self.info.size);
         let (c0, c1) = (offset / self.chunk_size, (end - 1) / self.chunk_size);
         let ahead = if allow_readahead { self.readahead_range(offset, end) } else { None };
 
@@ -516,7 +530,6 @@ impl Inner {
             self.start_readahead(a, b);
         }
 
-        let mut out = vec![0u8; (end - offset) as usize];
         let mut i = 0usize;
         while i < plan.len() {
             let c = c0 + i as u64;
@@ -548,7 +561,7 @@ impl Inner {
                 }
             }
         }
-        Ok(Bytes::from(out))
+        Ok((end - offset) as usize)
     }
 
     /// Claims the chunks of `[a, b)` that are neither present nor in flight and starts fetching

@@ -416,10 +416,12 @@ async fn cache_limit_evicts_unused_images_and_caps_growth() {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
-    /// Any mix of concurrent reads returns exactly the source's bytes, cold or warm.
+    /// Any mix of concurrent reads returns exactly the source's bytes, cold or warm, whether
+    /// they come back as a new buffer (`read`) or are written into the caller's (`read_into`,
+    /// which must leave the bytes past the image's end untouched).
     #[test]
     fn random_concurrent_reads_equal_source(
-        reads in prop::collection::vec((0u64..(SIZE as u64 + 5000), 1u64..70_000), 1..40),
+        reads in prop::collection::vec((0u64..(SIZE as u64 + 5000), 1u64..70_000, any::<bool>()), 1..40),
         chunk_shift in 12u32..15,
     ) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(3).enable_all().build().unwrap();
@@ -430,13 +432,21 @@ proptest! {
             let mut cfg = config(dir.path());
             cfg.chunk_size = 1 << chunk_shift;
             let img = LazyImage::open(src, cfg).await.unwrap();
-            let tasks: Vec<_> = reads.into_iter().map(|(off, len)| {
+            let tasks: Vec<_> = reads.into_iter().map(|(off, len, into)| {
                 let (img, data) = (img.clone(), data.clone());
                 tokio::spawn(async move {
-                    let got = img.read(off, len).await.unwrap();
                     let n = data.len() as u64;
                     let (a, b) = (off.min(n) as usize, (off + len).min(n) as usize);
-                    assert_eq!(&got[..], &data[a..b], "read {off}+{len}");
+                    if into {
+                        let mut buf = vec![0xA5u8; len as usize];
+                        let got = img.read_into(off, &mut buf).await.unwrap();
+                        assert_eq!(got, b - a, "read_into {off}+{len}: length");
+                        assert_eq!(&buf[..got], &data[a..b], "read_into {off}+{len}");
+                        assert!(buf[got..].iter().all(|&x| x == 0xA5), "read_into {off}+{len} wrote past the image");
+                    } else {
+                        let got = img.read(off, len).await.unwrap();
+                        assert_eq!(&got[..], &data[a..b], "read {off}+{len}");
+                    }
                 })
             }).collect();
             for t in tasks { t.await.unwrap(); }

@@ -48,6 +48,13 @@ trait Deliver: Send + 'static {
     const HAND_BACK_UNANSWERED: bool;
     /// `error` is 0 or a negative errno; `body` is ignored with an error.
     fn deliver(&self, error: i32, body: &[u8]);
+    /// The transport's own buffer for an answer of up to `len` bytes, if it has one (a ring
+    /// entry's payload): an answer written there goes out by `deliver_written`, with no copy.
+    fn payload(&mut self, _len: usize) -> Option<&mut [u8]> {
+        None
+    }
+    /// Delivers the first `n` bytes of `payload` as the answer.
+    fn deliver_written(&self, n: usize);
 }
 
 /// The answer to one request, given once. Dropped unanswered (its task cancelled), it fails the
@@ -65,6 +72,16 @@ impl<D: Deliver> Reply<D> {
     fn send(mut self, error: i32, body: &[u8]) {
         self.sent = true;
         self.to.deliver(error, body);
+    }
+
+    fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.to.payload(len)
+    }
+
+    /// Answers with the first `n` bytes written into `payload`.
+    fn send_written(mut self, n: usize) {
+        self.sent = true;
+        self.to.deliver_written(n);
     }
 
     /// For requests the kernel expects no answer to.
@@ -107,6 +124,11 @@ impl Deliver for DevReply {
                 tracing::debug!(error = %e, "FUSE reply not delivered");
             }
         }
+    }
+
+    fn deliver_written(&self, _n: usize) {
+        // `payload` never hands out a buffer here, so nothing can have been written to one.
+        self.deliver(-libc::EIO, &[]);
     }
 }
 
@@ -199,8 +221,15 @@ impl ImageFs {
     fn read_on_runtime<D: Deliver>(&self, offset: u64, size: usize, reply: Reply<D>) {
         let image = self.image.clone();
         self.rt.spawn(async move {
-            match image.read(offset, size as u64).await {
-                Ok(bytes) => reply.send(0, &bytes),
+            let mut reply = reply;
+            // Straight into the transport's buffer where it has one (io_uring); else a copy.
+            let read = match reply.payload(size) {
+                Some(buf) => image.read_into(offset, buf).await.map(|n| (n, None)),
+                None => image.read(offset, size as u64).await.map(|b| (b.len(), Some(b))),
+            };
+            match read {
+                Ok((n, None)) => reply.send_written(n),
+                Ok((_, Some(bytes))) => reply.send(0, &bytes),
                 Err(e) => {
                     tracing::warn!(offset, size, error = %e.report(), "image read failed");
                     reply.send(-e.kind().errno(), &[]);

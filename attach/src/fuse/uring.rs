@@ -209,6 +209,23 @@ impl Deliver for RingReply {
         let n = if error == 0 { body.len().min(MAX_WRITE) } else { 0 };
         // SAFETY: this reply owns the entry until its commit (see `Entry`); `n <= MAX_WRITE`.
         unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), self.queue.payload(self.entry), n) };
+        self.commit_answer(error, n);
+    }
+
+    fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
+        // SAFETY: this reply owns the entry's buffers until its commit (see `Entry`), which only
+        // `deliver*` (taking `&self`, so after this borrow ends) or its drop makes.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.queue.payload(self.entry), len.min(MAX_WRITE)) })
+    }
+
+    fn deliver_written(&self, n: usize) {
+        self.commit_answer(0, n.min(MAX_WRITE));
+    }
+}
+
+impl RingReply {
+    /// Answers with the `n` bytes in the entry's payload (or `error`) and has it committed.
+    fn commit_answer(&self, error: i32, n: usize) {
         self.queue.answer(self.entry, self.unique, error, n);
         self.queue.pending.lock().unwrap_or_else(|p| p.into_inner()).push((self.entry, self.commit_id));
         // The queue thread submits after each batch; anyone else must wake it.
