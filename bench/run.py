@@ -84,16 +84,21 @@ http {{ log_format b '$body_bytes_sent'; access_log {self.log} b;
 
 
 def read_verify(path, want_sha):
-    h = hashlib.sha256()
+    """Reads the whole file in 4 MiB steps into memory and returns the time the reads took; the
+    bytes are checked after the clock stops. Hashing inside the timed loop made this reader's
+    SHA-256 (about 1.1 GB/s here) part of every system's figure, while curl's rate, the one it
+    is compared with, has no hashing in it."""
+    buf = bytearray(os.path.getsize(path))
+    view, n = memoryview(buf), 0
     t = time.monotonic()
     with open(path, "rb", buffering=0) as f:
         while True:
-            b = f.read(4 << 20)
-            if not b:
+            got = f.readinto(view[n:n + (4 << 20)])
+            if not got:
                 break
-            h.update(b)
+            n += got
     dt = time.monotonic() - t
-    assert h.hexdigest() == want_sha, f"{path}: wrong bytes"
+    assert n == len(buf) and hashlib.sha256(buf).hexdigest() == want_sha, f"{path}: wrong bytes"
     return dt
 
 
