@@ -1,14 +1,14 @@
-use super::Bitmap;
+use super::{direct_aligned, Bitmap};
 use crate::error::{Error, ErrorKind, Result};
 use crate::source::ImageInfo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub const CACHE_FORMAT_VERSION: u32 = 1;
 /// The image's bytes at their own offsets, sparse where chunks are missing.
@@ -54,6 +54,11 @@ pub struct CacheStore {
     dir: PathBuf,
     header: CacheHeader,
     data: File,
+    /// The data file opened with `O_DIRECT`, for aligned writes (fetched runs are): they skip
+    /// the copy into the page cache, a quarter of the daemon's CPU in a cold sequential read.
+    /// `None` where the filesystem refuses it.
+    data_direct: Option<File>,
+    direct_ok: AtomicBool,
     bitmap_file: File,
     _lock: File,
     /// Bytes this image may occupy in the cache, from the node limit minus other images.
@@ -158,8 +163,10 @@ impl CacheStore {
             .open(dir.join(DATA_FILE))
             .map_err(io(&dir, "opening the data file"))?;
         data.set_len(header.info.size).map_err(io(&dir, "sizing the data file"))?;
+        let data_direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(dir.join(DATA_FILE)).ok();
         let used = AtomicU64::new(bitmap.count_ones() * header.chunk_size);
-        Ok((CacheStore { dir, header, data, bitmap_file, _lock: lock, budget, used }, bitmap))
+        let direct_ok = AtomicBool::new(data_direct.is_some());
+        Ok((CacheStore { dir, header, data, data_direct, direct_ok, bitmap_file, _lock: lock, budget, used }, bitmap))
     }
 
     pub fn dir(&self) -> &Path {
@@ -199,11 +206,32 @@ impl CacheStore {
         {
             return Ok(false);
         }
-        self.data.write_all_at(buf, offset).map_err(|e| {
+        self.write_data(buf, offset).map_err(|e| {
             self.used.fetch_sub(len, Ordering::SeqCst);
             Error::cache_io(format!("writing {len} bytes at {offset} to {}", self.dir.display()), e)
         })?;
         Ok(true)
+    }
+
+    /// Writes with `O_DIRECT` when `buf` and `offset` are aligned for it, else through the page
+    /// cache. Either way a later buffered read sees the bytes: a direct write drops the pages
+    /// it covers from the page cache.
+    fn write_data(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let direct = self.data_direct.as_ref().filter(|_| self.direct_ok.load(Ordering::Relaxed) && direct_aligned(buf, offset));
+        if let Some(f) = direct {
+            match f.write_all_at(buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // Some filesystems take O_DIRECT at open and refuse it per write: stop
+                    // trying. Any other error gets one buffered try of the same bytes below.
+                    if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) {
+                        self.direct_ok.store(false, Ordering::Relaxed);
+                    }
+                    tracing::debug!(error = %e, offset, "direct cache write failed; writing through the page cache");
+                }
+            }
+        }
+        self.data.write_all_at(buf, offset)
     }
 
     /// Makes everything written so far durable, then persists `bits` (a snapshot taken after
@@ -218,5 +246,48 @@ impl CacheStore {
 
     pub fn write_stats(&self, json: &[u8]) -> Result<()> {
         write_atomic(&self.dir, "stats.json", json).map_err(|e| Error::cache_io("writing stats.json", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::AlignedBuf;
+    use bytes::Bytes;
+
+    const CHUNK: u64 = 16 << 10;
+
+    /// Aligned runs go out with O_DIRECT, the image's short last chunk through the page cache;
+    /// both read back, even where the page cache already held the holes' zeros before the write.
+    #[test]
+    fn direct_and_buffered_writes_read_back_over_a_stale_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 5 * CHUNK + 100;
+        let info = ImageInfo { size, etag: Some("\"e\"".into()), last_modified: None };
+        let header = CacheHeader { format_version: CACHE_FORMAT_VERSION, url: "http://x/i".into(), info, chunk_size: CHUNK, manifest_digest: None };
+        let (store, _) = CacheStore::open(dir.path(), "k", header, None).unwrap();
+        let mut before = vec![1u8; size as usize];
+        store.read_at(&mut before, 0).unwrap();
+        assert!(before.iter().all(|&b| b == 0), "a new data file reads as zeros");
+
+        let mut run = AlignedBuf::zeroed(2 * CHUNK as usize);
+        for (i, b) in run.as_mut_slice().iter_mut().enumerate() {
+            *b = (i % 251) as u8 + 1;
+        }
+        let run = run.into_bytes(2 * CHUNK as usize);
+        assert!(store.write_at(&run, CHUNK).unwrap());
+        let tail = Bytes::from(vec![7u8; 100]);
+        assert!(!direct_aligned(&tail, 5 * CHUNK));
+        assert!(store.write_at(&tail, 5 * CHUNK).unwrap());
+        if store.data_direct.is_some() {
+            assert!(store.direct_ok.load(Ordering::Relaxed), "the filesystem took O_DIRECT at open, so the aligned run must have used it");
+        }
+
+        let mut after = vec![0u8; size as usize];
+        store.read_at(&mut after, 0).unwrap();
+        assert!(after[..CHUNK as usize].iter().all(|&b| b == 0));
+        assert_eq!(&after[CHUNK as usize..3 * CHUNK as usize], &run[..]);
+        assert!(after[3 * CHUNK as usize..5 * CHUNK as usize].iter().all(|&b| b == 0));
+        assert_eq!(&after[5 * CHUNK as usize..], &tail[..]);
     }
 }

@@ -4,8 +4,9 @@
 
 use super::{ImageInfo, RangeSource};
 use crate::error::{Error, ErrorKind, Result};
+use crate::cache::AlignedBuf;
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE};
 use http::StatusCode;
 use std::time::Duration;
@@ -151,26 +152,27 @@ impl RangeSource for HttpSource {
         if range != Some((offset, last)) {
             return Err(Error::new(ErrorKind::Protocol, format!("{}: answered Content-Range {cr:?}", what())));
         }
-        let mut buf = BytesMut::with_capacity(len as usize);
+        // Aligned, so the cache can write the run with O_DIRECT.
+        let mut buf = AlignedBuf::zeroed(len as usize);
+        let mut filled = 0usize;
         loop {
             match resp.chunk().await {
                 Ok(Some(part)) => {
-                    if buf.len() + part.len() > len as usize {
+                    let end = filled + part.len();
+                    if end > len as usize {
                         return Err(Error::new(ErrorKind::Protocol, format!("{}: body longer than asked", what())));
                     }
-                    buf.extend_from_slice(&part);
+                    buf.as_mut_slice()[filled..end].copy_from_slice(&part);
+                    filled = end;
                 }
                 Ok(None) => break,
                 Err(e) => return Err(Error::with_source(ErrorKind::Transport, format!("{}: reading body", what()), e)),
             }
         }
-        if buf.len() as u64 != len {
-            return Err(Error::new(
-                ErrorKind::Protocol,
-                format!("{}: body truncated at {} of {len} bytes", what(), buf.len()),
-            ));
+        if filled as u64 != len {
+            return Err(Error::new(ErrorKind::Protocol, format!("{}: body truncated at {filled} of {len} bytes", what())));
         }
-        Ok(buf.freeze())
+        Ok(buf.into_bytes(filled))
     }
 }
 
