@@ -270,11 +270,10 @@ mod tests {
         store.read_at(&mut before, 0).unwrap();
         assert!(before.iter().all(|&b| b == 0), "a new data file reads as zeros");
 
-        let mut run = AlignedBuf::zeroed(2 * CHUNK as usize);
-        for (i, b) in run.as_mut_slice().iter_mut().enumerate() {
-            *b = (i % 251) as u8 + 1;
-        }
-        let run = run.into_bytes(2 * CHUNK as usize);
+        let mut run = AlignedBuf::with_capacity(2 * CHUNK as usize);
+        let pattern: Vec<u8> = (0..2 * CHUNK as usize).map(|i| (i % 251) as u8 + 1).collect();
+        assert!(run.extend_from_slice(&pattern));
+        let run = run.into_bytes();
         assert!(store.write_at(&run, CHUNK).unwrap());
         let tail = Bytes::from(vec![7u8; 100]);
         assert!(!direct_aligned(&tail, 5 * CHUNK));

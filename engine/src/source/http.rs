@@ -153,26 +153,22 @@ impl RangeSource for HttpSource {
             return Err(Error::new(ErrorKind::Protocol, format!("{}: answered Content-Range {cr:?}", what())));
         }
         // Aligned, so the cache can write the run with O_DIRECT.
-        let mut buf = AlignedBuf::zeroed(len as usize);
-        let mut filled = 0usize;
+        let mut buf = AlignedBuf::with_capacity(len as usize);
         loop {
             match resp.chunk().await {
                 Ok(Some(part)) => {
-                    let end = filled + part.len();
-                    if end > len as usize {
+                    if buf.len() + part.len() > len as usize || !buf.extend_from_slice(&part) {
                         return Err(Error::new(ErrorKind::Protocol, format!("{}: body longer than asked", what())));
                     }
-                    buf.as_mut_slice()[filled..end].copy_from_slice(&part);
-                    filled = end;
                 }
                 Ok(None) => break,
                 Err(e) => return Err(Error::with_source(ErrorKind::Transport, format!("{}: reading body", what()), e)),
             }
         }
-        if filled as u64 != len {
-            return Err(Error::new(ErrorKind::Protocol, format!("{}: body truncated at {filled} of {len} bytes", what())));
+        if buf.len() as u64 != len {
+            return Err(Error::new(ErrorKind::Protocol, format!("{}: body truncated at {} of {len} bytes", what(), buf.len())));
         }
-        Ok(buf.into_bytes(filled))
+        Ok(buf.into_bytes())
     }
 }
 
