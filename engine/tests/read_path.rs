@@ -68,6 +68,26 @@ async fn sequential_reads_grow_readahead() {
     assert!(src.fetch_count() < 64, "requests: {}", src.fetch_count());
 }
 
+/// The loop device sends several reads at once and they arrive slightly out of order: a read
+/// that overtakes the one before it still continues the stream.
+#[tokio::test]
+async fn sequential_reads_arriving_out_of_order_grow_readahead() {
+    let data = pattern(SIZE, 6);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src.clone(), dir.path()).await;
+    let piece = 32u64 << 10;
+    for pair in (0..SIZE as u64).step_by(2 * piece as usize) {
+        for off in [pair + piece, pair] {
+            let got = img.read(off, piece).await.unwrap();
+            assert_eq!(&got[..], &data[off as usize..(off + piece) as usize]);
+        }
+    }
+    let s = img.stats();
+    assert!(s.readahead_chunks > 128, "readahead {s:?}");
+    assert!(src.fetch_count() < 64, "requests: {}", src.fetch_count());
+}
+
 /// The runtime-free fast path used by ublk queue threads: misses say so, hits return the image's
 /// bytes, and a sequential reader that only ever hits keeps readahead running ahead of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
