@@ -327,6 +327,18 @@ impl LazyImage {
         self.inner.store.data_fd()
     }
 
+    /// The cache's data file opened with `O_DIRECT`, where the filesystem allows it: for small
+    /// reads of claimed ranges aligned to `cache::DIRECT_ALIGN`, which then skip the page cache
+    /// (the filesystem above the device caches what is read). Call `direct_refused` if a read
+    /// through it fails with EINVAL.
+    pub fn cache_data_direct_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.inner.store.data_direct_fd()
+    }
+
+    pub fn direct_refused(&self) {
+        self.inner.store.direct_refused()
+    }
+
     /// The cache's data file when every chunk is in it: then it holds exactly the image, byte `o`
     /// at offset `o`, and is never written again (only misses are written, and a cache reset
     /// makes a new file), so it can be read directly, e.g. by a loop device, with no server.

@@ -11,6 +11,7 @@
 
 use super::abi::{self, InHeader};
 use super::{Deliver, ImageFs, Reply, MAX_WRITE};
+use lazy_image_engine::cache::DIRECT_ALIGN;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -26,6 +27,9 @@ const WAKE: u64 = u64::MAX;
 /// `user_data` bit of a cache file read for the entry in the low bits.
 const CACHE_READ: u64 = 1 << 32;
 
+/// Cache reads up to this size go around the page cache when aligned for it (see `read_cache`).
+const DIRECT_READ_MAX: usize = 64 << 10;
+
 /// A READ answered from the cache file through the ring, between its reads.
 #[derive(Clone, Copy)]
 struct CacheRead {
@@ -34,6 +38,8 @@ struct CacheRead {
     offset: u64,
     want: usize,
     done: usize,
+    /// The read in flight goes through the cache's `O_DIRECT` descriptor.
+    direct: bool,
 }
 
 /// A buffer the kernel and this process both write, reached only through its raw pointer
@@ -44,16 +50,26 @@ struct RawBuf {
 }
 
 impl RawBuf {
+    /// Page-aligned, so a payload can take a direct read.
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN).unwrap_or_else(|_| std::alloc::handle_alloc_error(std::alloc::Layout::new::<u8>()))
+    }
+
     fn zeroed(len: usize) -> Self {
-        let ptr = Box::into_raw(vec![0u8; len].into_boxed_slice()).cast::<u8>();
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size; a null result is handled.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
         RawBuf { ptr, len }
     }
 }
 
 impl Drop for RawBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from `Box::into_raw` of a boxed slice of `len` bytes, freed once.
-        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+        // SAFETY: `ptr` came from `alloc_zeroed` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.len)) }
     }
 }
 
@@ -177,8 +193,18 @@ impl Queue {
 
     /// Reads `[offset + done, offset + want)` of the cache file into entry `i`'s payload
     /// through the ring. Queue thread only.
-    fn read_cache(&self, fs: &ImageFs, i: usize, r: &CacheRead) -> std::io::Result<()> {
-        let fd = fs.image.cache_data_fd().as_raw_fd();
+    ///
+    /// Small aligned reads skip the page cache: the filesystem above the device caches what it
+    /// reads, and a second copy of each 4 KiB block in the cache file's page cache cost a page
+    /// insertion per miss (warm random reads, paired with a plain loop device: 0.84x -> 0.90x).
+    /// Large reads stay buffered for the kernel's readahead on the cache file.
+    fn read_cache(&self, fs: &ImageFs, i: usize, r: &mut CacheRead) -> std::io::Result<()> {
+        let (at, len) = (r.offset + r.done as u64, r.want - r.done);
+        // The payload is page-aligned, so `done` aligned means the destination is too.
+        let aligned = (at | len as u64 | r.done as u64) & (DIRECT_ALIGN as u64 - 1) == 0;
+        let direct = (r.want <= DIRECT_READ_MAX && aligned).then(|| fs.image.cache_data_direct_fd()).flatten();
+        r.direct = direct.is_some();
+        let fd = direct.unwrap_or_else(|| fs.image.cache_data_fd()).as_raw_fd();
         // SAFETY: the range is within the entry's payload (`want <= MAX_WRITE`).
         let dst = unsafe { self.payload(i).add(r.done) };
         let e = opcode::Read::new(types::Fd(fd), dst, (r.want - r.done) as u32).offset(r.offset + r.done as u64).build().user_data(CACHE_READ | i as u64);
@@ -327,9 +353,13 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
                 if res > 0 {
                     r.done += res as usize;
                 }
+                if res == -libc::EINVAL && r.direct {
+                    // The filesystem refused direct I/O after all: stop using it, read buffered.
+                    fs.image.direct_refused();
+                }
                 let error = match res {
                     _ if r.done == r.want => 0,
-                    n if n > 0 => match q.read_cache(&fs, i, &r) {
+                    n if n > 0 || (n == -libc::EINVAL && r.direct) => match q.read_cache(&fs, i, &mut r) {
                         Ok(()) => {
                             reads[i] = Some(r);
                             continue;
@@ -380,10 +410,10 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
             if let Some(h) = h.filter(|h| h.opcode == abi::READ && h.nodeid == super::FILE) {
                 let (offset, size) = (abi::u64_at(&arg, 8), (abi::u32_at(&arg, 16) as usize).min(MAX_WRITE));
                 if let Some(n) = fs.image.claim_cached(offset, size as u64) {
-                    let r = CacheRead { unique: h.unique, commit_id, offset, want: n as usize, done: 0 };
+                    let mut r = CacheRead { unique: h.unique, commit_id, offset, want: n as usize, done: 0, direct: false };
                     if r.want == 0 {
                         q.commit(i, r.unique, r.commit_id, 0, 0);
-                    } else if let Err(e) = q.read_cache(&fs, i, &r) {
+                    } else if let Err(e) = q.read_cache(&fs, i, &mut r) {
                         tracing::warn!(error = %e, "cache read not queued");
                         q.commit(i, r.unique, r.commit_id, -libc::EIO, 0);
                     } else {

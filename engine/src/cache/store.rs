@@ -56,7 +56,8 @@ pub struct CacheStore {
     data: File,
     /// The data file opened with `O_DIRECT`, for aligned writes (fetched runs are): they skip
     /// the copy into the page cache, a quarter of the daemon's CPU in a cold sequential read.
-    /// `None` where the filesystem refuses it.
+    /// Also offered to callers for small aligned reads (`data_direct_fd`). `None` where the
+    /// filesystem refuses it.
     data_direct: Option<File>,
     direct_ok: AtomicBool,
     bitmap_file: File,
@@ -163,7 +164,7 @@ impl CacheStore {
             .open(dir.join(DATA_FILE))
             .map_err(io(&dir, "opening the data file"))?;
         data.set_len(header.info.size).map_err(io(&dir, "sizing the data file"))?;
-        let data_direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(dir.join(DATA_FILE)).ok();
+        let data_direct = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(dir.join(DATA_FILE)).ok();
         let used = AtomicU64::new(bitmap.count_ones() * header.chunk_size);
         let direct_ok = AtomicBool::new(data_direct.is_some());
         Ok((CacheStore { dir, header, data, data_direct, direct_ok, bitmap_file, _lock: lock, budget, used }, bitmap))
@@ -185,6 +186,18 @@ impl CacheStore {
     pub fn data_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.data.as_fd()
+    }
+
+    /// The data file opened with `O_DIRECT`, while direct I/O works on this filesystem. Reads
+    /// through it must be aligned to `DIRECT_ALIGN` (address, offset, length).
+    pub fn data_direct_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.data_direct.as_ref().filter(|_| self.direct_ok.load(Ordering::Relaxed)).map(|f| f.as_fd())
+    }
+
+    /// For a caller whose direct read was refused (EINVAL): direct I/O is off from now on.
+    pub fn direct_refused(&self) {
+        self.direct_ok.store(false, Ordering::Relaxed);
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
