@@ -52,15 +52,16 @@ async fn adjacent_missing_chunks_are_one_request() {
     assert_eq!(src.bytes_count(), 9 * 4096);
 }
 
-#[tokio::test]
-async fn sequential_reads_grow_readahead() {
-    let data = pattern(SIZE, 5);
+/// Reads `piece`-sized reads at `offsets` (which cover the image) and checks that readahead
+/// turned them into a few large requests.
+async fn assert_reads_grow_readahead(seed: u64, piece: u64, offsets: impl IntoIterator<Item = u64>) {
+    let data = pattern(SIZE, seed);
     let src = Arc::new(FakeSource::new(data.clone()));
     let dir = tempfile::tempdir().unwrap();
     let img = open(src.clone(), dir.path()).await;
-    for off in (0..SIZE as u64).step_by(4096) {
-        let got = img.read(off, 4096).await.unwrap();
-        assert_eq!(&got[..], &data[off as usize..off as usize + 4096]);
+    for off in offsets {
+        let got = img.read(off, piece).await.unwrap();
+        assert_eq!(&got[..], &data[off as usize..(off + piece) as usize]);
     }
     let s = img.stats();
     assert!(s.readahead_chunks > 128, "readahead {s:?}");
@@ -68,24 +69,18 @@ async fn sequential_reads_grow_readahead() {
     assert!(src.fetch_count() < 64, "requests: {}", src.fetch_count());
 }
 
+#[tokio::test]
+async fn sequential_reads_grow_readahead() {
+    assert_reads_grow_readahead(5, 4096, (0..SIZE as u64).step_by(4096)).await;
+}
+
 /// The loop device sends several reads at once and they arrive slightly out of order: a read
 /// that overtakes the one before it still continues the stream.
 #[tokio::test]
 async fn sequential_reads_arriving_out_of_order_grow_readahead() {
-    let data = pattern(SIZE, 6);
-    let src = Arc::new(FakeSource::new(data.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let img = open(src.clone(), dir.path()).await;
     let piece = 32u64 << 10;
-    for pair in (0..SIZE as u64).step_by(2 * piece as usize) {
-        for off in [pair + piece, pair] {
-            let got = img.read(off, piece).await.unwrap();
-            assert_eq!(&got[..], &data[off as usize..(off + piece) as usize]);
-        }
-    }
-    let s = img.stats();
-    assert!(s.readahead_chunks > 128, "readahead {s:?}");
-    assert!(src.fetch_count() < 64, "requests: {}", src.fetch_count());
+    let swapped_pairs = (0..SIZE as u64).step_by(2 * piece as usize).flat_map(|pair| [pair + piece, pair]);
+    assert_reads_grow_readahead(6, piece, swapped_pairs).await;
 }
 
 /// The runtime-free fast path used by ublk queue threads: misses say so, hits return the image's

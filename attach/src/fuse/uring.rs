@@ -194,10 +194,11 @@ impl Queue {
     /// Reads `[offset + done, offset + want)` of the cache file into entry `i`'s payload
     /// through the ring. Queue thread only.
     ///
-    /// Small aligned reads skip the page cache: the filesystem above the device caches what it
-    /// reads, and a second copy of each 4 KiB block in the cache file's page cache cost a page
-    /// insertion per miss (warm random reads, paired with a plain loop device: 0.84x -> 0.90x).
-    /// Large reads stay buffered for the kernel's readahead on the cache file.
+    /// Small aligned reads skip the page cache while the engine offers its direct descriptor
+    /// (the cache is settled, see `cache_data_direct_fd`): the filesystem above the device
+    /// caches what it reads, and a second copy of each 4 KiB block in the cache file's page
+    /// cache cost a page insertion per read (warm random reads, paired with a plain loop device:
+    /// 0.83x -> 0.89x). Large reads stay buffered for the kernel's readahead.
     fn read_cache(&self, fs: &ImageFs, i: usize, r: &mut CacheRead) -> std::io::Result<()> {
         let (at, len) = (r.offset + r.done as u64, r.want - r.done);
         // The payload is page-aligned, so `done` aligned means the destination is too.

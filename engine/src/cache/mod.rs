@@ -14,7 +14,7 @@ mod bitmap;
 mod evict;
 mod store;
 
-pub use aligned::{direct_aligned, AlignedBuf, DIRECT_ALIGN};
+pub use aligned::{AlignedBuf, DIRECT_ALIGN};
 pub use bitmap::Bitmap;
 pub use evict::{evict_unused, list_images, CachedImage};
 pub use store::{cache_key, CacheHeader, CacheStore, CACHE_FORMAT_VERSION, DATA_FILE};

@@ -152,7 +152,7 @@ impl RangeSource for HttpSource {
         if range != Some((offset, last)) {
             return Err(Error::new(ErrorKind::Protocol, format!("{}: answered Content-Range {cr:?}", what())));
         }
-        // Aligned, so the cache can write the run with O_DIRECT.
+        // From the pool: a new multi-MiB buffer per fetch faults in every page.
         let mut buf = AlignedBuf::with_capacity(len as usize);
         loop {
             match resp.chunk().await {
