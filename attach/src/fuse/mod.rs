@@ -53,8 +53,11 @@ trait Deliver: Send + 'static {
     fn payload(&mut self, _len: usize) -> Option<&mut [u8]> {
         None
     }
-    /// Delivers the first `n` bytes of `payload` as the answer.
-    fn deliver_written(&self, n: usize);
+    /// Delivers the first `n` bytes of `payload` as the answer. Only transports whose
+    /// `payload` hands out a buffer are ever asked to.
+    fn deliver_written(&self, _n: usize) {
+        self.deliver(-libc::EIO, &[]);
+    }
 }
 
 /// The answer to one request, given once. Dropped unanswered (its task cancelled), it fails the
@@ -124,11 +127,6 @@ impl Deliver for DevReply {
                 tracing::debug!(error = %e, "FUSE reply not delivered");
             }
         }
-    }
-
-    fn deliver_written(&self, _n: usize) {
-        // `payload` never hands out a buffer here, so nothing can have been written to one.
-        self.deliver(-libc::EIO, &[]);
     }
 }
 

@@ -9,12 +9,12 @@
 //! follows the chunk's write, and bits are only ever added while a header stays the same, so any
 //! mix of old and new bitmap bytes after a crash describes durable data.
 
-mod aligned;
 mod bitmap;
+mod buf_pool;
 mod evict;
 mod store;
 
-pub use aligned::{AlignedBuf, DIRECT_ALIGN};
 pub use bitmap::Bitmap;
+pub use buf_pool::PooledBuf;
 pub use evict::{evict_unused, list_images, CachedImage};
-pub use store::{cache_key, CacheHeader, CacheStore, CACHE_FORMAT_VERSION, DATA_FILE};
+pub use store::{cache_key, CacheHeader, CacheStore, CACHE_FORMAT_VERSION, DATA_FILE, DIRECT_ALIGN};

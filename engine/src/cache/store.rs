@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub const CACHE_FORMAT_VERSION: u32 = 1;
 /// The image's bytes at their own offsets, sparse where chunks are missing.
 pub const DATA_FILE: &str = "data";
+/// Memory address, file offset and length must all be multiples of this for a read through
+/// `data_direct_fd` (the largest logical block size in common use).
+pub const DIRECT_ALIGN: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheHeader {
@@ -244,7 +247,6 @@ impl CacheStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::DIRECT_ALIGN;
 
     const CHUNK: u64 = 16 << 10;
 

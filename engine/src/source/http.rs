@@ -4,7 +4,7 @@
 
 use super::{ImageInfo, RangeSource};
 use crate::error::{Error, ErrorKind, Result};
-use crate::cache::AlignedBuf;
+use crate::cache::PooledBuf;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE};
@@ -153,7 +153,7 @@ impl RangeSource for HttpSource {
             return Err(Error::new(ErrorKind::Protocol, format!("{}: answered Content-Range {cr:?}", what())));
         }
         // From the pool: a new multi-MiB buffer per fetch faults in every page.
-        let mut buf = AlignedBuf::with_capacity(len as usize);
+        let mut buf = PooledBuf::with_capacity(len as usize);
         loop {
             match resp.chunk().await {
                 Ok(Some(part)) => {

@@ -1,15 +1,14 @@
-//! Page-aligned buffers that fetched runs land in, pooled: each fresh multi-MiB allocation is a
-//! new mapping whose pages fault in (zeroed by the kernel) one by one as the body arrives. In a
-//! cold sequential read those faults were about a fifth of the daemon's CPU.
+//! Buffers that fetched runs land in, pooled: each fresh multi-MiB allocation is a new mapping
+//! whose pages fault in (zeroed by the kernel) one by one as the body arrives. In a cold
+//! sequential read those faults were about a fifth of the daemon's CPU.
 
 use bytes::Bytes;
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
-/// Memory address, file offset and length must all be multiples of this for direct I/O (the
-/// largest logical block size in common use); these buffers are aligned to it.
-pub const DIRECT_ALIGN: usize = 4096;
+/// Allocation unit and alignment (a page).
+const PAGE: usize = 4096;
 /// Buffers of at least this capacity are pooled (smaller ones come from the allocator's heap
 /// without new mappings anyway).
 const POOL_MIN: usize = 256 << 10;
@@ -23,35 +22,35 @@ unsafe impl Send for FreeBuf {}
 static POOL: Mutex<(Vec<FreeBuf>, usize)> = Mutex::new((Vec::new(), 0));
 
 fn layout(cap: usize) -> Layout {
-    Layout::from_size_align(cap, DIRECT_ALIGN).unwrap_or_else(|_| handle_alloc_error(Layout::new::<u8>()))
+    Layout::from_size_align(cap, PAGE).unwrap_or_else(|_| handle_alloc_error(Layout::new::<u8>()))
 }
 
-/// A `DIRECT_ALIGN`-aligned buffer filled from the front; only the filled part is ever read.
-pub struct AlignedBuf {
+/// A buffer filled from the front; only the filled part is ever read.
+pub struct PooledBuf {
     ptr: NonNull<u8>,
     cap: usize,
     len: usize,
 }
 
 // SAFETY: plain bytes owned by this value alone; `&` gives only reads of the filled part.
-unsafe impl Send for AlignedBuf {}
-unsafe impl Sync for AlignedBuf {}
+unsafe impl Send for PooledBuf {}
+unsafe impl Sync for PooledBuf {}
 
-impl AlignedBuf {
+impl PooledBuf {
     /// An empty buffer that holds at least `min` bytes.
     pub fn with_capacity(min: usize) -> Self {
-        let cap = if min >= POOL_MIN { min.next_power_of_two() } else { min.max(1).next_multiple_of(DIRECT_ALIGN) };
+        let cap = if min >= POOL_MIN { min.next_power_of_two() } else { min.max(1).next_multiple_of(PAGE) };
         if cap >= POOL_MIN {
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(i) = pool.0.iter().position(|b| b.1 == cap) {
                 let FreeBuf(ptr, _) = pool.0.swap_remove(i);
                 pool.1 -= cap;
-                return AlignedBuf { ptr, cap, len: 0 };
+                return PooledBuf { ptr, cap, len: 0 };
             }
         }
         // SAFETY: the layout has a non-zero size.
         let ptr = NonNull::new(unsafe { alloc(layout(cap)) }).unwrap_or_else(|| handle_alloc_error(layout(cap)));
-        AlignedBuf { ptr, cap, len: 0 }
+        PooledBuf { ptr, cap, len: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -81,14 +80,14 @@ impl AlignedBuf {
     }
 }
 
-impl AsRef<[u8]> for AlignedBuf {
+impl AsRef<[u8]> for PooledBuf {
     fn as_ref(&self) -> &[u8] {
         // SAFETY: the first `len` bytes were written by `extend_from_slice`.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl Drop for AlignedBuf {
+impl Drop for PooledBuf {
     fn drop(&mut self) {
         if self.cap >= POOL_MIN {
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
@@ -109,16 +108,16 @@ mod tests {
 
     #[test]
     fn filled_part_only_and_bounded() {
-        let mut b = AlignedBuf::with_capacity(3 * DIRECT_ALIGN);
+        let mut b = PooledBuf::with_capacity(3 * PAGE);
         assert!(b.extend_from_slice(b"hello"));
-        assert!(b.extend_from_slice(&vec![9u8; 2 * DIRECT_ALIGN - 5]));
-        assert!(!b.extend_from_slice(&vec![1u8; 2 * DIRECT_ALIGN]), "past the capacity");
+        assert!(b.extend_from_slice(&vec![9u8; 2 * PAGE - 5]));
+        assert!(!b.extend_from_slice(&vec![1u8; 2 * PAGE]), "past the capacity");
         let bytes = b.into_bytes();
-        assert_eq!(bytes.len(), 2 * DIRECT_ALIGN);
+        assert_eq!(bytes.len(), 2 * PAGE);
         assert_eq!(&bytes[..5], b"hello");
         assert!(bytes[5..].iter().all(|&x| x == 9));
-        assert_eq!(bytes.as_ptr() as usize % DIRECT_ALIGN, 0);
-        assert_eq!(AlignedBuf::with_capacity(0).into_bytes().len(), 0);
+        assert_eq!(bytes.as_ptr() as usize % PAGE, 0);
+        assert_eq!(PooledBuf::with_capacity(0).into_bytes().len(), 0);
     }
 
     #[test]
@@ -126,7 +125,7 @@ mod tests {
         let size = 1 << 20;
         let bufs: Vec<_> = (0..64)
             .map(|i| {
-                let mut b = AlignedBuf::with_capacity(size);
+                let mut b = PooledBuf::with_capacity(size);
                 assert!(b.is_empty(), "a reused buffer shows none of its old bytes");
                 assert!(b.extend_from_slice(&vec![i as u8; size]));
                 b.into_bytes()
@@ -134,7 +133,7 @@ mod tests {
             .collect();
         drop(bufs);
         assert!(POOL.lock().unwrap().1 <= POOL_MAX_BYTES);
-        let mut again = AlignedBuf::with_capacity(size);
+        let mut again = PooledBuf::with_capacity(size);
         assert!(again.is_empty());
         assert!(again.extend_from_slice(&[5u8; 10]));
         assert_eq!(again.as_ref(), &[5u8; 10]);
