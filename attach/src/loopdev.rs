@@ -37,7 +37,7 @@ impl LoopDevice {
         let dev = losetup(&["--find".as_ref(), "--show".as_ref(), "--read-only".as_ref(), "--direct-io=on".as_ref(), f])
             .or_else(|_| losetup(&["--find".as_ref(), "--show".as_ref(), "--read-only".as_ref(), f]))?;
         let dev = Self::checked(dev)?;
-        dev.tune_readahead();
+        dev.tune_queue();
         Ok(dev)
     }
 
@@ -57,12 +57,17 @@ impl LoopDevice {
     }
 
     /// The block layer's readahead (128 KiB by default) is what a sequential reader asks of us
-    /// at a time; a larger window keeps the engine's parallel fetches busy.
-    fn tune_readahead(&self) {
+    /// at a time; a larger window keeps the engine's parallel fetches busy. Requests are capped at
+    /// the largest FUSE read: the loop device's own limit (1280 KiB) reached us as a 1 MiB read and
+    /// a 256 KiB one (cold sequential at 0 ms, paired: 706-770 -> 794-854 MiB/s).
+    fn tune_queue(&self) {
         let Some(name) = self.path.file_name().and_then(|n| n.to_str()) else { return };
-        let p = format!("/sys/block/{name}/queue/read_ahead_kb");
-        if let Err(e) = std::fs::write(&p, crate::READ_AHEAD_KB) {
-            tracing::debug!(error = %e, "cannot raise {p}");
+        let queue = format!("/sys/block/{name}/queue");
+        let max_kb = (crate::fuse::MAX_WRITE >> 10).to_string();
+        for (knob, value) in [("read_ahead_kb", crate::READ_AHEAD_KB), ("max_sectors_kb", max_kb.as_str())] {
+            if let Err(e) = std::fs::write(format!("{queue}/{knob}"), value) {
+                tracing::debug!(error = %e, "cannot set {queue}/{knob}");
+            }
         }
     }
 

@@ -48,6 +48,23 @@ fn fuse_partial_read_and_warm_reuse() {
     partial_read_and_warm_reuse(&Env::new("fuse"));
 }
 
+/// The loop device over the FUSE file reads far ahead, in requests FUSE takes whole (1 MiB).
+#[test]
+fn fuse_loop_queue_is_tuned() {
+    if !host_ready() {
+        return;
+    }
+    let env = Env::new("fuse");
+    make_tree(&env.p("tree"), 5, &[1 << 20]);
+    make_image("ext4", &env.p("tree"), &env.p("srv/q.img"));
+    let child = env.mount(&format!("{}/q.img", env.base), "m", &[]);
+    let dev = lazy_image_attach::mount_source(&env.p("m")).unwrap().expect("mounted from a device");
+    let queue = Path::new("/sys/block").join(dev.file_name().unwrap()).join("queue");
+    let knob = |k: &str| std::fs::read_to_string(queue.join(k)).unwrap().trim().to_string();
+    assert_eq!((knob("read_ahead_kb").as_str(), knob("max_sectors_kb").as_str()), ("4096", "1024"));
+    env.umount("m", child);
+}
+
 #[test]
 fn fuse_corrupt_chunk_is_eio() {
     if !host_ready() {

@@ -35,7 +35,7 @@ const FILE: u64 = 2;
 const TTL_S: u64 = 3600;
 /// Largest request the kernel sends (readahead of the loop device); also the payload buffer of
 /// each io_uring entry.
-const MAX_WRITE: usize = 1 << 20;
+pub(crate) const MAX_WRITE: usize = 1 << 20;
 const MAX_PAGES: u16 = (MAX_WRITE / 4096) as u16;
 /// Reads up to this size that hit the cache are served on the transport thread (see `read`).
 const SYNC_HIT_MAX: usize = 64 << 10;
