@@ -55,10 +55,7 @@ fn fuse_loop_queue_is_tuned() {
         return;
     }
     let env = Env::new("fuse");
-    make_tree(&env.p("tree"), 5, &[1 << 20]);
-    make_image("ext4", &env.p("tree"), &env.p("srv/q.img"));
-    let child = env.mount(&format!("{}/q.img", env.base), "m", &[]);
-    let dev = lazy_image_attach::mount_source(&env.p("m")).unwrap().expect("mounted from a device");
+    let (child, dev) = mount_small_image(&env, "ext4", "m");
     let queue = Path::new("/sys/block").join(dev.file_name().unwrap()).join("queue");
     let knob = |k: &str| std::fs::read_to_string(queue.join(k)).unwrap().trim().to_string();
     assert_eq!((knob("read_ahead_kb").as_str(), knob("max_sectors_kb").as_str()), ("4096", "1024"));

@@ -83,10 +83,7 @@ fn ublk_device_refuses_writes() {
         return;
     }
     let env = Env::new("ublk");
-    make_tree(&env.p("tree"), 5, &[1 << 20]);
-    make_image("erofs", &env.p("tree"), &env.p("srv/ro.img"));
-    let child = env.mount(&format!("{}/ro.img", env.base), "ro", &[]);
-    let dev = lazy_image_attach::mount_source(&env.p("ro")).unwrap().expect("mounted");
+    let (child, dev) = mount_small_image(&env, "erofs", "ro");
     assert!(dev.to_string_lossy().starts_with("/dev/ublkb"), "{dev:?}");
     assert_eq!(std::fs::read_to_string(format!("/sys/block/{}/ro", dev.file_name().unwrap().to_string_lossy())).unwrap().trim(), "1");
     let res = std::fs::OpenOptions::new().write(true).open(&dev).and_then(|f| f.write_all_at(&[0u8; 4096], 0));

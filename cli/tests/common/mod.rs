@@ -207,6 +207,15 @@ pub fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
     }
 }
 
+/// Mounts a one-file `fs` image named after `mnt`; returns the daemon and the device mounted.
+pub fn mount_small_image(env: &Env, fs: &str, mnt: &str) -> (Child, PathBuf) {
+    make_tree(&env.p("tree"), 5, &[1 << 20]);
+    make_image(fs, &env.p("tree"), &env.p(&format!("srv/{mnt}.img")));
+    let child = env.mount(&format!("{}/{mnt}.img", env.base), mnt, &[]);
+    let dev = lazy_image_attach::mount_source(&env.p(mnt)).unwrap().expect("mounted from a device");
+    (child, dev)
+}
+
 pub fn check_sums(root: &Path, sums: &BTreeMap<String, String>) {
     for (name, want) in sums {
         let got = hex::encode(Sha256::digest(std::fs::read(root.join(name)).unwrap()));
