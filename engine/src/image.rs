@@ -7,6 +7,8 @@
 //! streams grow a readahead window whose runs go through a separate, smaller pool so they never
 //! starve demand misses. Fetched chunks are verified against the manifest when there is one,
 //! written to the cache, and only then marked present; a background task persists the bitmap.
+//! Read-ahead runs are written around the page cache and kept in memory until their reader has
+//! copied them (`RunKind`, `copy_recent`).
 
 use crate::cache::{cache_key, evict_unused, Bitmap, CacheHeader, CacheStore, CACHE_FORMAT_VERSION};
 use crate::error::{Error, ErrorKind, Result};
@@ -16,7 +18,7 @@ use crate::stats::{Stats, StatsSnapshot};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -105,6 +107,50 @@ struct Run {
 
 type RunFuture = Shared<BoxFuture<'static, Result<Run>>>;
 
+/// Why a run is fetched: decides its fetch pool and how it is written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RunKind {
+    /// A reader waits on it.
+    Demand,
+    /// Ahead of a sequential reader, who reads it within moments.
+    Readahead,
+    /// The background fill beside readers (`fill_in_background`).
+    Fill,
+    /// `prefetch_all`: nobody reads meanwhile.
+    Prefetch,
+}
+
+impl RunKind {
+    fn readahead_pool(self) -> bool {
+        matches!(self, RunKind::Readahead | RunKind::Fill)
+    }
+
+    /// Written around the page cache: copying fetched bytes into the cache file's page cache
+    /// was 36-52% of the CPU of filling an image (`lazy-image warm`), and the filesystem above
+    /// caches what its readers read anyway. Demand and fill runs keep the page cache: random
+    /// readers find them there later.
+    fn direct(self) -> bool {
+        matches!(self, RunKind::Readahead | RunKind::Prefetch)
+    }
+
+    /// Kept in memory after its direct write for the reader it was fetched ahead of.
+    fn kept_for_reader(self) -> bool {
+        self == RunKind::Readahead
+    }
+}
+
+/// How long a read-ahead run stays in memory for its reader at most.
+const RECENT_TTL: Duration = Duration::from_secs(5);
+
+/// A read-ahead run kept for the reader it was fetched ahead of.
+struct Recent {
+    run: Run,
+    /// Bytes readers copied from it: it is dropped once they add up to the whole run (the
+    /// filesystem above caches what it read).
+    copied: usize,
+    at: Instant,
+}
+
 struct State {
     present: Bitmap,
     inflight: HashMap<u64, RunFuture>,
@@ -141,6 +187,9 @@ struct Inner {
     store: CacheStore,
     state: Mutex<State>,
     streams: Mutex<Vec<Stream>>,
+    /// Read-ahead runs written around the page cache, oldest first: the sequential reader they
+    /// were fetched for reads them soon after they land.
+    recent: Mutex<VecDeque<Recent>>,
     demand_slots: Semaphore,
     readahead_slots: Semaphore,
     stats: Arc<Stats>,
@@ -218,6 +267,7 @@ impl LazyImage {
             store,
             state: Mutex::new(State { present, inflight: HashMap::new(), dirty: false, written: 0, synced: 0 }),
             streams: Mutex::new(Vec::new()),
+            recent: Mutex::new(VecDeque::new()),
             stats,
             health: Mutex::new(Health::default()),
             writes_pending: AtomicUsize::new(0),
@@ -292,6 +342,9 @@ impl LazyImage {
     /// thread: the FUSE thread serves warm reads this way without a hop to the async runtime.
     pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
         let Some(n) = self.claim_cached(offset, buf.len() as u64) else { return Ok(None) };
+        if self.inner.copy_recent(offset, &mut buf[..n as usize]) {
+            return Ok(Some(n as usize));
+        }
         if let Err(e) = self.inner.store.read_at(&mut buf[..n as usize], offset) {
             self.inner.stats.count_error();
             return Err(e);
@@ -322,6 +375,13 @@ impl LazyImage {
             inner.start_readahead(a, b);
         }
         Some(end - offset)
+    }
+
+    /// For callers of `claim_cached` that read the cache file themselves: copies a claimed range
+    /// from memory instead when it was written moments ago around the page cache (read-ahead
+    /// runs), where the file would have to go to disk for it. False if memory lacks any of it.
+    pub fn copy_recent(&self, offset: u64, out: &mut [u8]) -> bool {
+        self.inner.copy_recent(offset, out)
     }
 
     /// The cache's data file: byte `o` of the image is at offset `o`. Only ranges that
@@ -362,7 +422,7 @@ impl LazyImage {
     /// requests of up to `max_request` at a time through the demand pool; `progress` gets
     /// (chunks present, chunks total). Ends like `fill_in_background`.
     pub async fn prefetch_all(&self, parallel: usize, progress: impl FnMut(u64, u64)) -> Result<()> {
-        self.fill_missing(parallel.max(1), self.inner.cfg.max_request, false, progress).await
+        self.fill_missing(parallel.max(1), self.inner.cfg.max_request, RunKind::Prefetch, progress).await
     }
 
     /// Fetches every chunk still missing while the image is in use: through the readahead pool,
@@ -372,7 +432,7 @@ impl LazyImage {
     /// retries exhausted, a corrupt chunk, a cache limit with no room for the whole image).
     /// Dropping the future stops it; fetches already started finish on their own.
     pub async fn fill_in_background(&self) -> Result<()> {
-        self.fill_missing(FILL_REQUESTS, FILL_REQUEST_BYTES, true, |_, _| {}).await
+        self.fill_missing(FILL_REQUESTS, FILL_REQUEST_BYTES, RunKind::Fill, |_, _| {}).await
     }
 
     /// `fill_in_background` for a long-lived process (a node plugin, a mount daemon): when the fill
@@ -402,7 +462,7 @@ impl LazyImage {
 
     /// Walks the image in order and fetches the chunks neither present nor in flight, `requests`
     /// of at most `request_bytes` at a time, through the readahead or the demand pool.
-    async fn fill_missing(&self, requests: usize, request_bytes: u64, readahead: bool, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+    async fn fill_missing(&self, requests: usize, request_bytes: u64, kind: RunKind, mut progress: impl FnMut(u64, u64)) -> Result<()> {
         use futures::stream::{self, StreamExt, TryStreamExt};
         let inner = &self.inner;
         let per = (request_bytes.min(inner.cfg.max_request) / inner.chunk_size).max(1);
@@ -413,7 +473,7 @@ impl LazyImage {
                     let me = inner.clone();
                     async move {
                         // Claimed only when its turn comes: chunks readers fetched meanwhile are skipped.
-                        let runs = me.claim_missing(a, (a + per).min(me.chunks), readahead);
+                        let runs = me.claim_missing(a, (a + per).min(me.chunks), kind);
                         for f in &runs {
                             me.rt.spawn(f.clone());
                         }
@@ -481,6 +541,7 @@ async fn flusher(weak: Weak<Inner>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let Some(inner) = weak.upgrade() else { return };
+        inner.expire_recent();
         if let Err(e) = inner.flush().await {
             tracing::warn!(error = %e.report(), "persisting cache state failed");
         }
@@ -535,7 +596,7 @@ impl Inner {
                     && (c == c1 || st.present.get(c + 1) || st.inflight.contains_key(&(c + 1)));
                 if run_ends {
                     if let Some(first) = claim_from.take() {
-                        for f in self.claim_runs(&mut st, first, c + 1, false) {
+                        for f in self.claim_runs(&mut st, first, c + 1, RunKind::Demand) {
                             for k in f.0..f.1 {
                                 plan[(k - c0) as usize] = Slot::Wait(f.2.clone());
                             }
@@ -564,7 +625,10 @@ impl Inner {
                     }
                     let a = (c * self.chunk_size).max(offset);
                     let b = self.chunk_range(c0 + j as u64 - 1).1.min(end);
-                    self.store.read_at(&mut out[(a - offset) as usize..(b - offset) as usize], a)?;
+                    let dst = &mut out[(a - offset) as usize..(b - offset) as usize];
+                    if !self.copy_recent(a, dst) {
+                        self.store.read_at(dst, a)?;
+                    }
                     i = j;
                 }
                 Slot::Wait(f) => {
@@ -591,14 +655,14 @@ impl Inner {
     /// them through the readahead pool.
     fn start_readahead(self: &Arc<Self>, a: u64, b: u64) {
         let (r0, r1) = (a / self.chunk_size, b.div_ceil(self.chunk_size).min(self.chunks));
-        for f in self.claim_missing(r0, r1, true) {
+        for f in self.claim_missing(r0, r1, RunKind::Readahead) {
             self.rt.spawn(f);
         }
     }
 
     /// Claims the chunks in `[r0, r1)` that are neither present nor in flight, as runs for the
     /// readahead or the demand pool, and returns their futures for the caller to spawn.
-    fn claim_missing(self: &Arc<Self>, r0: u64, r1: u64, readahead: bool) -> Vec<RunFuture> {
+    fn claim_missing(self: &Arc<Self>, r0: u64, r1: u64, kind: RunKind) -> Vec<RunFuture> {
         let mut runs = Vec::new();
         let mut claimed = 0;
         {
@@ -614,11 +678,11 @@ impl Inner {
                     e += 1;
                 }
                 claimed += e - c;
-                runs.extend(self.claim_runs(&mut st, c, e, readahead).into_iter().map(|r| r.2));
+                runs.extend(self.claim_runs(&mut st, c, e, kind).into_iter().map(|r| r.2));
                 c = e;
             }
         }
-        if readahead {
+        if kind.readahead_pool() {
             self.stats.count_readahead(claimed);
         } else {
             self.stats.count_chunks(0, claimed);
@@ -628,14 +692,14 @@ impl Inner {
 
     /// Splits chunks `[first, end)` into runs of at most `max_request` bytes, registers each as in
     /// flight and returns (first, end, future) per run. The caller spawns the futures.
-    fn claim_runs(self: &Arc<Self>, st: &mut State, first: u64, end: u64, readahead: bool) -> Vec<(u64, u64, RunFuture)> {
+    fn claim_runs(self: &Arc<Self>, st: &mut State, first: u64, end: u64, kind: RunKind) -> Vec<(u64, u64, RunFuture)> {
         let per = (self.cfg.max_request / self.chunk_size).max(1);
         let mut out = Vec::new();
         let mut a = first;
         while a < end {
             let b = (a + per).min(end);
             let me = self.clone();
-            let fut: RunFuture = async move { me.fetch_run(a, b, readahead).await }.boxed().shared();
+            let fut: RunFuture = async move { me.fetch_run(a, b, kind).await }.boxed().shared();
             for c in a..b {
                 st.inflight.insert(c, fut.clone());
             }
@@ -648,8 +712,8 @@ impl Inner {
     /// Fetches and verifies a run. Its readers get the bytes as soon as they are verified; the
     /// cache write goes on behind them, and the chunks stay "in flight" (served from this run's
     /// bytes) until they are on disk and marked present.
-    async fn fetch_run(self: Arc<Self>, first: u64, end: u64, readahead: bool) -> Result<Run> {
-        let result = self.fetch_verified(first, end, readahead).await;
+    async fn fetch_run(self: Arc<Self>, first: u64, end: u64, kind: RunKind) -> Result<Run> {
+        let result = self.fetch_verified(first, end, kind.readahead_pool()).await;
         match &result {
             Ok(run) => {
                 lock(&self.health).transient = None;
@@ -663,7 +727,10 @@ impl Inner {
                 self.writes_pending.fetch_add(1, Ordering::SeqCst);
                 let (me, run) = (self.clone(), run.clone());
                 self.rt.spawn(async move {
-                    let written = me.write_good_chunks(&run).await;
+                    let written = me.write_good_chunks(&run, kind.direct()).await;
+                    if written && kind.kept_for_reader() && run.bad.is_empty() {
+                        me.keep_recent(run.clone());
+                    }
                     {
                         let mut st = lock(&me.state);
                         for c in (first..end).filter(|c| !run.bad.contains(c)) {
@@ -746,19 +813,19 @@ impl Inner {
 
     /// Writes the run's verified chunks to the cache file. False if nothing could be cached
     /// (full, or an I/O error): readers still get the bytes, the chunks just stay missing.
-    async fn write_good_chunks(self: &Arc<Self>, run: &Run) -> bool {
+    async fn write_good_chunks(self: &Arc<Self>, run: &Run, direct: bool) -> bool {
         let me = self.clone();
         let run = run.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<bool> {
             if run.bad.is_empty() {
-                return me.store.write_at(&run.data, run.first * me.chunk_size);
+                return me.store.write_at(&run.data, run.first * me.chunk_size, direct);
             }
             // Rare path: write only the good chunks; a bad one must never reach the cache.
             let base = run.first * me.chunk_size;
             let end = run.first + run.data.len().div_ceil(me.chunk_size as usize) as u64;
             for c in (run.first..end).filter(|c| !run.bad.contains(c)) {
                 let (a, b) = me.chunk_range(c);
-                if !me.store.write_at(&run.data[(a - base) as usize..(b - base) as usize], a)? {
+                if !me.store.write_at(&run.data[(a - base) as usize..(b - base) as usize], a, direct)? {
                     return Ok(false);
                 }
             }
@@ -779,6 +846,59 @@ impl Inner {
                 false
             }
         }
+    }
+
+    /// Remembers a read-ahead run, just written around the page cache, for `copy_recent`. Kept
+    /// at most `RECENT_TTL`, and at most twice the readahead window in all: the window is how
+    /// far ahead of its reader a run lands.
+    fn keep_recent(&self, run: Run) {
+        let mut recent = lock(&self.recent);
+        recent.push_back(Recent { run, copied: 0, at: Instant::now() });
+        let limit = (2 * self.cfg.readahead_max).max(self.cfg.max_request) as usize;
+        let mut total: usize = recent.iter().map(|r| r.run.data.len()).sum();
+        while total > limit || recent.front().is_some_and(|r| r.at.elapsed() > RECENT_TTL) {
+            let Some(old) = recent.pop_front() else { break };
+            total -= old.run.data.len();
+        }
+    }
+
+    /// Drops recent runs past `RECENT_TTL` (their reader went away).
+    fn expire_recent(&self) {
+        lock(&self.recent).retain(|r| r.at.elapsed() <= RECENT_TTL);
+    }
+
+    /// Fills `out` with the image's bytes at `offset` from recent runs, if they hold all of it.
+    /// Callers ask only for cached chunks, and a recent run holds exactly the bytes written.
+    fn copy_recent(&self, offset: u64, out: &mut [u8]) -> bool {
+        let end = offset + out.len() as u64;
+        let mut pieces = Vec::new();
+        {
+            let mut recent = lock(&self.recent);
+            if recent.is_empty() {
+                return false;
+            }
+            let mut at = offset;
+            while at < end {
+                let span = |r: &Recent| (r.run.first * self.chunk_size, r.run.first * self.chunk_size + r.run.data.len() as u64);
+                let Some(i) = recent.iter().rposition(|r| span(r).0 <= at && at < span(r).1) else {
+                    return false;
+                };
+                let (base, run_end) = span(&recent[i]);
+                let upto = end.min(run_end);
+                pieces.push((i, recent[i].run.data.slice((at - base) as usize..(upto - base) as usize), (at - offset) as usize));
+                at = upto;
+            }
+            // Counted only once the whole range was found.
+            for (i, bytes, _) in &pieces {
+                recent[*i].copied += bytes.len();
+            }
+            recent.retain(|r| r.copied < r.run.data.len());
+        }
+        // The copies run outside the lock: other queues' readers need it too.
+        for (_, bytes, at) in pieces {
+            out[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
+        true
     }
 
     /// Tracks up to eight sequential streams; a read that continues one grows its window and

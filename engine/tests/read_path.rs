@@ -130,6 +130,43 @@ async fn cached_fast_path_serves_hits_and_keeps_readahead_going() {
 }
 
 /// Scattered reads, some landing near an earlier one by chance, must fetch only their own chunks.
+/// Read-ahead runs wait in memory for their reader (their bytes go around the page cache), and
+/// each leaves once its bytes were copied; a random miss is not kept.
+#[tokio::test]
+async fn readahead_runs_wait_in_memory_for_their_reader() {
+    let data = pattern(SIZE, 16);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src, dir.path()).await;
+    let tail = SIZE as u64 - 8192;
+    img.read(tail, 4096).await.unwrap();
+    let step = 16u64 << 10;
+    for off in (0..4 * step).step_by(step as usize) {
+        img.read(off, step).await.unwrap();
+    }
+    // The run just past the reads lands in memory once written.
+    let ahead = 4 * step;
+    let mut buf = vec![0u8; 4096];
+    let t = std::time::Instant::now();
+    while !img.copy_recent(ahead, &mut buf) {
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "no read-ahead run kept");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(&buf[..], &data[ahead as usize..ahead as usize + 4096]);
+    assert!(!img.copy_recent(tail, &mut buf), "a demand miss stays in the cache file only");
+    // Copy on through what memory holds: each run copied whole is dropped.
+    let mut at = ahead + 4096;
+    while img.copy_recent(at, &mut buf) {
+        assert_eq!(&buf[..], &data[at as usize..at as usize + 4096]);
+        at += 4096;
+    }
+    assert!(at > ahead + 4096, "the run holds more than its first page");
+    assert!(!img.copy_recent(ahead, &mut buf), "a run read whole is dropped");
+    // The cache file has the bytes all the same.
+    assert_eq!(&img.read(ahead, at - ahead).await.unwrap()[..], &data[ahead as usize..at as usize]);
+    img.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn random_reads_do_not_trigger_readahead() {
     let size = 64 << 20;

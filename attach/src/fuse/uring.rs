@@ -412,8 +412,10 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
                 let (offset, size) = (abi::u64_at(&arg, 8), (abi::u32_at(&arg, 16) as usize).min(MAX_WRITE));
                 if let Some(n) = fs.image.claim_cached(offset, size as u64) {
                     let mut r = CacheRead { unique: h.unique, commit_id, offset, want: n as usize, done: 0, direct: false };
-                    if r.want == 0 {
-                        q.commit(i, r.unique, r.commit_id, 0, 0);
+                    // SAFETY: entry `i` is ours until its commit; `n` <= the request's size <= MAX_WRITE.
+                    let payload = unsafe { std::slice::from_raw_parts_mut(q.payload(i), r.want) };
+                    if r.want == 0 || fs.image.copy_recent(offset, payload) {
+                        q.commit(i, r.unique, r.commit_id, 0, r.want);
                     } else if let Err(e) = q.read_cache(&fs, i, &mut r) {
                         tracing::warn!(error = %e, "cache read not queued");
                         q.commit(i, r.unique, r.commit_id, -libc::EIO, 0);

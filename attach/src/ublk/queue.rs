@@ -185,6 +185,7 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], ctx: &QueueConte
         return -libc::EINVAL;
     };
     let n = match ctx.image.claim_cached(offset, len as u64) {
+        Some(n) if ctx.image.copy_recent(offset, &mut dst[..n as usize]) => n as usize,
         Some(n) => match read_cache(ctx, offset, &mut dst[..n as usize]).await {
             Ok(()) => n as usize,
             Err(errno) => return errno,

@@ -57,10 +57,10 @@ pub struct CacheStore {
     dir: PathBuf,
     header: CacheHeader,
     data: File,
-    /// The data file opened with `O_DIRECT`, for callers' small aligned reads (`data_direct_fd`).
-    /// Writes stay buffered: on ext4 a direct write into a hole holds the inode lock that direct
-    /// reads share, and readers beside a background fill waited up to 260 ms (p99) behind it.
-    /// `None` where the filesystem refuses `O_DIRECT`.
+    /// The data file opened with `O_DIRECT`: for callers' small aligned reads (`data_direct_fd`),
+    /// and for the writes the engine asks to go around the page cache (`write_at`). On ext4 a
+    /// direct write into a hole holds the inode lock that direct reads share, so the engine reads
+    /// directly only while no write runs. `None` where the filesystem refuses `O_DIRECT`.
     data_direct: Option<File>,
     direct_ok: AtomicBool,
     bitmap_file: File,
@@ -167,7 +167,7 @@ impl CacheStore {
             .open(dir.join(DATA_FILE))
             .map_err(io(&dir, "opening the data file"))?;
         data.set_len(header.info.size).map_err(io(&dir, "sizing the data file"))?;
-        let data_direct = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(dir.join(DATA_FILE)).ok();
+        let data_direct = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(dir.join(DATA_FILE)).ok();
         let used = AtomicU64::new(bitmap.count_ones() * header.chunk_size);
         let direct_ok = AtomicBool::new(data_direct.is_some());
         Ok((CacheStore { dir, header, data, data_direct, direct_ok, bitmap_file, _lock: lock, budget, used }, bitmap))
@@ -210,8 +210,10 @@ impl CacheStore {
     }
 
     /// Writes chunk bytes unless that would exceed the cache budget. Returns whether it wrote:
-    /// a full cache means serving from memory, never a partial or corrupt cache.
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<bool> {
+    /// a full cache means serving from memory, never a partial or corrupt cache. `direct` asks
+    /// for `O_DIRECT` (no copy into the page cache), taken where `buf` and `offset` are aligned
+    /// for it and the filesystem allows it.
+    pub fn write_at(&self, buf: &[u8], offset: u64, direct: bool) -> Result<bool> {
         let len = buf.len() as u64;
         // Reserve before writing so concurrent writers cannot overshoot the budget together.
         let budget = self.budget.unwrap_or(u64::MAX);
@@ -222,11 +224,29 @@ impl CacheStore {
         {
             return Ok(false);
         }
-        self.data.write_all_at(buf, offset).map_err(|e| {
+        self.write_data(buf, offset, direct).map_err(|e| {
             self.used.fetch_sub(len, Ordering::SeqCst);
             Error::cache_io(format!("writing {len} bytes at {offset} to {}", self.dir.display()), e)
         })?;
         Ok(true)
+    }
+
+    fn write_data(&self, buf: &[u8], offset: u64, direct: bool) -> std::io::Result<()> {
+        let aligned = (buf.as_ptr() as usize | buf.len() | offset as usize).is_multiple_of(DIRECT_ALIGN);
+        if let Some(f) = self.data_direct.as_ref().filter(|_| direct && aligned && self.direct_ok.load(Ordering::Relaxed)) {
+            match f.write_all_at(buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // Refused per write on some filesystems: stop trying. Any other error gets
+                    // one buffered try of the same bytes.
+                    if e.raw_os_error() == Some(libc::EINVAL) {
+                        self.direct_refused();
+                    }
+                    tracing::debug!(error = %e, offset, "direct cache write failed; writing through the page cache");
+                }
+            }
+        }
+        self.data.write_all_at(buf, offset)
     }
 
     /// Makes everything written so far durable, then persists `bits` (a snapshot taken after
@@ -250,17 +270,65 @@ mod tests {
 
     const CHUNK: u64 = 16 << 10;
 
+    fn store(dir: &Path, size: u64) -> CacheStore {
+        let info = ImageInfo { size, etag: Some("\"e\"".into()), last_modified: None };
+        let header = CacheHeader { format_version: CACHE_FORMAT_VERSION, url: "http://x/i".into(), info, chunk_size: CHUNK, manifest_digest: None };
+        CacheStore::open(dir, "k", header, None).unwrap().0
+    }
+
+    /// Pages of `[offset, offset + len)` of the data file in the page cache.
+    fn resident_pages(store: &CacheStore, offset: u64, len: usize) -> usize {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&store.data_fd());
+        // SAFETY: a read-only shared mapping of an open file, unmapped below; `vec` has a byte
+        // per page of it, as mincore wants.
+        unsafe {
+            let map = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, offset as libc::off_t);
+            assert_ne!(map, libc::MAP_FAILED);
+            let mut vec = vec![0u8; len.div_ceil(4096)];
+            assert_eq!(libc::mincore(map, len, vec.as_mut_ptr()), 0);
+            libc::munmap(map, len);
+            vec.iter().filter(|&&b| b & 1 != 0).count()
+        }
+    }
+
+    /// A direct write goes around the page cache, and buffered reads see its bytes even where
+    /// the page cache held the hole's zeros before; the image's short tail (unaligned) is
+    /// written through the page cache.
+    #[test]
+    fn direct_writes_read_back_over_a_stale_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 * CHUNK + 100;
+        let store = store(dir.path(), size);
+        let mut before = vec![1u8; size as usize];
+        store.read_at(&mut before, 0).unwrap();
+        assert!(before.iter().all(|&b| b == 0), "a new data file reads as zeros");
+
+        let mut run = crate::cache::PooledBuf::with_capacity(2 * CHUNK as usize);
+        assert!(run.extend_from_slice(&(0..2 * CHUNK as usize).map(|i| (i % 251) as u8 + 1).collect::<Vec<_>>()));
+        let run = run.into_bytes();
+        assert!(store.write_at(&run, CHUNK, true).unwrap());
+        if store.data_direct_fd().is_some() {
+            assert_eq!(resident_pages(&store, CHUNK, 2 * CHUNK as usize), 0, "the write dropped the stale pages and added none");
+        }
+        let tail = vec![7u8; 100];
+        assert!(store.write_at(&tail, 4 * CHUNK, true).unwrap());
+
+        let mut after = vec![0u8; size as usize];
+        store.read_at(&mut after, 0).unwrap();
+        assert!(after[..CHUNK as usize].iter().all(|&b| b == 0));
+        assert_eq!(&after[CHUNK as usize..3 * CHUNK as usize], &run[..]);
+        assert!(after[3 * CHUNK as usize..4 * CHUNK as usize].iter().all(|&b| b == 0));
+        assert_eq!(&after[4 * CHUNK as usize..], &tail[..]);
+    }
+
     /// A direct read of a chunk written moments ago (still dirty in the page cache) returns the
     /// written bytes, not the hole's zeros that the disk holds until writeback.
     #[test]
     fn direct_reads_see_buffered_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let size = 4 * CHUNK;
-        let info = ImageInfo { size, etag: Some("\"e\"".into()), last_modified: None };
-        let header = CacheHeader { format_version: CACHE_FORMAT_VERSION, url: "http://x/i".into(), info, chunk_size: CHUNK, manifest_digest: None };
-        let (store, _) = CacheStore::open(dir.path(), "k", header, None).unwrap();
+        let store = store(dir.path(), 4 * CHUNK);
         let chunk: Vec<u8> = (0..CHUNK as usize).map(|i| (i % 251) as u8 + 1).collect();
-        assert!(store.write_at(&chunk, CHUNK).unwrap());
+        assert!(store.write_at(&chunk, CHUNK, false).unwrap());
         let Some(fd) = store.data_direct_fd() else {
             eprintln!("this filesystem refuses O_DIRECT; nothing to check");
             return;
