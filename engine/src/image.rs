@@ -154,8 +154,8 @@ struct Recent {
 struct State {
     present: Bitmap,
     inflight: HashMap<u64, RunFuture>,
-    dirty: bool,
-    /// Cache writes done, and how many of them the last successful flush made durable.
+    /// Cache writes done, and how many of them the last successful flush made durable: the
+    /// bitmap needs persisting while `written > synced`.
     written: u64,
     synced: u64,
 }
@@ -265,7 +265,7 @@ impl LazyImage {
             info,
             chunk_size,
             store,
-            state: Mutex::new(State { present, inflight: HashMap::new(), dirty: false, written: 0, synced: 0 }),
+            state: Mutex::new(State { present, inflight: HashMap::new(), written: 0, synced: 0 }),
             streams: Mutex::new(Vec::new()),
             recent: Mutex::new(VecDeque::new()),
             stats,
@@ -739,7 +739,6 @@ impl Inner {
                                 st.present.set(c);
                             }
                         }
-                        st.dirty |= written;
                         st.written += written as u64;
                     }
                     me.writes_pending.fetch_sub(1, Ordering::SeqCst);
@@ -950,14 +949,8 @@ impl Inner {
 
     async fn flush(self: Arc<Self>) -> Result<()> {
         let (snapshot, written) = {
-            let mut st = lock(&self.state);
-            let written = st.written;
-            if !st.dirty {
-                (None, written)
-            } else {
-                st.dirty = false;
-                (Some(st.present.clone()), written)
-            }
+            let st = lock(&self.state);
+            ((st.written > st.synced).then(|| st.present.clone()), st.written)
         };
         let me = self.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<()> {
@@ -969,13 +962,10 @@ impl Inner {
         })
         .await
         .map_err(|e| Error::with_source(ErrorKind::CacheIo, "flush task", e))?;
-        let mut st = lock(&self.state);
-        if res.is_err() {
-            st.dirty = true;
-        } else {
+        if res.is_ok() {
+            let mut st = lock(&self.state);
             st.synced = st.synced.max(written);
         }
-        drop(st);
         res
     }
 }
