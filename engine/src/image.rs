@@ -553,6 +553,21 @@ enum Slot {
     Wait(RunFuture),
 }
 
+/// Spawns a run its reader was driving if that reader goes away before the run ends: other
+/// readers and `settle` wait on it, and its chunks stay claimed until it ends.
+struct DriveIfDropped<'a> {
+    run: Option<RunFuture>,
+    rt: &'a tokio::runtime::Handle,
+}
+
+impl Drop for DriveIfDropped<'_> {
+    fn drop(&mut self) {
+        if let Some(run) = self.run.take().filter(|r| r.peek().is_none()) {
+            self.rt.spawn(run);
+        }
+    }
+}
+
 impl Inner {
     fn chunk_range(&self, c: u64) -> (u64, u64) {
         let start = c * self.chunk_size;
@@ -607,9 +622,18 @@ impl Inner {
             }
             self.stats.count_chunks(hits, misses);
         }
-        for f in new_runs {
-            tokio::spawn(f);
-        }
+        // A read that waits on one new run and nothing else drives that run itself: spawning it
+        // would wake another runtime worker on the way to the origin. Should this read be
+        // dropped before the run ends, the guard hands the run to the runtime.
+        let lone = new_runs.len() == 1 && plan.iter().all(|s| matches!(s, Slot::Wait(f) if f.ptr_eq(&new_runs[0])));
+        let _driver = if lone {
+            DriveIfDropped { run: new_runs.pop(), rt: &self.rt }
+        } else {
+            for f in new_runs {
+                tokio::spawn(f);
+            }
+            DriveIfDropped { run: None, rt: &self.rt }
+        };
         if let Some((a, b)) = ahead {
             self.start_readahead(a, b);
         }
@@ -726,8 +750,16 @@ impl Inner {
                 }
                 self.writes_pending.fetch_add(1, Ordering::SeqCst);
                 let (me, run) = (self.clone(), run.clone());
-                self.rt.spawn(async move {
-                    let written = me.write_good_chunks(&run, kind.direct()).await;
+                // Straight to a blocking thread: a task around the write would wake a runtime
+                // worker too, on the path of the reader being answered.
+                self.rt.spawn_blocking(move || {
+                    // A panicking write must still release its chunks and `settle`.
+                    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.write_good_chunks(&run, kind.direct())))
+                        .unwrap_or_else(|_| {
+                            me.stats.count_cache_write_error();
+                            tracing::warn!("cache write panicked; serving from memory");
+                            false
+                        });
                     if written && kind.kept_for_reader() && run.bad.is_empty() {
                         me.keep_recent(run.clone());
                     }
@@ -810,41 +842,25 @@ impl Inner {
             .collect()
     }
 
-    /// Writes the run's verified chunks to the cache file. False if nothing could be cached
-    /// (full, or an I/O error): readers still get the bytes, the chunks just stay missing.
-    async fn write_good_chunks(self: &Arc<Self>, run: &Run, direct: bool) -> bool {
-        let me = self.clone();
-        let run = run.clone();
-        let res = tokio::task::spawn_blocking(move || -> Result<bool> {
-            if run.bad.is_empty() {
-                return me.store.write_at(&run.data, run.first * me.chunk_size, direct);
-            }
+    /// Writes the run's verified chunks to the cache file (blocking). False if nothing could be
+    /// cached (full, or an I/O error): readers still get the bytes, the chunks just stay missing.
+    fn write_good_chunks(&self, run: &Run, direct: bool) -> bool {
+        let res = if run.bad.is_empty() {
+            self.store.write_at(&run.data, run.first * self.chunk_size, direct)
+        } else {
             // Rare path: write only the good chunks; a bad one must never reach the cache.
-            let base = run.first * me.chunk_size;
-            let end = run.first + run.data.len().div_ceil(me.chunk_size as usize) as u64;
-            for c in (run.first..end).filter(|c| !run.bad.contains(c)) {
-                let (a, b) = me.chunk_range(c);
-                if !me.store.write_at(&run.data[(a - base) as usize..(b - base) as usize], a, direct)? {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
+            let base = run.first * self.chunk_size;
+            let end = run.first + run.data.len().div_ceil(self.chunk_size as usize) as u64;
+            (run.first..end).filter(|c| !run.bad.contains(c)).try_fold(true, |ok, c| {
+                let (a, b) = self.chunk_range(c);
+                Ok(ok && self.store.write_at(&run.data[(a - base) as usize..(b - base) as usize], a, direct)?)
+            })
+        };
+        res.unwrap_or_else(|e| {
+            self.stats.count_cache_write_error();
+            tracing::warn!(error = %e.report(), "cache write failed; serving from memory");
+            false
         })
-        .await;
-        match res {
-            Ok(Ok(true)) => true,
-            Ok(Ok(false)) => false,
-            Ok(Err(e)) => {
-                self.stats.count_cache_write_error();
-                tracing::warn!(error = %e.report(), "cache write failed; serving from memory");
-                false
-            }
-            Err(e) => {
-                self.stats.count_cache_write_error();
-                tracing::warn!(error = %e, "cache write task failed");
-                false
-            }
-        }
     }
 
     /// Remembers a read-ahead run, just written around the page cache, for `copy_recent`. Kept

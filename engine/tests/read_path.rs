@@ -422,6 +422,29 @@ async fn reads_answered_before_their_cache_writes_still_land_by_close() {
     assert_eq!(src.fetch_count(), fetched, "every chunk read before close is cached after it");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_whose_reader_gives_up_is_still_fetched_and_cached() {
+    // A lone miss is driven by its reader; a reader that goes away mid-fetch must hand the run
+    // on, or its chunk would stay claimed and unfetched.
+    let data = pattern(SIZE, 21);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    src.inject(Fault::Delay(std::time::Duration::from_millis(100)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.readahead_max = 0;
+    let img = LazyImage::open(src.clone(), cfg).await.unwrap();
+    let before = (src.fetch_count(), img.fill().0);
+    let gave_up = tokio::time::timeout(std::time::Duration::from_millis(20), img.read(300_000, 100)).await;
+    assert!(gave_up.is_err(), "the read should still be waiting on the origin");
+    let t = std::time::Instant::now();
+    while img.fill().0 == before.1 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "the abandoned run never finished");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(&img.read(300_000, 100).await.unwrap()[..], &data[300_000..300_100]);
+    assert_eq!(src.fetch_count() - before.0, 1, "fetched once, by the run the first reader left");
+}
+
 #[tokio::test]
 async fn second_opener_of_a_cache_is_refused() {
     let src = Arc::new(FakeSource::new(pattern(SIZE, 15)));
