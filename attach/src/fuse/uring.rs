@@ -11,7 +11,7 @@
 
 use super::abi::{self, InHeader};
 use super::{Deliver, ImageFs, Reply, MAX_WRITE};
-use lazy_image_engine::cache::DIRECT_ALIGN;
+use lazy_image_engine::cache::{direct_layout, DIRECT_ALIGN};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -50,13 +50,9 @@ struct RawBuf {
 }
 
 impl RawBuf {
-    /// Page-aligned, so a payload can take a direct read.
-    fn layout(len: usize) -> std::alloc::Layout {
-        std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN).unwrap_or_else(|_| std::alloc::handle_alloc_error(std::alloc::Layout::new::<u8>()))
-    }
-
     fn zeroed(len: usize) -> Self {
-        let layout = Self::layout(len);
+        // Aligned for `O_DIRECT`, so a payload can take a direct read.
+        let layout = direct_layout(len);
         // SAFETY: the layout has a non-zero size; a null result is handled.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
@@ -69,7 +65,7 @@ impl RawBuf {
 impl Drop for RawBuf {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from `alloc_zeroed` with this layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.len)) }
+        unsafe { std::alloc::dealloc(self.ptr, direct_layout(self.len)) }
     }
 }
 

@@ -3,12 +3,13 @@
 //! sequential read those faults were about a fifth of the daemon's CPU. Page-aligned, so a run
 //! can be written to the cache file with `O_DIRECT` straight from its buffer.
 
+use super::DIRECT_ALIGN;
 use bytes::Bytes;
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
-/// Allocation unit and alignment (a page).
+/// Allocation unit of small buffers (a page).
 const PAGE: usize = 4096;
 /// Buffers of at least this capacity are pooled (smaller ones come from the allocator's heap
 /// without new mappings anyway).
@@ -22,8 +23,10 @@ unsafe impl Send for FreeBuf {}
 
 static POOL: Mutex<(Vec<FreeBuf>, usize)> = Mutex::new((Vec::new(), 0));
 
-fn layout(cap: usize) -> Layout {
-    Layout::from_size_align(cap, PAGE).unwrap_or_else(|_| handle_alloc_error(Layout::new::<u8>()))
+/// The layout of a buffer of `len` bytes (at least one) that `O_DIRECT` I/O can use: aligned to
+/// `DIRECT_ALIGN`. Shared with the FUSE ring's buffers, which take direct reads.
+pub fn direct_layout(len: usize) -> Layout {
+    Layout::from_size_align(len.max(1), DIRECT_ALIGN).unwrap_or_else(|_| handle_alloc_error(Layout::new::<u8>()))
 }
 
 /// A buffer filled from the front; only the filled part is ever read.
@@ -50,7 +53,7 @@ impl PooledBuf {
             }
         }
         // SAFETY: the layout has a non-zero size.
-        let ptr = NonNull::new(unsafe { alloc(layout(cap)) }).unwrap_or_else(|| handle_alloc_error(layout(cap)));
+        let ptr = NonNull::new(unsafe { alloc(direct_layout(cap)) }).unwrap_or_else(|| handle_alloc_error(direct_layout(cap)));
         PooledBuf { ptr, cap, len: 0 }
     }
 
@@ -99,7 +102,7 @@ impl Drop for PooledBuf {
             }
         }
         // SAFETY: allocated in `with_capacity` with this layout, freed once (not pooled).
-        unsafe { dealloc(self.ptr.as_ptr(), layout(self.cap)) }
+        unsafe { dealloc(self.ptr.as_ptr(), direct_layout(self.cap)) }
     }
 }
 
