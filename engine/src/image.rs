@@ -20,7 +20,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
@@ -29,6 +29,9 @@ use tokio::sync::{Notify, Semaphore};
 /// `bench/run.py --chunk-size` (see bench/README.md): 16 KiB halves the origin bytes of random
 /// 4 KiB reads against 32 KiB with no loss in sequential rate or latency.
 pub const DEFAULT_CHUNK_SIZE: u64 = 16 * 1024;
+
+/// How far a miss right after attach reaches around itself (see `widen_startup_miss`).
+const STARTUP_SPAN: u64 = 64 << 10;
 
 /// Requests a background fill keeps in flight, and their size. A reader whose chunk a fill
 /// request is fetching waits for that whole request, so they are small and few.
@@ -70,6 +73,9 @@ pub struct ImageConfig {
     pub retry: RetryPolicy,
     /// How often the bitmap and stats are persisted.
     pub flush_interval: Duration,
+    /// Misses right after attach that fetch the 64 KiB around them (filesystem metadata lies
+    /// close together); 0 fetches only what is missed from the start.
+    pub startup_misses: u32,
 }
 
 impl ImageConfig {
@@ -86,6 +92,7 @@ impl ImageConfig {
             readahead_max: 64 << 20,
             retry: RetryPolicy::default(),
             flush_interval: Duration::from_secs(1),
+            startup_misses: 32,
         }
     }
 }
@@ -197,6 +204,8 @@ struct Inner {
     /// Cache writes still running after their readers were answered; `close` waits for them.
     writes_pending: AtomicUsize,
     writes_done: Notify,
+    /// Misses left that `widen_startup_miss` widens.
+    startup_left: AtomicU32,
     /// The runtime the image was opened on: fetches started from threads that have no runtime
     /// (ublk queues, FUSE) are spawned here.
     rt: tokio::runtime::Handle,
@@ -271,6 +280,7 @@ impl LazyImage {
             stats,
             health: Mutex::new(Health::default()),
             writes_pending: AtomicUsize::new(0),
+            startup_left: AtomicU32::new(cfg.startup_misses),
             writes_done: Notify::new(),
             rt: tokio::runtime::Handle::current(),
             cfg,
@@ -611,8 +621,9 @@ impl Inner {
                     && (c == c1 || st.present.get(c + 1) || st.inflight.contains_key(&(c + 1)));
                 if run_ends {
                     if let Some(first) = claim_from.take() {
-                        for f in self.claim_runs(&mut st, first, c + 1, RunKind::Demand) {
-                            for k in f.0..f.1 {
+                        let (a, b) = if first == c0 && c == c1 { self.widen_startup_miss(&st, first, c + 1) } else { (first, c + 1) };
+                        for f in self.claim_runs(&mut st, a, b, RunKind::Demand) {
+                            for k in f.0.max(c0)..f.1.min(c1 + 1) {
                                 plan[(k - c0) as usize] = Slot::Wait(f.2.clone());
                             }
                             new_runs.push(f.2);
@@ -673,6 +684,29 @@ impl Inner {
             }
         }
         Ok((end - offset) as usize)
+    }
+
+    /// The run to fetch for a read whose chunks `[first, end)` are all missing: while the attach
+    /// is young (its first `startup_misses` such reads), the free chunks around it up to the
+    /// aligned `STARTUP_SPAN` come along. A mount, `ls` and the first opens read filesystem
+    /// metadata that lies close together: ext4's root and `etc` directory blocks 24 KiB apart
+    /// were two round trips. Costs at most `startup_misses` spans per attach.
+    fn widen_startup_miss(&self, st: &State, first: u64, end: u64) -> (u64, u64) {
+        let per = STARTUP_SPAN / self.chunk_size;
+        if per <= 1 || self.startup_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_err() {
+            return (first, end);
+        }
+        let (lo, hi) = (first / per * per, end.div_ceil(per).saturating_mul(per).min(self.chunks));
+        let free = |c: u64| !st.present.get(c) && !st.inflight.contains_key(&c);
+        let (mut a, mut b) = (first, end);
+        while a > lo && free(a - 1) {
+            a -= 1;
+        }
+        while b < hi && free(b) {
+            b += 1;
+        }
+        self.stats.count_readahead((first - a) + (b - end));
+        (a, b)
     }
 
     /// Claims the chunks of `[a, b)` that are neither present nor in flight and starts fetching

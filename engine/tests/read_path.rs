@@ -52,6 +52,31 @@ async fn adjacent_missing_chunks_are_one_request() {
     assert_eq!(src.bytes_count(), 9 * 4096);
 }
 
+#[tokio::test]
+async fn first_misses_after_attach_fetch_their_neighbourhood() {
+    let data = pattern(SIZE, 22);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    // Chunk 40 (160..164 KiB) cached by an earlier attach.
+    let img = LazyImage::open(src.clone(), config(dir.path())).await.unwrap();
+    img.read(40 * 4096 + 10, 10).await.unwrap();
+    img.close().await.unwrap();
+    let mut cfg = config(dir.path());
+    cfg.startup_misses = 2;
+    let img = LazyImage::open(src.clone(), cfg).await.unwrap();
+    let (fetches, bytes) = (src.fetch_count(), src.bytes_count());
+    // First miss: the free chunks of its aligned 64 KiB (128..192 KiB) up to the cached one.
+    assert_eq!(&img.read(35 * 4096, 100).await.unwrap()[..], &data[35 * 4096..35 * 4096 + 100]);
+    assert_eq!((src.fetch_count() - fetches, src.bytes_count() - bytes), (1, 32 << 10));
+    // Second: the whole 64 KiB around it in one request; a neighbour then costs nothing.
+    assert_eq!(&img.read(70_000, 100).await.unwrap()[..], &data[70_000..70_100]);
+    assert_eq!(&img.read(120_000, 5000).await.unwrap()[..], &data[120_000..125_000]);
+    assert_eq!((src.fetch_count() - fetches, src.bytes_count() - bytes), (2, 96 << 10));
+    // The budget is spent: a miss fetches its own chunk only.
+    assert_eq!(&img.read(500_000, 10).await.unwrap()[..], &data[500_000..500_010]);
+    assert_eq!(src.bytes_count() - bytes, (96 << 10) + 4096);
+}
+
 /// Reads `piece`-sized reads at `offsets` (which cover the image) and checks that readahead
 /// turned them into a few large requests.
 async fn assert_reads_grow_readahead(seed: u64, piece: u64, offsets: impl IntoIterator<Item = u64>) {
