@@ -352,10 +352,7 @@ impl LazyImage {
     /// thread: the FUSE thread serves warm reads this way without a hop to the async runtime.
     pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
         let Some(n) = self.claim_cached(offset, buf.len() as u64) else { return Ok(None) };
-        if self.inner.copy_recent(offset, &mut buf[..n as usize]) {
-            return Ok(Some(n as usize));
-        }
-        if let Err(e) = self.inner.store.read_at(&mut buf[..n as usize], offset) {
+        if let Err(e) = self.inner.read_present(&mut buf[..n as usize], offset) {
             self.inner.stats.count_error();
             return Err(e);
         }
@@ -563,6 +560,10 @@ enum Slot {
     Wait(RunFuture),
 }
 
+fn drop_expired(recent: &mut VecDeque<Recent>) {
+    recent.retain(|r| r.at.elapsed() <= RECENT_TTL);
+}
+
 /// Spawns a run its reader was driving if that reader goes away before the run ends: other
 /// readers and `settle` wait on it, and its chunks stay claimed until it ends.
 struct DriveIfDropped<'a> {
@@ -660,10 +661,7 @@ impl Inner {
                     }
                     let a = (c * self.chunk_size).max(offset);
                     let b = self.chunk_range(c0 + j as u64 - 1).1.min(end);
-                    let dst = &mut out[(a - offset) as usize..(b - offset) as usize];
-                    if !self.copy_recent(a, dst) {
-                        self.store.read_at(dst, a)?;
-                    }
+                    self.read_present(&mut out[(a - offset) as usize..(b - offset) as usize], a)?;
                     i = j;
                 }
                 Slot::Wait(f) => {
@@ -904,8 +902,9 @@ impl Inner {
         let mut recent = lock(&self.recent);
         recent.push_back(Recent { run, copied: 0, at: Instant::now() });
         let limit = (2 * self.cfg.readahead_max).max(self.cfg.max_request) as usize;
+        drop_expired(&mut recent);
         let mut total: usize = recent.iter().map(|r| r.run.data.len()).sum();
-        while total > limit || recent.front().is_some_and(|r| r.at.elapsed() > RECENT_TTL) {
+        while total > limit {
             let Some(old) = recent.pop_front() else { break };
             total -= old.run.data.len();
         }
@@ -913,7 +912,16 @@ impl Inner {
 
     /// Drops recent runs past `RECENT_TTL` (their reader went away).
     fn expire_recent(&self) {
-        lock(&self.recent).retain(|r| r.at.elapsed() <= RECENT_TTL);
+        drop_expired(&mut lock(&self.recent));
+    }
+
+    /// Reads bytes whose chunks are present: from a recent run when memory holds them all (the
+    /// cache file would go to the disk for them), else from the cache file.
+    fn read_present(&self, dst: &mut [u8], at: u64) -> Result<()> {
+        if self.copy_recent(at, dst) {
+            return Ok(());
+        }
+        self.store.read_at(dst, at)
     }
 
     /// Fills `out` with the image's bytes at `offset` from recent runs, if they hold all of it.
