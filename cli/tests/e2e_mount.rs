@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use rand::{Rng, RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -68,6 +69,79 @@ fn fuse_corrupt_chunk_is_eio() {
         return;
     }
     corrupt_chunk_is_eio(&Env::new("fuse"));
+}
+
+/// Chunks the cache claims but whose bytes are gone from its file (cut short behind the
+/// daemon's back) are an I/O error for their reader, never zeros; and the FUSE queues lose no
+/// entry to those errors (each failed cache read cancels the answer linked behind it): once the
+/// bytes are back, the file reads whole again.
+#[test]
+fn fuse_cache_file_cut_short_is_eio_and_reads_go_on() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    if !host_ready() {
+        return;
+    }
+    let env = Env::new("fuse");
+    let sums = make_tree(&env.p("tree"), 6, &[4 << 20]);
+    make_image("erofs", &env.p("tree"), &env.p("srv/cut.img"));
+    let mut child = KillOnDrop::new(env.mount(&format!("{}/cut.img", env.base), "m", &[]));
+    let pid = child.child().id();
+    let queue_threads = || {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten();
+        tasks.filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("lazy-image-fuse"))).count()
+    };
+    let queues = queue_threads();
+    // The whole image cached, so nothing fetched later writes to the cut file (it would grow
+    // it again, holes reading as zeros).
+    let dev = lazy_image_attach::mount_source(&env.p("m")).unwrap().expect("mounted from a device");
+    assert_eq!(std::fs::read(dev).unwrap().len() as u64, std::fs::metadata(env.p("srv/cut.img")).unwrap().len());
+    let file = std::fs::File::open(env.p("m/file0.bin")).unwrap();
+    let whole = |f: &std::fs::File| {
+        // SAFETY: a valid open descriptor; advice only. Drops the file's pages above the device.
+        assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+        let mut all = vec![0u8; f.metadata()?.len() as usize];
+        f.read_exact_at(&mut all, 0).map(|()| all)
+    };
+    let all = whole(&file).unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&all)), sums["file0.bin"]);
+
+    // Read-ahead runs a reader has not copied whole stay in memory for 5 s and would answer.
+    std::thread::sleep(Duration::from_secs(7));
+    let data_path = cache_dir(&env.p("cache")).join("data");
+    let saved = std::fs::read(&data_path).unwrap();
+    let data = std::fs::OpenOptions::new().write(true).open(&data_path).unwrap();
+    data.set_len(0).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut page = [0u8; 4096];
+        // SAFETY: as above.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let reads: Vec<_> = (0..40usize)
+            .map(|k| {
+                let at = k * 100 * 1024 & !4095;
+                file.read_at(&mut page, at as u64).map(|n| page[..n] == all[at..at + n]).map_err(|e| e.raw_os_error())
+            })
+            .collect();
+        let _ = done_tx.send(reads);
+        // Put back every block that held bytes (a block of zeros reads the same from a hole).
+        for (i, block) in saved.chunks(4096).enumerate() {
+            if block.iter().any(|&b| b != 0) {
+                data.write_all_at(block, (i * 4096) as u64).unwrap();
+            }
+        }
+        let _ = done_tx.send(vec![whole(&file).map(|again| again == all).map_err(|e| e.raw_os_error())]);
+    });
+    let reads = done_rx.recv_timeout(Duration::from_secs(60)).expect("reads of a cut cache file hung");
+    // More failures than the queues have entries.
+    assert!(reads.iter().all(|r| *r == Err(Some(libc::EIO))), "{reads:?}");
+    let again = done_rx.recv_timeout(Duration::from_secs(60)).expect("reads after cache errors hung");
+    assert_eq!(again, [Ok(true)], "the file reads whole once the cache file has its bytes back");
+    if env.fuse_transport() == Some("(FUSE over io_uring)") {
+        assert!(queues > 0);
+        assert_eq!(queue_threads(), queues, "every FUSE queue still serves");
+    }
+    env.umount("m", child.release());
 }
 
 #[test]

@@ -26,6 +26,8 @@ const DEPTH: usize = 8;
 const WAKE: u64 = u64::MAX;
 /// `user_data` bit of a cache file read for the entry in the low bits.
 const CACHE_READ: u64 = 1 << 32;
+/// `user_data` bit of a commit linked behind a cache read (see `read_cache`).
+const LINKED: u64 = 1 << 33;
 
 /// Cache reads up to this size go around the page cache when aligned for it (see `read_cache`).
 const DIRECT_READ_MAX: usize = 64 << 10;
@@ -99,7 +101,8 @@ unsafe impl Sync for Queue {}
 
 impl Queue {
     fn new(qid: u16, dev: Arc<File>) -> std::io::Result<Self> {
-        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(DEPTH as u32 * 2)?;
+        // Room for every entry's linked read and commit, and the wakeup's read.
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(DEPTH as u32 * 4)?;
         let entries = (0..DEPTH)
             .map(|_| {
                 let (header, payload) = (RawBuf::zeroed(abi::RING_HEADER), RawBuf::zeroed(MAX_WRITE));
@@ -138,10 +141,15 @@ impl Queue {
 
     /// Queues `e` for the next submit. Queue thread only.
     fn push(&self, e: &squeue::Entry128) -> std::io::Result<()> {
+        self.push_all(std::slice::from_ref(e))
+    }
+
+    /// Queues all of `es` or none (a link must not lose its tail). Queue thread only.
+    fn push_all(&self, es: &[squeue::Entry128]) -> std::io::Result<()> {
         // SAFETY: only the queue thread touches the submission queue; the buffers an entry
         // points to live as long as the queue.
         let mut sq = unsafe { self.ring.submission_shared() };
-        unsafe { sq.push(e) }.map_err(|_| std::io::Error::other("FUSE ring submission queue full"))?;
+        unsafe { sq.push_multiple(es) }.map_err(|_| std::io::Error::other("FUSE ring submission queue full"))?;
         sq.sync();
         Ok(())
     }
@@ -188,7 +196,14 @@ impl Queue {
     }
 
     /// Reads `[offset + done, offset + want)` of the cache file into entry `i`'s payload
-    /// through the ring. Queue thread only.
+    /// through the ring, with the entry's commit linked behind it. Queue thread only.
+    ///
+    /// The answer's header is written first, for a read that fills the payload: the kernel then
+    /// commits as soon as the read ends, in this thread's own task work, without waking it back
+    /// to user space to submit the commit (warm random 4 KiB reads paired with a plain loop
+    /// device, three sets of 4-6 attaches: 0.86-0.89x -> 0.90-0.93x). A read that ends short or
+    /// fails posts its completion (success posts none) and cancels the commit; the thread then
+    /// reads on or answers an error.
     ///
     /// Small aligned reads skip the page cache while the engine offers its direct descriptor
     /// (the cache is settled, see `cache_data_direct_fd`): the filesystem above the device
@@ -204,8 +219,14 @@ impl Queue {
         let fd = direct.unwrap_or_else(|| fs.image.cache_data_fd()).as_raw_fd();
         // SAFETY: the range is within the entry's payload (`want <= MAX_WRITE`).
         let dst = unsafe { self.payload(i).add(r.done) };
-        let e = opcode::Read::new(types::Fd(fd), dst, (r.want - r.done) as u32).offset(r.offset + r.done as u64).build().user_data(CACHE_READ | i as u64);
-        self.push(&squeue::Entry128::from(e))
+        let read = opcode::Read::new(types::Fd(fd), dst, (r.want - r.done) as u32)
+            .offset(r.offset + r.done as u64)
+            .build()
+            .user_data(CACHE_READ | i as u64)
+            .flags(squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS);
+        self.answer(i, r.unique, 0, r.want);
+        let commit = self.command(abi::URING_CMD_COMMIT_AND_FETCH, r.commit_id, i).user_data(LINKED | i as u64);
+        self.push_all(&[squeue::Entry128::from(read), commit])
     }
 
     fn header(&self, i: usize) -> *mut u8 {
@@ -350,12 +371,15 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
                 if res > 0 {
                     r.done += res as usize;
                 }
+                if r.done == r.want {
+                    // Whole after all: the linked commit went ahead.
+                    continue;
+                }
                 if res == -libc::EINVAL && r.direct {
                     // The filesystem refused direct I/O after all: stop using it, read buffered.
                     fs.image.direct_refused();
                 }
                 let error = match res {
-                    _ if r.done == r.want => 0,
                     n if n > 0 || (n == -libc::EINVAL && r.direct) => match q.read_cache(&fs, i, &mut r) {
                         Ok(()) => {
                             reads[i] = Some(r);
@@ -377,6 +401,16 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
                 };
                 q.commit(i, r.unique, r.commit_id, error, r.want);
                 continue;
+            }
+            if ud & LINKED != 0 && res == -libc::ECANCELED {
+                // Cancelled behind a failed read (the kernel skips posting that where the read's
+                // success would have been skipped), or the ring is ending, which `stop` sees to.
+                continue;
+            }
+            let ud = ud & !LINKED;
+            // The entry's commit completed: any cache read before it is over.
+            if let Some(r) = reads.get_mut(ud as usize) {
+                *r = None;
             }
             if res < 0 {
                 // The connection ended (ENOTCONN, ECANCELED) or the kernel refused a commit.
