@@ -119,7 +119,7 @@ fn fuse_cache_file_cut_short_is_eio_and_reads_go_on() {
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         let reads: Vec<_> = (0..40usize)
             .map(|k| {
-                let at = k * 100 * 1024 & !4095;
+                let at = (k * 100 * 1024) & !4095;
                 file.read_at(&mut page, at as u64).map(|n| page[..n] == all[at..at + n]).map_err(|e| e.raw_os_error())
             })
             .collect();
