@@ -106,7 +106,8 @@ fn fuse_cache_file_cut_short_is_eio_and_reads_go_on() {
     let all = whole(&file).unwrap();
     assert_eq!(hex::encode(Sha256::digest(&all)), sums["file0.bin"]);
 
-    // Read-ahead runs a reader has not copied whole stay in memory for 5 s and would answer.
+    // Read-ahead runs a reader has not copied whole stay in memory for 5 s (dropped at the next
+    // 1 s flush) and would answer meanwhile.
     std::thread::sleep(Duration::from_secs(7));
     let data_path = cache_dir(&env.p("cache")).join("data");
     let saved = std::fs::read(&data_path).unwrap();
