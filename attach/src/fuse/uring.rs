@@ -346,6 +346,8 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
         return;
     }
     let mut live = DEPTH;
+    // Each entry's last cache read, looked at again only if it posts a completion (it failed or
+    // ended short; a whole read posts none), which can only be the last one queued.
     let mut reads: Vec<Option<CacheRead>> = vec![None; DEPTH];
     loop {
         match q.ring.submitter().submit_and_wait(1) {
@@ -408,10 +410,6 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
                 continue;
             }
             let ud = ud & !LINKED;
-            // The entry's commit completed: any cache read before it is over.
-            if let Some(r) = reads.get_mut(ud as usize) {
-                *r = None;
-            }
             if res < 0 {
                 // The connection ended (ENOTCONN, ECANCELED) or the kernel refused a commit.
                 live -= 1;
