@@ -10,7 +10,7 @@
 //! and wake the queue thread through an eventfd.
 
 use super::abi::{self, InHeader};
-use super::{Deliver, ImageFs, Reply, MAX_WRITE};
+use super::{Deliver, ImageFs, Reply, MAX_WRITE, SPIN_ENV};
 use lazy_image_engine::cache::{direct_layout, DIRECT_ALIGN};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::fs::File;
@@ -31,6 +31,13 @@ const LINKED: u64 = 1 << 33;
 
 /// Cache reads up to this size go around the page cache when aligned for it (see `read_cache`).
 const DIRECT_READ_MAX: usize = 64 << 10;
+
+/// A warm read's cache file read and the next request of its reader come within this: a thread
+/// still on its CPU is kicked to run the linked commit, where a sleeping one costs a wakeup of
+/// an idle CPU (on a VM, an exit to the host). Paired against the plain loop device, warm
+/// random 4 KiB reads: 0.89x -> 0.95x at 50 us (8 rounds, all won); 100 us 0.92x and 200 us
+/// 0.69x, the spinning thread then holding the CPU its reader wants.
+const SPIN_DEFAULT_US: u64 = 50;
 
 /// A READ answered from the cache file through the ring, between its reads.
 #[derive(Clone, Copy)]
@@ -290,11 +297,18 @@ impl Rings {
     pub(super) fn start(fs: Arc<ImageFs>, dev: Arc<File>) -> std::io::Result<Self> {
         let n = possible_cpus();
         let stop = Arc::new(AtomicBool::new(false));
+        let spin = std::time::Duration::from_micros(match std::env::var(SPIN_ENV) {
+            Ok(v) => v.parse().unwrap_or_else(|_| {
+                tracing::warn!(value = %v, "{SPIN_ENV} is not a whole number of microseconds; polling {SPIN_DEFAULT_US} us");
+                SPIN_DEFAULT_US
+            }),
+            Err(_) => SPIN_DEFAULT_US,
+        });
         let mut rings = Rings { queues: Vec::new(), threads: Vec::new(), stop: stop.clone() };
         for qid in 0..n {
             let q = Arc::new(Queue::new(qid, dev.clone())?);
             let (q2, fs, stop) = (q.clone(), fs.clone(), stop.clone());
-            let t = std::thread::Builder::new().name(format!("lazy-image-fuse-q{qid}")).spawn(move || run(q2, fs, stop))?;
+            let t = std::thread::Builder::new().name(format!("lazy-image-fuse-q{qid}")).spawn(move || run(q2, fs, stop, spin))?;
             rings.queues.push(q);
             rings.threads.push(t);
         }
@@ -329,7 +343,7 @@ fn possible_cpus() -> u16 {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u16))
 }
 
-fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
+fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>, spin: std::time::Duration) {
     // Requests arrive on the queue of the CPU that issued them: answering there avoids a
     // cross-CPU wakeup, the point of this transport. Not fatal if refused (offline CPU).
     // SAFETY: a zeroed cpu_set_t is a valid empty set.
@@ -350,6 +364,13 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>) {
     // ended short; a whole read posts none), which can only be the last one queued.
     let mut reads: Vec<Option<CacheRead>> = vec![None; DEPTH];
     loop {
+        if !spin.is_zero() && q.ring.submitter().submit().is_ok() {
+            let until = std::time::Instant::now() + spin;
+            // SAFETY: only this thread reads the completion queue.
+            while unsafe { q.ring.completion_shared() }.is_empty() && std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
         match q.ring.submitter().submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
