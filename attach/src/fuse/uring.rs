@@ -33,14 +33,9 @@ const LINKED: u64 = 1 << 33;
 const DIRECT_READ_MAX: usize = 64 << 10;
 
 /// A warm random read's cache file read and its reader's next read come within this: a thread
-/// still on its CPU is kicked to run the linked commit, where a sleeping one costs a wakeup of
-/// an idle CPU (on a VM, an exit to the host). Paired against the plain loop device, warm
-/// random 4 KiB reads: 0.89x -> 0.95x at 50 us (8 rounds, all won), 100 us 0.92x, 200 us 0.69x
-/// (the spinning thread then holds the CPU its reader wants); the plain loop device's own
-/// latency is the same whether its read follows ours or not. Only after small cache hits: spinning
-/// after every batch took warm sequential reads from 1.16x to 1.04x (6 rounds); this rule
-/// keeps them (1.24x against 1.17x, then 1.07x against 1.08x in 10 rounds) and gives warm
-/// random 0.90x -> 0.97x. Not after misses: cold random p50 1.33x of a GET with, 1.28x without.
+/// still on its CPU is kicked into its task work, where a sleeping one costs a wakeup of an idle
+/// CPU (on a VM, an exit to the host). Warm random reads 0.89x -> 0.96x of a plain loop device;
+/// longer polls (200 us: 0.69x) hold the CPU the reader wants. Measurements: bench/README.md.
 const SPIN_DEFAULT_US: u64 = 50;
 
 /// A READ answered from the cache file through the ring, between its reads.
