@@ -41,7 +41,7 @@ const MAX_PAGES: u16 = (MAX_WRITE / 4096) as u16;
 const SYNC_HIT_MAX: usize = 64 << 10;
 /// Set to `0` to keep to `/dev/fuse` even where the kernel offers io_uring.
 pub const IO_URING_ENV: &str = "LAZY_IMAGE_FUSE_IO_URING";
-/// Microseconds an io_uring queue thread polls for more work after small reads (default 50;
+/// Microseconds an io_uring queue thread polls for more work after small cache hits (default 50;
 /// `0` sleeps at once, for nodes where an idle CPU matters more than warm read latency).
 pub const SPIN_ENV: &str = "LAZY_IMAGE_FUSE_SPIN_US";
 

@@ -372,9 +372,9 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>, spin: std::time::
     // whose next read comes soon and waits on our wakeup. After large reads (a sequential
     // reader) the CPU is better left to the loop device's and the reader's threads, and a miss's
     // answer comes from the network, long after any spin.
-    let mut small_reads = false;
+    let mut small_hits = false;
     loop {
-        if small_reads && q.ring.submitter().submit().is_ok() {
+        if small_hits && q.ring.submitter().submit().is_ok() {
             let until = std::time::Instant::now() + spin;
             // SAFETY: only this thread reads the completion queue.
             while unsafe { q.ring.completion_shared() }.is_empty() && std::time::Instant::now() < until {
@@ -496,7 +496,7 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>, spin: std::time::
                 None => reply.send(-libc::EINVAL, &[]),
             }
         }
-        small_reads = small && !large && !spin.is_zero();
+        small_hits = small && !large && !spin.is_zero();
         q.push_pending();
         if stop.load(Ordering::SeqCst) || live == 0 {
             return;
