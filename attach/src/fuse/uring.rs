@@ -374,14 +374,17 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>, spin: std::time::
     // answer comes from the network, long after any spin.
     let mut small_hits = false;
     loop {
+        let mut caught = false;
         if small_hits && q.ring.submitter().submit().is_ok() {
             let until = std::time::Instant::now() + spin;
-            // SAFETY: only this thread reads the completion queue.
-            while unsafe { q.ring.completion_shared() }.is_empty() && std::time::Instant::now() < until {
+            while !caught && std::time::Instant::now() < until {
+                // SAFETY: only this thread reads the completion queue.
+                caught = !unsafe { q.ring.completion_shared() }.is_empty();
                 std::hint::spin_loop();
             }
         }
-        match q.ring.submitter().submit_and_wait(1) {
+        // Polling caught a completion with everything already submitted: no wait to enter.
+        match if caught { Ok(0) } else { q.ring.submitter().submit_and_wait(1) } {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => {
