@@ -110,6 +110,17 @@ struct Run {
     data: Bytes,
     /// Chunks that failed verification twice: readers of these get EIO, never the bytes.
     bad: Vec<u64>,
+    /// Bytes readers copied from the run, while its cache write ran and then as a recent run;
+    /// shared by clones. A sequential reader reads most runs before their write ends: when
+    /// only copies from recent runs counted, every run it had already read stayed in memory
+    /// until pushed out, and a 512 MiB read held all 128 MiB of recent runs.
+    served: Arc<AtomicUsize>,
+}
+
+impl Run {
+    fn new(first: u64, data: Bytes, bad: Vec<u64>) -> Self {
+        Run { first, data, bad, served: Arc::default() }
+    }
 }
 
 type RunFuture = Shared<BoxFuture<'static, Result<Run>>>;
@@ -149,12 +160,10 @@ impl RunKind {
 /// How long a read-ahead run stays in memory for its reader at most.
 const RECENT_TTL: Duration = Duration::from_secs(5);
 
-/// A read-ahead run kept for the reader it was fetched ahead of.
+/// A read-ahead run kept for the reader it was fetched ahead of; dropped once readers copied as
+/// many bytes as it holds (`Run::served`; the filesystem above caches what it read).
 struct Recent {
     run: Run,
-    /// Bytes readers copied from it: it is dropped once they add up to the whole run (the
-    /// filesystem above caches what it read).
-    copied: usize,
     at: Instant,
 }
 
@@ -677,6 +686,10 @@ impl Inner {
                     let base = run.first * self.chunk_size;
                     out[(a - offset) as usize..(b - offset) as usize]
                         .copy_from_slice(&run.data[(a - base) as usize..(b - base) as usize]);
+                    if run.served.fetch_add((b - a) as usize, Ordering::Relaxed) + (b - a) as usize >= run.data.len() {
+                        // Read whole: a reader waiting on it may finish after its write did.
+                        lock(&self.recent).retain(|r| !Arc::ptr_eq(&r.run.served, &run.served));
+                    }
                     i += 1;
                 }
             }
@@ -838,7 +851,7 @@ impl Inner {
         let len = self.chunk_range(end - 1).1 - offset;
         let mut data = self.fetch_once(offset, len).await?;
         let Some(manifest) = &self.cfg.manifest else {
-            return Ok(Run { first, data, bad: Vec::new() });
+            return Ok(Run::new(first, data, Vec::new()));
         };
         let mut bad = self.bad_chunks(manifest, first, end, &data);
         if !bad.is_empty() {
@@ -854,7 +867,7 @@ impl Inner {
                 lock(&self.health).fatal.get_or_insert(format!("{}: {msg}", ErrorKind::Integrity));
             }
         }
-        Ok(Run { first, data, bad })
+        Ok(Run::new(first, data, bad))
     }
 
     async fn fetch_once(&self, offset: u64, len: u64) -> Result<Bytes> {
@@ -900,7 +913,10 @@ impl Inner {
     /// far ahead of its reader a run lands.
     fn keep_recent(&self, run: Run) {
         let mut recent = lock(&self.recent);
-        recent.push_back(Recent { run, copied: 0, at: Instant::now() });
+        if run.served.load(Ordering::Relaxed) >= run.data.len() {
+            return;
+        }
+        recent.push_back(Recent { run, at: Instant::now() });
         let limit = (2 * self.cfg.readahead_max).max(self.cfg.max_request) as usize;
         drop_expired(&mut recent);
         let mut total: usize = recent.iter().map(|r| r.run.data.len()).sum();
@@ -947,9 +963,9 @@ impl Inner {
             }
             // Counted only once the whole range was found.
             for (i, bytes, _) in &pieces {
-                recent[*i].copied += bytes.len();
+                recent[*i].run.served.fetch_add(bytes.len(), Ordering::Relaxed);
             }
-            recent.retain(|r| r.copied < r.run.data.len());
+            recent.retain(|r| r.run.served.load(Ordering::Relaxed) < r.run.data.len());
         }
         // The copies run outside the lock: other queues' readers need it too.
         for (_, bytes, at) in pieces {
@@ -1025,5 +1041,36 @@ impl Inner {
             st.synced = st.synced.max(written);
         }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{FakeSource, Fault};
+
+    /// A sequential reader mostly copies read-ahead runs before their cache write ends; runs it
+    /// read whole must not be kept in memory for it afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_read_while_in_flight_are_not_kept() {
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let src = Arc::new(FakeSource::new(data.clone()));
+        src.inject(Fault::Delay(Duration::from_millis(3)));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = ImageConfig::new(dir.path());
+        cfg.chunk_size = 4096;
+        cfg.max_request = 64 << 10;
+        cfg.readahead_initial = 64 << 10;
+        cfg.readahead_max = 256 << 10;
+        cfg.startup_misses = 0;
+        let img = LazyImage::open(src, cfg).await.expect("open");
+        for off in (0..data.len()).step_by(16 << 10) {
+            let got = img.read(off as u64, 16 << 10).await.expect("read");
+            assert_eq!(&got[..], &data[off..off + (16 << 10)]);
+        }
+        img.settle().await;
+        let kept: Vec<(u64, usize)> = lock(&img.inner.recent).iter().map(|r| (r.run.first, r.run.served.load(Ordering::Relaxed))).collect();
+        assert!(img.stats().readahead_chunks > 0, "the reads ran ahead");
+        assert!(kept.is_empty(), "runs the reader had read whole are still held (first chunk, bytes read): {kept:?}");
     }
 }
