@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Default chunk size (the unit of caching, verification and the smallest fetch). Chosen by
 /// `bench/run.py --chunk-size` (see bench/README.md): 16 KiB halves the origin bytes of random
@@ -70,6 +70,13 @@ pub struct ImageConfig {
     pub readahead_initial: u64,
     /// 0 disables readahead (for purely random access).
     pub readahead_max: u64,
+    /// Fetched bytes whose cache write has not ended that may be in memory at once. Read-ahead,
+    /// fills and prefetches wait for room before they fetch (demand fetches take room when
+    /// there is some and never wait): where the origin outruns the cache disk, the backlog of
+    /// writes would otherwise grow with the image. The default, 256 MiB, is about twice what a
+    /// cold 512 MiB read here ever used (32 MiB in flight, up to 104 MiB of writes behind, with
+    /// nginx reading the same disk), so only a disk that stays behind is waited for.
+    pub write_behind: u64,
     pub retry: RetryPolicy,
     /// How often the bitmap and stats are persisted.
     pub flush_interval: Duration,
@@ -90,6 +97,7 @@ impl ImageConfig {
             max_request: 4 << 20,
             readahead_initial: 512 << 10,
             readahead_max: 64 << 20,
+            write_behind: 256 << 20,
             retry: RetryPolicy::default(),
             flush_interval: Duration::from_secs(1),
             startup_misses: 32,
@@ -208,6 +216,8 @@ struct Inner {
     recent: Mutex<VecDeque<Recent>>,
     demand_slots: Semaphore,
     readahead_slots: Semaphore,
+    /// Room for fetched bytes not yet written to the cache, in KiB (`ImageConfig::write_behind`).
+    write_room: Arc<Semaphore>,
     stats: Arc<Stats>,
     health: Mutex<Health>,
     /// Cache writes still running after their readers were answered; `close` waits for them.
@@ -279,6 +289,7 @@ impl LazyImage {
             chunks: info.size.div_ceil(chunk_size),
             demand_slots: Semaphore::new(cfg.demand_fetches.max(1)),
             readahead_slots: Semaphore::new(cfg.readahead_fetches.max(1)),
+            write_room: Arc::new(Semaphore::new(room_kib(cfg.write_behind, u64::MAX) as usize)),
             source,
             info,
             chunk_size,
@@ -569,6 +580,12 @@ enum Slot {
     Wait(RunFuture),
 }
 
+/// `bytes` in the KiB units of `write_room`, at least 1 and at most `cap`: a run larger than all
+/// the room still goes, alone.
+fn room_kib(bytes: u64, cap: u64) -> u32 {
+    bytes.div_ceil(1024).clamp(1, cap.min(Semaphore::MAX_PERMITS as u64).min(u32::MAX as u64)) as u32
+}
+
 fn drop_expired(recent: &mut VecDeque<Recent>) {
     recent.retain(|r| r.at.elapsed() <= RECENT_TTL);
 }
@@ -782,6 +799,7 @@ impl Inner {
     /// cache write goes on behind them, and the chunks stay "in flight" (served from this run's
     /// bytes) until they are on disk and marked present.
     async fn fetch_run(self: Arc<Self>, first: u64, end: u64, kind: RunKind) -> Result<Run> {
+        let room = self.write_room(first, end, kind).await?;
         let result = self.fetch_verified(first, end, kind.readahead_pool()).await;
         match &result {
             Ok(run) => {
@@ -818,6 +836,7 @@ impl Inner {
                         }
                         st.written += written as u64;
                     }
+                    drop(room);
                     me.writes_pending.fetch_sub(1, Ordering::SeqCst);
                     me.writes_done.notify_waiters();
                 });
@@ -839,6 +858,18 @@ impl Inner {
             }
         }
         result
+    }
+
+    /// Room in `write_room` for the run `[first, end)` until its cache write ends. A reader's
+    /// own fetch takes it only if it is free: readers never wait on the cache disk.
+    async fn write_room(&self, first: u64, end: u64, kind: RunKind) -> Result<Option<OwnedSemaphorePermit>> {
+        let total = room_kib(self.cfg.write_behind, u64::MAX) as u64;
+        let kib = room_kib(self.chunk_range(end - 1).1 - first * self.chunk_size, total);
+        if kind == RunKind::Demand {
+            return Ok(self.write_room.clone().try_acquire_many_owned(kib).ok());
+        }
+        let permit = self.write_room.clone().acquire_many_owned(kib).await;
+        permit.map(Some).map_err(|e| Error::with_source(ErrorKind::CacheIo, "write room closed", e))
     }
 
     async fn fetch_verified(&self, first: u64, end: u64, readahead: bool) -> Result<Run> {

@@ -360,6 +360,25 @@ async fn complete_data_file_is_the_image_and_survives_a_reset() {
     assert_eq!(old, data, "the reset made a new file instead of rewriting the held one");
 }
 
+/// Fetched bytes waiting for their cache write are bounded: with room for one request, a
+/// prefetch asking for 8 at a time fetches one, writes it, then fetches the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_wait_for_room_behind_cache_writes() {
+    let data = pattern(SIZE, 23);
+    for (room, most) in [(64 << 10, 1), (1 << 30, 8)] {
+        let src = Arc::new(FakeSource::new(data.clone()));
+        src.inject(Fault::Delay(std::time::Duration::from_millis(5)));
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.write_behind = room;
+        let img = LazyImage::open(src.clone(), cfg).await.unwrap();
+        img.prefetch_all(8, |_, _| {}).await.unwrap();
+        assert_eq!(src.most_at_once(), most, "fetches at once with {room} bytes of room");
+        assert_eq!(&img.read(0, SIZE as u64).await.unwrap()[..], &data[..]);
+        img.close().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_fill_completes_the_image_beside_readers() {
     let data = pattern(SIZE + 5000, 19);

@@ -25,6 +25,9 @@ pub struct FakeSource {
     faults: Mutex<Vec<Fault>>,
     pub fetches: AtomicU64,
     pub bytes_served: AtomicU64,
+    /// Fetches running now, and the most that ever ran at once.
+    running: AtomicU64,
+    pub most_at_once: AtomicU64,
 }
 
 impl FakeSource {
@@ -35,6 +38,8 @@ impl FakeSource {
             faults: Mutex::new(Vec::new()),
             fetches: AtomicU64::new(0),
             bytes_served: AtomicU64::new(0),
+            running: AtomicU64::new(0),
+            most_at_once: AtomicU64::new(0),
         }
     }
 
@@ -56,6 +61,11 @@ impl FakeSource {
         self.bytes_served.load(Ordering::Relaxed)
     }
 
+    /// The most fetches that ever ran at the same time.
+    pub fn most_at_once(&self) -> u64 {
+        self.most_at_once.load(Ordering::SeqCst)
+    }
+
     fn info(&self) -> ImageInfo {
         ImageInfo {
             size: lock(&self.data).len() as u64,
@@ -67,6 +77,15 @@ impl FakeSource {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts a fetch out of `running` however it ends.
+struct Running<'a>(&'a AtomicU64);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
@@ -81,6 +100,9 @@ impl RangeSource for FakeSource {
 
     async fn fetch(&self, offset: u64, len: u64, expect: &ImageInfo) -> Result<Bytes> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        let _running = Running(&self.running);
         let end = offset + len;
         let mut delay = None;
         let mut fail = None;
