@@ -1038,9 +1038,14 @@ impl Inner {
             return None;
         }
         // Extend in whole windows once less than half a window is left ahead, so requests stay
-        // large instead of one chunk per small read.
+        // large instead of one chunk per small read. At the full window, top up as soon as a
+        // whole request fits: waiting for half a window let every request in flight end before
+        // the next were claimed, and then all started together, leaving the origin idle for a
+        // round trip each time (traced at 5 ms: nothing in flight for 53-377 ms of a 1.1-2 s
+        // read, and 4-9 ms with the top-up).
         let ahead = s.frontier.saturating_sub(end);
-        if s.window > 0 && ahead >= s.window / 2 {
+        let top_up = s.window == self.cfg.readahead_max && ahead + self.cfg.max_request <= s.window;
+        if s.window > 0 && ahead >= s.window / 2 && !top_up {
             streams.insert(0, s);
             return None;
         }
@@ -1079,6 +1084,30 @@ impl Inner {
 mod tests {
     use super::*;
     use crate::source::{FakeSource, Fault};
+
+    /// At the full window, read-ahead is topped up a request at a time as the reader moves on,
+    /// not only once half the window is left: the requests in flight then end at different
+    /// times and the next ones are already claimed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_window_is_topped_up_a_request_at_a_time() {
+        let src = Arc::new(FakeSource::new(vec![7u8; 1 << 20]));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = ImageConfig::new(dir.path());
+        cfg.chunk_size = 4096;
+        cfg.max_request = 64 << 10;
+        cfg.readahead_initial = 256 << 10;
+        cfg.readahead_max = 256 << 10;
+        cfg.startup_misses = 0;
+        let img = LazyImage::open(src, cfg).await.expect("open");
+        let mut claimed = Vec::new();
+        for off in (0..112u64 << 10).step_by(16 << 10) {
+            img.read(off, 16 << 10).await.expect("read");
+            claimed.push(img.stats().readahead_chunks);
+        }
+        // The third read starts the stream's window: 48..304 KiB (64 chunks). When the reader
+        // reaches 112 KiB a whole request fits again: 304..368 KiB (16 chunks).
+        assert_eq!(claimed, [0, 0, 64, 64, 64, 64, 80]);
+    }
 
     /// A sequential reader mostly copies read-ahead runs before their cache write ends; runs it
     /// read whole must not be kept in memory for it afterwards.
