@@ -27,7 +27,7 @@ pub struct FakeSource {
     pub bytes_served: AtomicU64,
     /// Fetches running now, and the most that ever ran at once.
     running: AtomicU64,
-    pub most_at_once: AtomicU64,
+    most_at_once: AtomicU64,
 }
 
 impl FakeSource {
