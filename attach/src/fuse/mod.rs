@@ -7,7 +7,7 @@
 //!
 //! Paired with a plain loop device in the benchmark, warm random 4 KiB reads: 0.61x with fuser
 //! (every read through the runtime), 0.74-0.76x over `/dev/fuse` with small hits answered on the
-//! session thread, 0.89-0.96x over io_uring (0.95-0.97x in spot checks).
+//! session thread, 0.80-0.96x over io_uring (0.95-0.97x in spot checks).
 //!
 //! Misses and large reads over `/dev/fuse` go to the engine's tokio runtime and are answered
 //! when the data is there, so no transport thread waits on the network and many reads are in
