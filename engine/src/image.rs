@@ -1085,6 +1085,17 @@ mod tests {
     use super::*;
     use crate::source::{FakeSource, Fault};
 
+    /// 4 KiB chunks, 64 KiB requests, a window of at most 256 KiB starting at `first_window`.
+    fn small_config(dir: &std::path::Path, first_window: u64) -> ImageConfig {
+        let mut cfg = ImageConfig::new(dir);
+        cfg.chunk_size = 4096;
+        cfg.max_request = 64 << 10;
+        cfg.readahead_initial = first_window;
+        cfg.readahead_max = 256 << 10;
+        cfg.startup_misses = 0;
+        cfg
+    }
+
     /// At the full window, read-ahead is topped up a request at a time as the reader moves on,
     /// not only once half the window is left: the requests in flight then end at different
     /// times and the next ones are already claimed.
@@ -1092,13 +1103,7 @@ mod tests {
     async fn full_window_is_topped_up_a_request_at_a_time() {
         let src = Arc::new(FakeSource::new(vec![7u8; 1 << 20]));
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = ImageConfig::new(dir.path());
-        cfg.chunk_size = 4096;
-        cfg.max_request = 64 << 10;
-        cfg.readahead_initial = 256 << 10;
-        cfg.readahead_max = 256 << 10;
-        cfg.startup_misses = 0;
-        let img = LazyImage::open(src, cfg).await.expect("open");
+        let img = LazyImage::open(src, small_config(dir.path(), 256 << 10)).await.expect("open");
         let mut claimed = Vec::new();
         for off in (0..112u64 << 10).step_by(16 << 10) {
             img.read(off, 16 << 10).await.expect("read");
@@ -1117,13 +1122,7 @@ mod tests {
         let src = Arc::new(FakeSource::new(data.clone()));
         src.inject(Fault::Delay(Duration::from_millis(3)));
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = ImageConfig::new(dir.path());
-        cfg.chunk_size = 4096;
-        cfg.max_request = 64 << 10;
-        cfg.readahead_initial = 64 << 10;
-        cfg.readahead_max = 256 << 10;
-        cfg.startup_misses = 0;
-        let img = LazyImage::open(src, cfg).await.expect("open");
+        let img = LazyImage::open(src, small_config(dir.path(), 64 << 10)).await.expect("open");
         for off in (0..data.len()).step_by(16 << 10) {
             let got = img.read(off as u64, 16 << 10).await.expect("read");
             assert_eq!(&got[..], &data[off..off + (16 << 10)]);
