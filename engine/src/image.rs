@@ -222,6 +222,10 @@ struct Inner {
     health: Mutex<Health>,
     /// Cache writes still running after their readers were answered; `close` waits for them.
     writes_pending: AtomicUsize,
+    /// One flush at a time: the periodic flusher and `close` at once raced on stats.json's
+    /// temporary file (one rename found it gone), and an older bitmap snapshot could land on
+    /// disk after a newer one.
+    flushing: Arc<tokio::sync::Mutex<()>>,
     writes_done: Notify,
     /// Misses left that `widen_startup_miss` widens.
     startup_left: AtomicU32,
@@ -300,6 +304,7 @@ impl LazyImage {
             stats,
             health: Mutex::new(Health::default()),
             writes_pending: AtomicUsize::new(0),
+            flushing: Arc::new(tokio::sync::Mutex::new(())),
             startup_left: AtomicU32::new(cfg.startup_misses),
             writes_done: Notify::new(),
             rt: tokio::runtime::Handle::current(),
@@ -1058,12 +1063,15 @@ impl Inner {
     }
 
     async fn flush(self: Arc<Self>) -> Result<()> {
+        // Held by the blocking work itself: a flush dropped while it runs still keeps the next out.
+        let one = self.flushing.clone().lock_owned().await;
         let (snapshot, written) = {
             let st = lock(&self.state);
             ((st.written > st.synced).then(|| st.present.clone()), st.written)
         };
         let me = self.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<()> {
+            let _one = one;
             if let Some(bits) = &snapshot {
                 me.store.persist(bits)?;
             }

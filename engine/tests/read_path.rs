@@ -360,6 +360,23 @@ async fn complete_data_file_is_the_image_and_survives_a_reset() {
     assert_eq!(old, data, "the reset made a new file instead of rewriting the held one");
 }
 
+/// Flushes that overlap (the periodic one, `flush`, `close`) all succeed: they once raced on the
+/// stats file's temporary name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_flushes_all_succeed() {
+    let src = Arc::new(FakeSource::new(pattern(SIZE, 24)));
+    let dir = tempfile::tempdir().unwrap();
+    let img = open(src, dir.path()).await;
+    for round in 0..30u64 {
+        img.read(round * 16384, 100).await.unwrap();
+        let flushes: Vec<_> = (0..8).map(|_| { let img = img.clone(); tokio::spawn(async move { img.flush().await }) }).collect();
+        for f in flushes {
+            f.await.unwrap().unwrap_or_else(|e| panic!("round {round}: {}", e.report()));
+        }
+    }
+    img.close().await.unwrap();
+}
+
 /// Fetched bytes waiting for their cache write are bounded: with room for one request, a
 /// prefetch asking for 8 at a time fetches one, writes it, then fetches the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,7 +384,8 @@ async fn fetches_wait_for_room_behind_cache_writes() {
     let data = pattern(SIZE, 23);
     for (room, most) in [(64 << 10, 1), (1 << 30, 8)] {
         let src = Arc::new(FakeSource::new(data.clone()));
-        src.inject(Fault::Delay(std::time::Duration::from_millis(5)));
+        // Long enough that, given room, all 8 start before the first ends on a busy machine.
+        src.inject(Fault::Delay(std::time::Duration::from_millis(20)));
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path());
         cfg.write_behind = room;
