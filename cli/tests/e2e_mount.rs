@@ -48,6 +48,14 @@ fn fuse_partial_read_and_warm_reuse() {
     partial_read_and_warm_reuse(&Env::new("fuse"));
 }
 
+#[test]
+fn fuse_full_cache_disk_keeps_serving() {
+    if !host_ready() {
+        return;
+    }
+    full_cache_disk_keeps_serving(&Env::new("fuse"));
+}
+
 /// The loop device over the FUSE file reads far ahead, in requests FUSE takes whole (1 MiB).
 #[test]
 fn fuse_loop_queue_is_tuned() {

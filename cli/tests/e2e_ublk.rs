@@ -76,6 +76,15 @@ fn ublk_corrupt_chunk_is_eio() {
     assert_no_devices_left();
 }
 
+#[test]
+fn ublk_full_cache_disk_keeps_serving() {
+    if !ublk_ready() {
+        return;
+    }
+    full_cache_disk_keeps_serving(&Env::new("ublk"));
+    assert_no_devices_left();
+}
+
 /// The kernel sees a read-only disk: writes to the device itself fail.
 #[test]
 fn ublk_device_refuses_writes() {

@@ -209,6 +209,8 @@ struct Health {
     fatal: Option<String>,
     /// Cleared by the next successful fetch.
     transient: Option<String>,
+    /// The last cache write failed (a full disk, an I/O error); cleared by the next that works.
+    cache: Option<String>,
 }
 
 struct Inner {
@@ -352,7 +354,7 @@ impl LazyImage {
 
     pub fn condition(&self) -> Condition {
         let h = lock(&self.inner.health);
-        match h.fatal.as_ref().or(h.transient.as_ref()) {
+        match h.fatal.as_ref().or(h.transient.as_ref()).or(h.cache.as_ref()) {
             Some(m) => Condition { abnormal: true, message: m.clone() },
             None => Condition { abnormal: false, message: "healthy".into() },
         }
@@ -946,11 +948,23 @@ impl Inner {
                 Ok(ok && self.store.write_at(&run.data[(a - base) as usize..(b - base) as usize], a, direct)?)
             })
         };
-        res.unwrap_or_else(|e| {
-            self.stats.count_cache_write_error();
-            tracing::warn!(error = %e.report(), "cache write failed; serving from memory");
-            false
-        })
+        match res {
+            Ok(written) => {
+                if written && lock(&self.health).cache.take().is_some() {
+                    tracing::info!(dir = %self.store.dir().display(), "cache writes succeed again");
+                }
+                written
+            }
+            Err(e) => {
+                self.stats.count_cache_write_error();
+                let msg = format!("{}; misses are served without being cached", e.report());
+                // Logged once per spell: on a full disk every write fails.
+                if lock(&self.health).cache.replace(msg.clone()).is_none() {
+                    tracing::warn!("{msg}");
+                }
+                false
+            }
+        }
     }
 
     /// Remembers a read-ahead run, just written around the page cache, for `copy_recent`. Kept
@@ -1085,7 +1099,7 @@ impl Inner {
                 me.store.persist(bits)?;
             }
             let stats = serde_json::to_vec_pretty(&me.stats.snapshot()).unwrap_or_default();
-            me.store.write_stats(&stats)
+            me.store.write_stats(&stats).map(drop)
         })
         .await
         .map_err(|e| Error::with_source(ErrorKind::CacheIo, "flush task", e))?;

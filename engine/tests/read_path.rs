@@ -550,6 +550,59 @@ async fn cache_limit_evicts_unused_images_and_caps_growth() {
     assert!(have * 4096 <= SIZE as u64 / 2 && have < total, "{have}/{total}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cache_disk_serves_right_bytes_and_says_so() {
+    // The cache disk fills up mid-read: reads still return the image's bytes (from memory; the
+    // chunks stay missing), the image says why it stopped caching, nothing cached is lost, and
+    // caching resumes once there is room.
+    let Some(disk) = common::SmallDisk::mount(256 << 10) else { return };
+    let data = pattern(2 * SIZE, 25);
+    let src = Arc::new(FakeSource::new(data.clone()));
+    let cfg = config(disk.path());
+    let img = LazyImage::open(src.clone(), cfg.clone()).await.unwrap();
+    let piece = 64 << 10;
+    for off in (0..data.len()).step_by(piece) {
+        assert_eq!(&img.read(off as u64, piece as u64).await.unwrap()[..], &data[off..off + piece], "read at {off}");
+    }
+    let t = std::time::Instant::now();
+    while !img.condition().abnormal {
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "a full cache disk left the image healthy");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let why = img.condition().message;
+    assert!(why.contains("No space left"), "{why}");
+    assert!(img.stats().cache_write_errors > 0);
+    let (have, total) = img.fill();
+    assert!(have > 0 && have < total, "{have}/{total}");
+    img.flush().await.expect("a full disk still persists which chunks are cached");
+    img.close().await.expect("close on a full disk");
+
+    // Another image cannot start a cache there: a clear error, and the first cache is left alone.
+    let other = pattern(SIZE, 26);
+    let mut other_cfg = cfg.clone();
+    other_cfg.manifest = Some(Manifest::build(&other[..], 4096, |_| {}).unwrap());
+    let e = LazyImage::open(Arc::new(FakeSource::new(other)), other_cfg).await.err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::CacheIo);
+    assert!(e.report().contains("No space left"), "{}", e.report());
+
+    // Reopened on the same full disk: what was cached is reused and right, the rest refetched.
+    let img = LazyImage::open(src.clone(), cfg.clone()).await.unwrap();
+    assert_eq!(img.fill().0, have, "every chunk cached before close is known after it");
+    let before = src.bytes_count();
+    assert_eq!(&img.read(0, data.len() as u64).await.unwrap()[..], &data[..]);
+    assert_eq!(src.bytes_count() - before, (total - have) * 4096, "cached chunks are not fetched again");
+
+    // With room again, misses are cached and the image is healthy once more.
+    disk.resize(8 << 20);
+    let t = std::time::Instant::now();
+    while img.condition().abnormal || img.fill().0 < total {
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "caching did not resume: {:?} {:?}", img.condition().message, img.fill());
+        img.read(0, data.len() as u64).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    img.close().await.unwrap();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 

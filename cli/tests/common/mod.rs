@@ -319,3 +319,28 @@ pub fn corrupt_chunk_is_eio(env: &Env) {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     env.umount("c", child);
 }
+
+/// A cache disk with no room left: the mount still serves every byte right (fetched again
+/// from the origin), says why it is not caching, and unmounts cleanly.
+pub fn full_cache_disk_keeps_serving(env: &Env) {
+    let sums = make_tree(&env.p("ftree"), 6, &[6 << 20]);
+    make_image("erofs", &env.p("ftree"), &env.p("srv/full.img"));
+    let cache = env.p("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    sh(Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "lazy-image-test"]).arg(&cache));
+    let _tmpfs = UnmountOnDrop(cache);
+    let child = env.mount(&format!("{}/full.img", env.base), "f", &[]);
+    check_sums(&env.p("f"), &sums);
+    env.umount("f", child);
+    let log = env.log("f");
+    assert!(log.contains("No space left on device") && log.contains("served without being cached"), "{log}");
+}
+
+/// Lazily unmounts a filesystem a test mounted, even when the test fails.
+pub struct UnmountOnDrop(pub PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

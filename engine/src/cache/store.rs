@@ -87,11 +87,22 @@ pub(super) fn try_lock(f: &File) -> std::io::Result<()> {
 
 pub(super) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_data()?;
+    let written = File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_data()
+    });
+    if let Err(e) = written {
+        // A part written on a full disk holds space the next write needs.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, dir.join(name))?;
     File::open(dir)?.sync_all()
+}
+
+/// The filesystem (or the user's quota on it) has no room left.
+pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 impl CacheStore {
@@ -259,8 +270,14 @@ impl CacheStore {
             .map_err(|e| Error::cache_io(format!("writing the bitmap in {}", self.dir.display()), e))
     }
 
-    pub fn write_stats(&self, json: &[u8]) -> Result<()> {
-        write_atomic(&self.dir, "stats.json", json).map_err(|e| Error::cache_io("writing stats.json", e))
+    /// Replaces stats.json. On a full disk the old file stays and this returns false: the
+    /// counters are advisory, and the failing cache writes already report the full disk.
+    pub fn write_stats(&self, json: &[u8]) -> Result<bool> {
+        match write_atomic(&self.dir, "stats.json", json) {
+            Ok(()) => Ok(true),
+            Err(e) if is_disk_full(&e) => Ok(false),
+            Err(e) => Err(Error::cache_io("writing stats.json", e)),
+        }
     }
 }
 

@@ -54,3 +54,46 @@ pub async fn source_suite(src: Arc<dyn RangeSource>, reference: &[u8]) {
     assert!(s.origin_bytes <= n, "never fetched a byte twice: {} > {n}", s.origin_bytes);
     assert!(s.chunk_hits > 0);
 }
+
+/// A small tmpfs to fill up, unmounted on drop. `None` (the test skips) where mounting is not
+/// allowed, except in CI, which runs as root and must run it.
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    pub fn mount(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "lazy-image-test"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(std::env::var_os("CI").is_none(), "CI must be able to mount a tmpfs (run as root)");
+            eprintln!("skipping: cannot mount a tmpfs here (not root?)");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Gives the filesystem `bytes` in all.
+    pub fn resize(&self, bytes: u64) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={bytes}")])
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "resizing the tmpfs at {}", self.dir.path().display());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
