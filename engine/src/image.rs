@@ -191,6 +191,10 @@ struct State {
     /// bitmap needs persisting while `written > synced`.
     written: u64,
     synced: u64,
+    /// Chunk ranges marked present since the flush in progress (or the last one) took them: if
+    /// a sync fails, their data may never reach the disk (a failed writeback leaves pages that
+    /// read back wrong once evicted), so they are marked missing again.
+    unsynced: Vec<(u64, u64)>,
 }
 
 #[derive(Clone, Copy)]
@@ -309,7 +313,7 @@ impl LazyImage {
             info,
             chunk_size,
             store,
-            state: Mutex::new(State { present, inflight: HashMap::new(), written: 0, synced: 0 }),
+            state: Mutex::new(State { present, inflight: HashMap::new(), written: 0, synced: 0, unsynced: Vec::new() }),
             streams: Mutex::new(Vec::new()),
             recent: Mutex::new(VecDeque::new()),
             stats,
@@ -851,6 +855,9 @@ impl Inner {
                             }
                         }
                         st.written += written as u64;
+                        if written {
+                            st.unsynced.push((first, end));
+                        }
                     }
                     drop(room);
                     me.writes_pending.fetch_sub(1, Ordering::SeqCst);
@@ -1085,18 +1092,40 @@ impl Inner {
         (from < to).then_some((from, to))
     }
 
+    /// Marks the chunks of `ranges` missing again after the sync that was to make them durable
+    /// failed with `e`: they are fetched again rather than read from data the disk may not hold.
+    fn forget(&self, ranges: &[(u64, u64)], e: &Error) {
+        let mut n = 0;
+        {
+            let mut st = lock(&self.state);
+            for c in ranges.iter().flat_map(|&(a, b)| a..b) {
+                if st.present.get(c) {
+                    st.present.clear(c);
+                    n += 1;
+                }
+            }
+        }
+        self.store.release(n * self.chunk_size);
+        let msg = format!("{}; {n} chunks written since the last sync will be fetched again", e.report());
+        tracing::warn!("{msg}");
+        lock(&self.health).cache = Some(msg);
+    }
+
     async fn flush(self: Arc<Self>) -> Result<()> {
         // Held by the blocking work itself: a flush dropped while it runs still keeps the next out.
         let one = self.flushing.clone().lock_owned().await;
         let (snapshot, written) = {
-            let st = lock(&self.state);
-            ((st.written > st.synced).then(|| st.present.clone()), st.written)
+            let mut st = lock(&self.state);
+            ((st.written > st.synced).then(|| (st.present.clone(), std::mem::take(&mut st.unsynced))), st.written)
         };
         let me = self.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<()> {
             let _one = one;
-            if let Some(bits) = &snapshot {
-                me.store.persist(bits)?;
+            if let Some((bits, unsynced)) = &snapshot {
+                if let Err(e) = me.store.persist(bits) {
+                    me.forget(unsynced, &e);
+                    return Err(e);
+                }
             }
             let stats = serde_json::to_vec_pretty(&me.stats.snapshot()).unwrap_or_default();
             me.store.write_stats(&stats).map(drop)
@@ -1162,5 +1191,39 @@ mod tests {
         let kept: Vec<(u64, usize)> = lock(&img.inner.recent).iter().map(|r| (r.run.first, r.run.served.load(Ordering::Relaxed))).collect();
         assert!(img.stats().readahead_chunks > 0, "the reads ran ahead");
         assert!(kept.is_empty(), "runs the reader had read whole are still held (first chunk, bytes read): {kept:?}");
+    }
+
+    /// Chunks written since the last durable sync are marked missing when a sync fails, and
+    /// fetched again: their data may never reach the disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_of_a_failed_sync_are_fetched_again() {
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+        let src = Arc::new(FakeSource::new(data.clone()));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = small_config(dir.path(), 64 << 10);
+        cfg.readahead_max = 0;
+        cfg.flush_interval = Duration::from_secs(3600);
+        let img = LazyImage::open(src.clone(), cfg.clone()).await.expect("open");
+        img.read(0, 64 << 10).await.expect("read");
+        img.settle().await;
+        img.flush().await.expect("first flush");
+        img.read(512 << 10, 64 << 10).await.expect("read");
+        img.settle().await;
+        assert_eq!(img.fill().0, 32);
+
+        img.inner.store.failing_syncs.store(1, Ordering::SeqCst);
+        assert!(img.flush().await.is_err());
+        assert_eq!(img.fill().0, 16, "the chunks synced before stay, the others are missing again");
+        let c = img.condition();
+        assert!(c.abnormal && c.message.contains("fetched again"), "{}", c.message);
+        let before = src.bytes_count();
+        assert_eq!(&img.read(512 << 10, 64 << 10).await.expect("read")[..], &data[512 << 10..576 << 10]);
+        assert_eq!(src.bytes_count() - before, 64 << 10, "fetched again");
+        img.settle().await;
+        assert!(!img.condition().abnormal, "a cache write that works again clears the condition");
+        img.close().await.expect("close");
+
+        let img = LazyImage::open(src, cfg).await.expect("reopen");
+        assert_eq!(img.fill().0, 32);
     }
 }

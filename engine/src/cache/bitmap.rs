@@ -38,6 +38,12 @@ impl Bitmap {
         }
     }
 
+    pub fn clear(&mut self, i: u64) {
+        if i < self.len {
+            self.bits[(i / 8) as usize] &= !(1 << (i % 8));
+        }
+    }
+
     pub fn count_ones(&self) -> u64 {
         self.bits.iter().map(|b| b.count_ones() as u64).sum()
     }

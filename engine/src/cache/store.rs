@@ -68,6 +68,9 @@ pub struct CacheStore {
     /// Bytes this image may occupy in the cache, from the node limit minus other images.
     budget: Option<u64>,
     used: AtomicU64,
+    /// Syncs left to fail, for tests of what a failed sync must undo.
+    #[cfg(test)]
+    pub(crate) failing_syncs: std::sync::atomic::AtomicU32,
 }
 
 fn io(dir: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
@@ -181,7 +184,20 @@ impl CacheStore {
         let data_direct = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(dir.join(DATA_FILE)).ok();
         let used = AtomicU64::new(bitmap.count_ones() * header.chunk_size);
         let direct_ok = AtomicBool::new(data_direct.is_some());
-        Ok((CacheStore { dir, header, data, data_direct, direct_ok, bitmap_file, _lock: lock, budget, used }, bitmap))
+        let store = CacheStore {
+            dir,
+            header,
+            data,
+            data_direct,
+            direct_ok,
+            bitmap_file,
+            _lock: lock,
+            budget,
+            used,
+            #[cfg(test)]
+            failing_syncs: Default::default(),
+        };
+        Ok((store, bitmap))
     }
 
     pub fn dir(&self) -> &Path {
@@ -263,6 +279,10 @@ impl CacheStore {
     /// Makes everything written so far durable, then persists `bits` (a snapshot taken after
     /// those writes), so no bit on disk ever points at data that could be lost.
     pub fn persist(&self, bits: &Bitmap) -> Result<()> {
+        #[cfg(test)]
+        if self.failing_syncs.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(Error::cache_io(format!("syncing {}", self.dir.display()), std::io::Error::from_raw_os_error(libc::EIO)));
+        }
         self.data.sync_data().map_err(|e| Error::cache_io(format!("syncing {}", self.dir.display()), e))?;
         self.bitmap_file
             .write_all_at(bits.as_bytes(), 0)
@@ -272,6 +292,11 @@ impl CacheStore {
 
     /// Replaces stats.json. On a full disk the old file stays and this returns false: the
     /// counters are advisory, and the failing cache writes already report the full disk.
+    /// Gives back budget for `bytes` of chunks no longer counted as cached.
+    pub fn release(&self, bytes: u64) {
+        let _ = self.used.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| Some(u.saturating_sub(bytes)));
+    }
+
     pub fn write_stats(&self, json: &[u8]) -> Result<bool> {
         match write_atomic(&self.dir, "stats.json", json) {
             Ok(()) => Ok(true),
