@@ -533,6 +533,38 @@ async fn condition_turns_abnormal_when_the_origin_changes() {
     h.assert_clean();
 }
 
+/// A cache disk with no room: the volume still reads right, and its condition says why it is
+/// not caching.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn condition_reports_a_full_cache_disk() {
+    if !prerequisites_met() {
+        return;
+    }
+    let mut h = Harness::new().await;
+    // On the cache root before the plugin starts: it works in a mount namespace of its own.
+    h.kill();
+    std::fs::create_dir_all(h.p("cache")).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "lazy-image-test"]).arg(h.p("cache")).status().unwrap();
+    assert!(st.success());
+    h.start().await;
+    let mut node = h.node().await;
+    node.node_stage_volume(h.stage_req("vol-f", &h.url("vol.img"))).await.unwrap();
+    node.node_publish_volume(h.publish_req("vol-f", "pod")).await.unwrap();
+    let target = h.target("pod", "vol-f");
+    assert!(std::fs::read(Path::new(&target).join("data/big.bin")).unwrap() == h.files["data/big.bin"], "wrong bytes");
+    let st = node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "vol-f".into(), volume_path: target.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = st.volume_condition.unwrap();
+    assert!(cond.abnormal && cond.message.contains("No space left"), "{cond:?}\n{}", h.log());
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: "vol-f".into(), target_path: target }).await.unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-f".into(), staging_target_path: h.staging("vol-f") }).await.unwrap();
+    assert!(Command::new("umount").arg(h.p("cache")).status().unwrap().success(), "unmounting the test's tmpfs");
+    h.assert_clean();
+}
+
 /// kill -9 the plugin while a pod reads its volume, start it again: the plugin re-adopts the
 /// volume from its state directory and every call keeps answering; with ublk the reader in
 /// flight continues without an error, with FUSE + loop new reads work again. Then unpublish and
