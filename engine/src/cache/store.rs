@@ -104,7 +104,7 @@ pub(super) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Res
 }
 
 /// The filesystem (or the user's quota on it) has no room left.
-pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+fn is_disk_full(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
@@ -290,13 +290,13 @@ impl CacheStore {
             .map_err(|e| Error::cache_io(format!("writing the bitmap in {}", self.dir.display()), e))
     }
 
-    /// Replaces stats.json. On a full disk the old file stays and this returns false: the
-    /// counters are advisory, and the failing cache writes already report the full disk.
     /// Gives back budget for `bytes` of chunks no longer counted as cached.
     pub fn release(&self, bytes: u64) {
         let _ = self.used.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| Some(u.saturating_sub(bytes)));
     }
 
+    /// Replaces stats.json. On a full disk the old file stays and this returns false: the
+    /// counters are advisory, and the failing cache writes already report the full disk.
     pub fn write_stats(&self, json: &[u8]) -> Result<bool> {
         match write_atomic(&self.dir, "stats.json", json) {
             Ok(()) => Ok(true),
