@@ -89,6 +89,9 @@ async fn pipe(from: Arc<TcpStream>, to: Arc<TcpStream>, delay: Duration, rate: O
                         made += 1;
                         p
                     }
+                    // Out of descriptors: wait for a piece in flight, or give up on the
+                    // connection if there is none to wait for.
+                    Err(_) if made == 0 => break,
                     Err(_) => match spare_rx.recv().await {
                         Some(p) => p,
                         None => break,
