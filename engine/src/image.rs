@@ -73,7 +73,10 @@ pub struct ImageConfig {
     pub demand_fetches: usize,
     /// Requests issued ahead of sequential readers.
     pub readahead_fetches: usize,
-    /// Largest single ranged request.
+    /// Largest single ranged request. The default, 8 MiB, with eight read-ahead requests keeps a
+    /// whole 64 MiB window in flight: against 4 MiB, a cold 512 MiB read at 5 ms each way took
+    /// 2-9% less time in four batches of 5-7 reads (medians 761 -> 696, 671 -> 613, 579 -> 570,
+    /// 667 -> 615-634 ms), and the same at 0 ms (521 vs 524 ms).
     pub max_request: u64,
     pub readahead_initial: u64,
     /// 0 disables readahead (for purely random access).
@@ -82,8 +85,9 @@ pub struct ImageConfig {
     /// fills and prefetches wait for room before they fetch (demand fetches take room when
     /// there is some and never wait): where the origin outruns the cache disk, the backlog of
     /// writes would otherwise grow with the image. The default, 256 MiB, is about twice what a
-    /// cold 512 MiB read here ever used (32 MiB in flight, up to 104 MiB of writes behind, with
-    /// nginx reading the same disk), so only a disk that stays behind is waited for.
+    /// cold 512 MiB read here ever used (32 MiB in flight with 4 MiB requests, up to 104 MiB
+    /// of writes behind, with nginx reading the same disk), so only a disk that stays behind is
+    /// waited for.
     pub write_behind: u64,
     pub retry: RetryPolicy,
     /// How often the bitmap and stats are persisted.
@@ -102,7 +106,7 @@ impl ImageConfig {
             manifest: None,
             demand_fetches: 32,
             readahead_fetches: 8,
-            max_request: 4 << 20,
+            max_request: 8 << 20,
             readahead_initial: 512 << 10,
             readahead_max: 64 << 20,
             write_behind: 256 << 20,

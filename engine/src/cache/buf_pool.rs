@@ -14,8 +14,8 @@ const PAGE: usize = 4096;
 /// Buffers of at least this capacity are pooled (smaller ones come from the allocator's heap
 /// without new mappings anyway).
 const POOL_MIN: usize = 256 << 10;
-/// Bytes of free buffers kept at most: eight of the engine's default 4 MiB requests.
-const POOL_MAX_BYTES: usize = 32 << 20;
+/// Bytes of free buffers kept at most: eight of the engine's default 8 MiB requests.
+const POOL_MAX_BYTES: usize = 64 << 20;
 
 struct FreeBuf(NonNull<u8>, usize);
 // SAFETY: a free buffer is owned by the pool alone.
