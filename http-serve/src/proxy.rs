@@ -82,22 +82,17 @@ async fn pipe(from: Arc<TcpStream>, to: Arc<TcpStream>, delay: Duration, rate: O
     let reader = async move {
         let mut made = 0;
         loop {
-            let piece = match spare_rx.try_recv() {
-                Ok(p) => p,
-                Err(_) if made < PIECES_IN_FLIGHT => match Piece::new() {
-                    Ok(p) => {
-                        made += 1;
-                        p
-                    }
-                    // Out of descriptors: wait for a piece in flight, or give up on the
-                    // connection if there is none to wait for.
-                    Err(_) if made == 0 => break,
-                    Err(_) => match spare_rx.recv().await {
-                        Some(p) => p,
-                        None => break,
-                    },
-                },
-                Err(_) => match spare_rx.recv().await {
+            let fresh = match spare_rx.try_recv() {
+                Ok(p) => Some(p),
+                Err(_) if made < PIECES_IN_FLIGHT => Piece::new().ok().inspect(|_| made += 1),
+                Err(_) => None,
+            };
+            // At the cap, or out of descriptors: wait for a piece in flight, or give up on the
+            // connection if there is none to wait for.
+            let piece = match fresh {
+                Some(p) => p,
+                None if made == 0 => break,
+                None => match spare_rx.recv().await {
                     Some(p) => p,
                     None => break,
                 },
