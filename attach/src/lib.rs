@@ -185,7 +185,7 @@ impl Attachment {
     pub fn adopt_direct_loop(image: &LazyImage, dev: &Path, mountpoint: &Path, fs: FsType) -> Result<Self, AttachError> {
         let refuse = |why: String| Err(AttachError::new(AttachErrorKind::Busy, format!("cannot adopt {}: {why}", dev.display())));
         let Some(data) = image.complete_data_file() else { return refuse("the image is not complete in the cache".into()) };
-        let dev = LoopDevice::from_path(dev);
+        let dev = LoopDevice::existing(dev);
         if mount_source(mountpoint)?.as_deref() != Some(dev.path()) {
             return refuse(format!("{} is not mounted from it", mountpoint.display()));
         }
@@ -260,19 +260,17 @@ impl Attachment {
     }
 }
 
-/// Attaches `file` to a loop device with `attach` and mounts it; a failed mount detaches it again.
+/// Attaches `file` to a loop device with `attach` and mounts it. The device is held until the
+/// mount has it, so a failed mount (or a kill before it) leaves no loop device behind.
 fn loop_and_mount(
-    attach: fn(&Path) -> Result<LoopDevice, AttachError>,
+    attach: fn(&Path) -> Result<loopdev::LoopClaim, AttachError>,
     file: &Path,
     mountpoint: &Path,
     fs: FsType,
 ) -> Result<LoopDevice, AttachError> {
-    let dev = attach(file)?;
-    if let Err(e) = mount_readonly(dev.path(), mountpoint, fs) {
-        let _ = dev.detach();
-        return Err(e);
-    }
-    Ok(dev)
+    let claim = attach(file)?;
+    mount_readonly(claim.device().path(), mountpoint, fs)?;
+    Ok(claim.release())
 }
 
 /// Runs blocking device and mount work off the runtime threads (which may be serving the very

@@ -1,59 +1,182 @@
 //! Read-only loop devices over the FUSE image file (or over a complete cache's data file), set
-//! up with util-linux `losetup`.
+//! up with the loop ioctls rather than `losetup`, so that a device is never left bound to
+//! nothing: it is configured with autoclear while we hold it open, and the kernel unbinds it
+//! when its last user closes it. Until the mount has it, that last user is us (a crash or a kill
+//! between attach and mount closes our fd); after, it is the mount (unmounting frees it).
 
 use crate::{AttachError, AttachErrorKind};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+// From <linux/loop.h>.
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LO_FLAGS_READ_ONLY: u32 = 1;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
+const LO_NAME_SIZE: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; LO_NAME_SIZE],
+    lo_crypt_name: [u8; LO_NAME_SIZE],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+fn zeroed_info() -> LoopInfo64 {
+    // SAFETY: a plain-old-data struct of integers and byte arrays; all zeroes is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Identity of a backing file as the loop driver reports it: (st_dev, st_ino).
+type Backing = (u64, u64);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoopDevice {
     path: PathBuf,
+    /// The file this device read when we attached or found it; `None` if it was not bound.
+    /// `detach` clears the device only while it still reads that file, so a device the kernel
+    /// has already freed (autoclear) and someone else has taken since is left alone.
+    backing: Option<Backing>,
 }
 
-fn losetup(args: &[&std::ffi::OsStr]) -> Result<String, AttachError> {
-    let out = Command::new("losetup").args(args).output().map_err(|e| {
-        let mut err = AttachError::os("running losetup (install util-linux)", e);
-        err.kind = AttachErrorKind::Unsupported;
-        err
-    })?;
-    if !out.status.success() {
-        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        let kind = if msg.contains("busy") { AttachErrorKind::Busy } else { AttachErrorKind::Io };
-        return Err(AttachError::new(kind, format!("losetup failed: {msg}")));
+/// A loop device we just configured, held open: if this is dropped before a mount takes the
+/// device (an error, or the process dies), the kernel unbinds it.
+pub(crate) struct LoopClaim {
+    dev: LoopDevice,
+    _held: File,
+}
+
+impl LoopClaim {
+    pub(crate) fn device(&self) -> &LoopDevice {
+        &self.dev
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+
+    /// Lets go of the device once something else (the mount) keeps it bound.
+    pub(crate) fn release(self) -> LoopDevice {
+        self.dev
+    }
+}
+
+fn open_device(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(path)
+}
+
+fn status(dev: &File) -> std::io::Result<LoopInfo64> {
+    let mut info = zeroed_info();
+    // SAFETY: LOOP_GET_STATUS64 fills a struct loop_info64, which `info` is laid out as.
+    if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64, &mut info as *mut LoopInfo64) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info)
+}
+
+fn is_unbound(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENXIO) | Some(libc::ENOENT) | Some(libc::ENODEV))
 }
 
 impl LoopDevice {
-    pub fn from_path(path: impl Into<PathBuf>) -> Self {
-        LoopDevice { path: path.into() }
+    /// A loop device someone set up before (found in a record or a mount table), with the file
+    /// it reads now pinned for `detach`.
+    pub fn existing(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let backing = open_device(&path).and_then(|f| status(&f)).ok().map(|i| (i.lo_device, i.lo_inode));
+        LoopDevice { path, backing }
     }
 
     /// Attaches the FUSE image file read-only with direct I/O, so blocks are cached once (in the
-    /// filesystem above), not again in the FUSE file's page cache; falls back to buffered I/O if
-    /// refused.
-    pub fn attach_readonly(file: &Path) -> Result<Self, AttachError> {
-        let f = file.as_os_str();
-        let dev = losetup(&["--find".as_ref(), "--show".as_ref(), "--read-only".as_ref(), "--direct-io=on".as_ref(), f])
-            .or_else(|_| losetup(&["--find".as_ref(), "--show".as_ref(), "--read-only".as_ref(), f]))?;
-        let dev = Self::checked(dev)?;
-        dev.tune_queue();
-        Ok(dev)
+    /// filesystem above), not again in the FUSE file's page cache; buffered I/O if refused.
+    pub(crate) fn attach_readonly(file: &Path) -> Result<LoopClaim, AttachError> {
+        let claim = Self::attach(file, true)?;
+        claim.dev.tune_queue();
+        Ok(claim)
     }
 
-    /// Attaches a local file read-only with buffered I/O, as a plain `losetup -r` would: measured
-    /// on a complete cache file, direct I/O read sequentially at 0.4-0.8x of buffered (no
-    /// readahead on the file underneath), buffered at 0.9-1.1x of a plain loop device.
-    pub fn attach_file_readonly(file: &Path) -> Result<Self, AttachError> {
-        let dev = losetup(&["--find".as_ref(), "--show".as_ref(), "--read-only".as_ref(), file.as_os_str()])?;
-        Self::checked(dev)
+    /// Attaches a local file read-only with buffered I/O: measured on a complete cache file,
+    /// direct I/O read sequentially at 0.4-0.8x of buffered (no readahead on the file
+    /// underneath), buffered at 0.9-1.1x of a plain loop device.
+    pub(crate) fn attach_file_readonly(file: &Path) -> Result<LoopClaim, AttachError> {
+        Self::attach(file, false)
     }
 
-    fn checked(dev: String) -> Result<Self, AttachError> {
-        if !dev.starts_with("/dev/loop") {
-            return Err(AttachError::new(AttachErrorKind::Io, format!("losetup printed {dev:?}, not a loop device")));
+    fn attach(file: &Path, direct_io: bool) -> Result<LoopClaim, AttachError> {
+        let backing = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(file)
+            .map_err(|e| AttachError::os(format!("opening {} for a loop device", file.display()), e))?;
+        let meta = backing.metadata().map_err(|e| AttachError::os(format!("reading {}", file.display()), e))?;
+        let ctl = OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open("/dev/loop-control").map_err(|e| {
+            let mut err = AttachError::os("opening /dev/loop-control (modprobe loop)", e);
+            err.kind = AttachErrorKind::Unsupported;
+            err
+        })?;
+
+        let mut config = LoopConfig { fd: backing.as_raw_fd() as u32, block_size: 0, info: zeroed_info(), reserved: [0; 8] };
+        config.info.lo_flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | if direct_io { LO_FLAGS_DIRECT_IO } else { 0 };
+        let name = file.as_os_str().as_bytes();
+        let n = name.len().min(LO_NAME_SIZE - 1);
+        config.info.lo_file_name[..n].copy_from_slice(&name[..n]);
+
+        // Another process may take the free device between our asking and configuring it.
+        let mut last = None;
+        for _ in 0..16 {
+            // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+            let nr = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+            if nr < 0 {
+                return Err(AttachError::os("finding a free loop device", std::io::Error::last_os_error()));
+            }
+            let path = PathBuf::from(format!("/dev/loop{nr}"));
+            let dev = open_device(&path).map_err(|e| AttachError::os(format!("opening {}", path.display()), e))?;
+            let configure = |config: &LoopConfig| {
+                // SAFETY: LOOP_CONFIGURE reads a struct loop_config, which `config` is laid out as;
+                // the backing fd stays open for the call (the kernel takes its own reference).
+                if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, config as *const LoopConfig) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            };
+            let mut res = configure(&config);
+            if direct_io && res.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EINVAL)) {
+                tracing::debug!(file = %file.display(), "loop device refused direct I/O; using buffered I/O");
+                config.info.lo_flags &= !LO_FLAGS_DIRECT_IO;
+                res = configure(&config);
+            }
+            match res {
+                Ok(()) => {
+                    let dev_ = LoopDevice { path, backing: Some((meta.dev(), meta.ino())) };
+                    return Ok(LoopClaim { dev: dev_, _held: dev });
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = Some(e),
+                Err(e) => return Err(AttachError::os(format!("attaching {} to {}", file.display(), path.display()), e)),
+            }
         }
-        Ok(LoopDevice { path: PathBuf::from(dev) })
+        let e = last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EBUSY));
+        Err(AttachError::os(format!("attaching {} to a loop device: every free one was taken first", file.display()), e))
     }
 
     /// The block layer's readahead (128 KiB by default) is what a sequential reader asks of us
@@ -83,7 +206,89 @@ impl LoopDevice {
         &self.path
     }
 
+    /// Unbinds the device if it still reads the file it read when we attached or found it; a
+    /// device already unbound (autoclear after the unmount), or bound to another file since,
+    /// counts as done. Still in use (mounted), it is unbound when its last user lets go.
     pub fn detach(&self) -> Result<(), AttachError> {
-        losetup(&["--detach".as_ref(), self.path.as_os_str()]).map(|_| ())
+        let Some(ours) = self.backing else { return Ok(()) };
+        let dev = match open_device(&self.path) {
+            Ok(f) => f,
+            Err(e) if is_unbound(&e) => return Ok(()),
+            Err(e) => return Err(AttachError::os(format!("opening {}", self.path.display()), e)),
+        };
+        match status(&dev) {
+            Ok(info) if (info.lo_device, info.lo_inode) == ours => {}
+            Ok(_) => return Ok(()),
+            Err(e) if is_unbound(&e) => return Ok(()),
+            Err(e) => return Err(AttachError::os(format!("reading the status of {}", self.path.display()), e)),
+        }
+        // SAFETY: LOOP_CLR_FD takes no argument.
+        if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if !is_unbound(&e) {
+                return Err(AttachError::os(format!("detaching {}", self.path.display()), e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the device is bound to a file at all.
+    pub fn is_bound(&self) -> bool {
+        open_device(&self.path).and_then(|f| status(&f)).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loop_usable() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        (unsafe { libc::geteuid() }) == 0 && Path::new("/dev/loop-control").exists()
+    }
+
+    fn image(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
+        p
+    }
+
+    /// A process killed between attaching and mounting closes its fd, which is all the kernel
+    /// needs to unbind the device: nothing is left behind.
+    #[test]
+    fn a_device_nobody_mounted_goes_away_with_its_claim() {
+        if !loop_usable() {
+            eprintln!("skipped: needs root and /dev/loop-control");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let claim = LoopDevice::attach_file_readonly(&image(dir.path(), "a")).unwrap();
+        let dev = claim.device().clone();
+        assert!(dev.is_bound());
+        let ro = std::fs::read_to_string(format!("/sys/block/{}/ro", dev.path().file_name().unwrap().to_str().unwrap())).unwrap();
+        assert_eq!(ro.trim(), "1", "read-only");
+        drop(claim);
+        assert!(!dev.is_bound(), "{} still bound after its claim was dropped", dev.path().display());
+        dev.detach().expect("detaching an unbound device is done");
+    }
+
+    /// A device the kernel freed and another file took since is not ours to detach.
+    #[test]
+    fn detach_leaves_a_device_that_reads_another_file() {
+        if !loop_usable() {
+            eprintln!("skipped: needs root and /dev/loop-control");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let claim = LoopDevice::attach_file_readonly(&image(dir.path(), "b")).unwrap();
+        let other = image(dir.path(), "c");
+        let meta = std::fs::metadata(&other).unwrap();
+        let stale = LoopDevice { path: claim.device().path().to_path_buf(), backing: Some((meta.dev(), meta.ino())) };
+        stale.detach().unwrap();
+        assert!(claim.device().is_bound(), "a device reading another file was detached");
+        // Held open by the claim: detach marks it to go when the claim does.
+        claim.device().detach().unwrap();
+        let dev = claim.release();
+        assert!(!dev.is_bound());
     }
 }

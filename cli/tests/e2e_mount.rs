@@ -56,7 +56,9 @@ fn fuse_full_cache_disk_keeps_serving() {
     full_cache_disk_keeps_serving(&Env::new("fuse"));
 }
 
-/// The loop device over the FUSE file reads far ahead, in requests FUSE takes whole (1 MiB).
+/// The loop device over the FUSE file reads far ahead, in requests FUSE takes whole (1 MiB),
+/// with direct I/O (blocks are cached once, above it); it is read-only and goes away by itself
+/// once nothing holds it (autoclear).
 #[test]
 fn fuse_loop_queue_is_tuned() {
     if !host_ready() {
@@ -64,9 +66,10 @@ fn fuse_loop_queue_is_tuned() {
     }
     let env = Env::new("fuse");
     let (child, dev) = mount_small_image(&env, "ext4", "m");
-    let queue = Path::new("/sys/block").join(dev.file_name().unwrap()).join("queue");
-    let knob = |k: &str| std::fs::read_to_string(queue.join(k)).unwrap().trim().to_string();
-    assert_eq!((knob("read_ahead_kb").as_str(), knob("max_sectors_kb").as_str()), ("4096", "1024"));
+    let sys = Path::new("/sys/block").join(dev.file_name().unwrap());
+    let knob = |k: &str| std::fs::read_to_string(sys.join(k)).unwrap().trim().to_string();
+    assert_eq!((knob("queue/read_ahead_kb").as_str(), knob("queue/max_sectors_kb").as_str()), ("4096", "1024"));
+    assert_eq!((knob("ro").as_str(), knob("loop/dio").as_str(), knob("loop/autoclear").as_str()), ("1", "1", "1"));
     env.umount("m", child);
 }
 

@@ -577,12 +577,14 @@ impl Volumes {
 /// Removes what a record describes when no live attachment does: the staging mount, then the
 /// device (a ublk device, or a loop device and its FUSE mount).
 fn teardown_record(rec: &VolumeRecord) -> Result<(), lazy_image_attach::AttachError> {
+    // Pinned before the unmount, which may free the device for anyone to take.
+    let loop_dev = rec.loop_device.as_ref().map(LoopDevice::existing);
     lazy_image_attach::unmount(&rec.staging_path)?;
     if let Some(id) = rec.ublk_id {
         ublk::delete_device(id)?;
     }
-    if let Some(dev) = &rec.loop_device {
-        let _ = LoopDevice::from_path(dev).detach();
+    if let Some(dev) = loop_dev {
+        let _ = dev.detach();
     }
     if let Some(dir) = &rec.fuse_dir {
         lazy_image_attach::unmount(dir)?;

@@ -207,16 +207,19 @@ pub async fn umount(a: UmountArgs) -> Result<()> {
 
 /// Undoes, in order, what a daemon that died left: the mount, then its device.
 fn clean_up_after(rec: &MountRecord) -> Result<()> {
+    // Pinned before the unmount, which may free the device for anyone to take.
+    let loop_dev = match &rec.device {
+        DeviceRecord::Fuse { loop_device, .. } | DeviceRecord::Loop { loop_device } => Some(LoopDevice::existing(loop_device)),
+        DeviceRecord::Ublk { .. } => None,
+    };
     lazy_image_attach::unmount(&rec.mountpoint)?;
+    if let Some(dev) = loop_dev {
+        let _ = dev.detach();
+    }
     match &rec.device {
         DeviceRecord::Ublk { id } => ublk::delete_device(*id)?,
-        DeviceRecord::Fuse { loop_device, fuse_dir } => {
-            let _ = LoopDevice::from_path(loop_device).detach();
-            lazy_image_attach::unmount(fuse_dir)?;
-        }
-        DeviceRecord::Loop { loop_device } => {
-            let _ = LoopDevice::from_path(loop_device).detach();
-        }
+        DeviceRecord::Fuse { fuse_dir, .. } => lazy_image_attach::unmount(fuse_dir)?,
+        DeviceRecord::Loop { .. } => {}
     }
     Ok(())
 }
