@@ -12,6 +12,7 @@
 
 use crate::cache::{cache_key, evict_unused, Bitmap, CacheHeader, CacheStore, CACHE_FORMAT_VERSION};
 use crate::error::{Error, ErrorKind, Result};
+use crate::filling::Filling;
 use crate::manifest::{check_chunk_size, Manifest};
 use crate::source::{ImageInfo, RangeSource, RetryPolicy, Retrying};
 use crate::stats::{Stats, StatsSnapshot};
@@ -138,13 +139,13 @@ struct Run {
 }
 
 impl Run {
-    fn new(first: u64, data: Bytes, bad: Vec<u64>) -> Self {
-        Run { first, data, bad, served: Arc::default() }
+    fn new(first: u64, data: Bytes, bad: Vec<u64>, served: Arc<AtomicUsize>) -> Self {
+        Run { first, data, bad, served }
     }
 
     /// Counts `n` bytes copied from the run; true once readers have copied as many as it holds.
     fn count_served(&self, n: usize) -> bool {
-        self.served.fetch_add(n, Ordering::Relaxed) + n >= self.data.len()
+        served_whole(&self.served, n, self.data.len())
     }
 
     fn read_whole(&self) -> bool {
@@ -152,7 +153,23 @@ impl Run {
     }
 }
 
+/// Adds `n` to a run's bytes served; true once they reach its `len`.
+fn served_whole(served: &AtomicUsize, n: usize, len: usize) -> bool {
+    served.fetch_add(n, Ordering::Relaxed) + n >= len
+}
+
 type RunFuture = Shared<BoxFuture<'static, Result<Run>>>;
+
+/// A run being fetched, as readers find it: its result, and its bytes as they arrive.
+#[derive(Clone)]
+struct InFlight {
+    fut: RunFuture,
+    /// Its first chunk.
+    first: u64,
+    fill: Arc<Filling>,
+    /// `Run::served`, counted from the first byte a reader copies.
+    served: Arc<AtomicUsize>,
+}
 
 /// Why a run is fetched: decides its fetch pool and how it is written.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -198,7 +215,7 @@ struct Recent {
 
 struct State {
     present: Bitmap,
-    inflight: HashMap<u64, RunFuture>,
+    inflight: HashMap<u64, InFlight>,
     /// Cache writes done, and how many of them the last successful flush made durable: the
     /// bitmap needs persisting while `written > synced`.
     written: u64,
@@ -580,7 +597,7 @@ impl LazyImage {
 
     /// Waits until every fetch in flight has finished and its chunks are written (or given up).
     async fn settle(&self) {
-        let pending: Vec<RunFuture> = lock(&self.inner.state).inflight.values().cloned().collect();
+        let pending: Vec<RunFuture> = lock(&self.inner.state).inflight.values().map(|f| f.fut.clone()).collect();
         for f in pending {
             let _ = f.await;
         }
@@ -609,7 +626,7 @@ async fn flusher(weak: Weak<Inner>, every: Duration) {
 
 enum Slot {
     Cache,
-    Wait(RunFuture),
+    Wait(InFlight),
 }
 
 /// `bytes` in the KiB units of `write_room`, at least 1 and at most `cap`: a run larger than all
@@ -665,7 +682,7 @@ impl Inner {
                     plan.push(Slot::Cache);
                 } else if let Some(f) = st.inflight.get(&c) {
                     // Fetched and verified, its cache write still running: served from memory.
-                    if matches!(f.peek(), Some(Ok(_))) {
+                    if matches!(f.fut.peek(), Some(Ok(_))) {
                         hits += 1;
                     } else {
                         misses += 1;
@@ -685,7 +702,7 @@ impl Inner {
                             for k in f.0.max(c0)..f.1.min(c1 + 1) {
                                 plan[(k - c0) as usize] = Slot::Wait(f.2.clone());
                             }
-                            new_runs.push(f.2);
+                            new_runs.push(f.2.fut);
                         }
                     }
                 }
@@ -695,7 +712,11 @@ impl Inner {
         // A read that waits on one new run and nothing else drives that run itself: spawning it
         // would wake another runtime worker on the way to the origin. Should this read be
         // dropped before the run ends, the guard hands the run to the runtime.
-        let lone = new_runs.len() == 1 && plan.iter().all(|s| matches!(s, Slot::Wait(f) if f.ptr_eq(&new_runs[0])));
+        let lone = new_runs.len() == 1 && plan.iter().all(|s| matches!(s, Slot::Wait(f) if f.fut.ptr_eq(&new_runs[0])));
+        // Other runs' bytes are taken as they arrive; a run this read drives is awaited whole
+        // (it is its own, and small), as is every run of a verified image (chunks are checked
+        // once whole).
+        let stream = !lone && self.cfg.manifest.is_none();
         let _driver = if lone {
             DriveIfDropped { run: new_runs.pop(), rt: &self.rt }
         } else {
@@ -723,21 +744,24 @@ impl Inner {
                     i = j;
                 }
                 Slot::Wait(f) => {
-                    let run = f.clone().await?;
-                    if run.bad.contains(&c) {
-                        return Err(Error::new(
-                            ErrorKind::Integrity,
-                            format!("{}: chunk {c} (bytes {}..{}) does not match the manifest", self.source.describe(), c * self.chunk_size, self.chunk_range(c).1),
-                        ));
-                    }
                     let (cs, ce) = self.chunk_range(c);
                     let (a, b) = (cs.max(offset), ce.min(end));
-                    let base = run.first * self.chunk_size;
-                    out[(a - offset) as usize..(b - offset) as usize]
-                        .copy_from_slice(&run.data[(a - base) as usize..(b - base) as usize]);
-                    if run.count_served((b - a) as usize) {
+                    let base = f.first * self.chunk_size;
+                    let dst = &mut out[(a - offset) as usize..(b - offset) as usize];
+                    let streamed = stream && f.fill.wait_for((b - base) as usize).await && f.fill.copy_to((a - base) as usize, dst);
+                    if !streamed {
+                        let run = f.fut.clone().await?;
+                        if run.bad.contains(&c) {
+                            return Err(Error::new(
+                                ErrorKind::Integrity,
+                                format!("{}: chunk {c} (bytes {cs}..{ce}) does not match the manifest", self.source.describe()),
+                            ));
+                        }
+                        dst.copy_from_slice(&run.data[(a - base) as usize..(b - base) as usize]);
+                    }
+                    if served_whole(&f.served, (b - a) as usize, f.fill.len()) {
                         // Read whole: a reader waiting on it may finish after its write did.
-                        lock(&self.recent).retain(|r| !Arc::ptr_eq(&r.run.served, &run.served));
+                        lock(&self.recent).retain(|r| !Arc::ptr_eq(&r.run.served, &f.served));
                     }
                     i += 1;
                 }
@@ -796,7 +820,7 @@ impl Inner {
                     e += 1;
                 }
                 claimed += e - c;
-                runs.extend(self.claim_runs(&mut st, c, e, kind).into_iter().map(|r| r.2));
+                runs.extend(self.claim_runs(&mut st, c, e, kind).into_iter().map(|r| r.2.fut));
                 c = e;
             }
         }
@@ -810,18 +834,22 @@ impl Inner {
 
     /// Splits chunks `[first, end)` into runs of at most `max_request` bytes, registers each as in
     /// flight and returns (first, end, future) per run. The caller spawns the futures.
-    fn claim_runs(self: &Arc<Self>, st: &mut State, first: u64, end: u64, kind: RunKind) -> Vec<(u64, u64, RunFuture)> {
+    fn claim_runs(self: &Arc<Self>, st: &mut State, first: u64, end: u64, kind: RunKind) -> Vec<(u64, u64, InFlight)> {
         let per = (self.cfg.max_request / self.chunk_size).max(1);
         let mut out = Vec::new();
         let mut a = first;
         while a < end {
             let b = (a + per).min(end);
             let me = self.clone();
-            let fut: RunFuture = async move { me.fetch_run(a, b, kind).await }.boxed().shared();
+            let fill = Filling::new((self.chunk_range(b - 1).1 - a * self.chunk_size) as usize);
+            let served = Arc::new(AtomicUsize::new(0));
+            let (f2, s2) = (fill.clone(), served.clone());
+            let fut: RunFuture = async move { me.fetch_run(a, b, kind, f2, s2).await }.boxed().shared();
+            let flight = InFlight { fut, first: a, fill, served };
             for c in a..b {
-                st.inflight.insert(c, fut.clone());
+                st.inflight.insert(c, flight.clone());
             }
-            out.push((a, b, fut));
+            out.push((a, b, flight));
             a = b;
         }
         out
@@ -830,9 +858,13 @@ impl Inner {
     /// Fetches and verifies a run. Its readers get the bytes as soon as they are verified; the
     /// cache write goes on behind them, and the chunks stay "in flight" (served from this run's
     /// bytes) until they are on disk and marked present.
-    async fn fetch_run(self: Arc<Self>, first: u64, end: u64, kind: RunKind) -> Result<Run> {
-        let room = self.write_room(first, end, kind).await?;
-        let result = self.fetch_verified(first, end, kind.readahead_pool()).await;
+    async fn fetch_run(self: Arc<Self>, first: u64, end: u64, kind: RunKind, fill: Arc<Filling>, served: Arc<AtomicUsize>) -> Result<Run> {
+        let (result, room) = match self.write_room(first, end, kind).await {
+            Ok(room) => (self.fetch_verified(first, end, kind.readahead_pool(), &fill, served).await, room),
+            Err(e) => (Err(e), None),
+        };
+        // Whole or failed, nothing more arrives: readers waiting on bytes stop waiting.
+        fill.close();
         match &result {
             Ok(run) => {
                 lock(&self.health).transient = None;
@@ -907,7 +939,7 @@ impl Inner {
         permit.map(Some).map_err(|e| Error::with_source(ErrorKind::CacheIo, "write room closed", e))
     }
 
-    async fn fetch_verified(&self, first: u64, end: u64, readahead: bool) -> Result<Run> {
+    async fn fetch_verified(&self, first: u64, end: u64, readahead: bool, fill: &Arc<Filling>, served: Arc<AtomicUsize>) -> Result<Run> {
         let slots = if readahead { &self.readahead_slots } else { &self.demand_slots };
         let _permit = slots
             .acquire()
@@ -915,9 +947,12 @@ impl Inner {
             .map_err(|e| Error::with_source(ErrorKind::CacheIo, "fetch slots closed", e))?;
         let offset = first * self.chunk_size;
         let len = self.chunk_range(end - 1).1 - offset;
-        let mut data = self.fetch_once(offset, len).await?;
+        let t = Instant::now();
+        self.source.fetch_to(offset, len, &self.info, &**fill).await?;
+        self.stats.count_fetch(len, t.elapsed());
+        let mut data = fill.bytes();
         let Some(manifest) = &self.cfg.manifest else {
-            return Ok(Run::new(first, data, Vec::new()));
+            return Ok(Run::new(first, data, Vec::new(), served));
         };
         let mut bad = self.bad_chunks(manifest, first, end, &data);
         if !bad.is_empty() {
@@ -933,7 +968,7 @@ impl Inner {
                 lock(&self.health).fatal.get_or_insert(format!("{}: {msg}", ErrorKind::Integrity));
             }
         }
-        Ok(Run::new(first, data, bad))
+        Ok(Run::new(first, data, bad, served))
     }
 
     async fn fetch_once(&self, offset: u64, len: u64) -> Result<Bytes> {
@@ -1209,6 +1244,33 @@ mod tests {
         assert_eq!(img.stats().readahead_chunks, chunks(16 << 20), "two small reads start nothing");
         img.read((40 << 20) + (32 << 10), 16 << 10).await.expect("read");
         assert_eq!(img.stats().readahead_chunks, chunks((16 << 20) + cfg.readahead_initial), "the third, a first window");
+    }
+
+    /// A reader of the front of a run another read is fetching gets its bytes when they arrive,
+    /// not when the whole run has: here the run's 16 pieces come 40 ms apart, and the small
+    /// read ends while the read that started the run still waits for its last piece.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_take_the_front_of_a_run_before_its_end_arrives() {
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect();
+        let src = Arc::new(FakeSource::new(data.clone()));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = small_config(dir.path(), 64 << 10);
+        cfg.max_request = 1 << 20;
+        cfg.readahead_max = 0;
+        let img = LazyImage::open(src.clone(), cfg).await.expect("open");
+        src.inject(Fault::Trickle { piece: 64 << 10, pause: Duration::from_millis(40) });
+        let whole = tokio::spawn({
+            let img = img.clone();
+            async move { img.read(0, 1 << 20).await }
+        });
+        // The whole read claims the run; this one then finds chunk 1 in flight.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let front = img.read(4096, 8192).await.expect("front read");
+        assert_eq!(&front[..], &data[4096..12288]);
+        assert!(!whole.is_finished(), "the small read waited for the whole run");
+        let got = whole.await.expect("join").expect("whole read");
+        assert!(got[..] == data[..], "whole read differs");
+        assert_eq!(src.fetch_count(), 1, "one run served both reads");
     }
 
     /// A sequential reader mostly copies read-ahead runs before their cache write ends; runs it

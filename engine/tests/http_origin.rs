@@ -63,6 +63,32 @@ async fn truncated_bodies_are_retried() {
     assert!(survives(|f| f.truncate.store(2, SeqCst)).await >= 2);
 }
 
+/// A body cut short is asked for again from where it stopped, not from its start: the bytes
+/// that came are kept (readers may already have them).
+#[tokio::test]
+async fn truncated_bodies_resume_where_they_stopped() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_image(d.path(), 3);
+    let faults = Arc::new(Faults::new());
+    let srv = serve(d.path(), Some(faults.clone())).await;
+    let cache = tempfile::tempdir().unwrap();
+    // One request for the whole image, so the server has sent several pieces before the cut.
+    let mut cfg = config(cache.path());
+    cfg.max_request = SIZE as u64;
+    let img = LazyImage::open(source(&srv.url("image.img")), cfg).await.unwrap();
+    let before = faults.ranges().len();
+    faults.truncate.store(1, SeqCst);
+    let got = img.read(0, SIZE as u64).await.expect("read through a truncated body");
+    assert!(got[..] == data[..], "bytes differ");
+    let asked = faults.ranges()[before..].to_vec();
+    let end = SIZE - 1;
+    assert_eq!(asked.first(), Some(&format!("bytes=0-{end}")), "{asked:?}");
+    assert_eq!(asked.len(), 2, "one cut request and one resumption: {asked:?}");
+    // The server stops at half the body; the retry asks for what did not arrive.
+    let from: usize = asked[1].strip_prefix("bytes=").and_then(|r| r.strip_suffix(&format!("-{end}"))).unwrap().parse().unwrap();
+    assert!(from > 0 && from <= SIZE / 2, "resumed at {from}: {asked:?}");
+}
+
 #[tokio::test]
 async fn wrong_content_range_is_retried_not_served() {
     assert!(survives(|f| f.wrong_content_range.store(2, SeqCst)).await >= 2);

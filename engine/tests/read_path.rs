@@ -608,16 +608,21 @@ proptest! {
 
     /// Any mix of concurrent reads returns exactly the source's bytes, cold or warm, whether
     /// they come back as a new buffer (`read`) or are written into the caller's (`read_into`,
-    /// which must leave the bytes past the image's end untouched).
+    /// which must leave the bytes past the image's end untouched), and whether fetched bytes
+    /// arrive at once or in pieces that readers of other runs take as they come.
     #[test]
     fn random_concurrent_reads_equal_source(
         reads in prop::collection::vec((0u64..(SIZE as u64 + 5000), 1u64..70_000, any::<bool>()), 1..40),
         chunk_shift in 12u32..15,
+        trickle in any::<bool>(),
     ) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(3).enable_all().build().unwrap();
         rt.block_on(async move {
             let data = Arc::new(pattern(SIZE + 1234, chunk_shift as u64));
             let src = Arc::new(FakeSource::new(data.to_vec()));
+            if trickle {
+                src.inject(Fault::Trickle { piece: 3000, pause: std::time::Duration::from_micros(300) });
+            }
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = config(dir.path());
             cfg.chunk_size = 1 << chunk_shift;

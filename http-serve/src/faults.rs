@@ -1,6 +1,6 @@
 //! Fault injection for the test server: each counter makes that many following requests fail in
 //! one way (5xx, dropped connection, truncated body, wrong Content-Range), plus switches that stay
-//! on (delay, ignore Range, a changed ETag). Counts how many requests were answered.
+//! on (delay, ignore Range, a changed ETag). Counts the requests and keeps their ranges.
 
 use http::StatusCode;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
@@ -17,6 +17,8 @@ pub struct Faults {
     pub delay_ms: AtomicU64,
     pub etag: Mutex<Option<String>>,
     pub requests: AtomicU64,
+    /// The Range header of every request, in order (empty for none).
+    pub ranges: Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
@@ -41,8 +43,14 @@ impl Faults {
         *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = Some(etag.to_owned());
     }
 
-    pub(crate) async fn next_request(&self) -> std::io::Result<Plan> {
+    /// The Range headers asked for so far.
+    pub fn ranges(&self) -> Vec<String> {
+        self.ranges.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) async fn next_request(&self, range: Option<&str>) -> std::io::Result<Plan> {
         self.requests.fetch_add(1, SeqCst);
+        self.ranges.lock().unwrap_or_else(|p| p.into_inner()).push(range.unwrap_or_default().to_owned());
         let delay = self.delay_ms.load(SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;

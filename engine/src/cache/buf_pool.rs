@@ -57,6 +57,11 @@ impl PooledBuf {
         PooledBuf { ptr, cap, len: 0 }
     }
 
+    /// The start of the allocation; it never moves while the buffer lives.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -1,6 +1,6 @@
 //! In-memory source with fault injection and counters, for tests of everything above it.
 
-use super::{ImageInfo, RangeSource};
+use super::{ImageInfo, RangeSource, Sink};
 use crate::error::{Error, ErrorKind, Result};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -17,6 +17,9 @@ pub enum Fault {
     CorruptAt { offset: u64, times: u32 },
     /// Every fetch waits this long first.
     Delay(Duration),
+    /// Every fetch hands its bytes over `piece` bytes at a time, waiting `pause` before each
+    /// (a body arriving over a slow link).
+    Trickle { piece: usize, pause: Duration },
 }
 
 pub struct FakeSource {
@@ -147,5 +150,23 @@ impl RangeSource for FakeSource {
             return Ok(Bytes::from(v));
         }
         Ok(out)
+    }
+
+    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn Sink) -> Result<()> {
+        let trickle = lock(&self.faults).iter().find_map(|f| match f {
+            Fault::Trickle { piece, pause } => Some((*piece, *pause)),
+            _ => None,
+        });
+        let data = self.fetch(offset, len, expect).await?;
+        let (piece, pause) = trickle.unwrap_or((data.len().max(1), Duration::ZERO));
+        for part in data.chunks(piece.max(1)) {
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            if !sink.push(part) {
+                return Err(Error::new(ErrorKind::Protocol, "fake://image: more bytes than asked"));
+            }
+        }
+        Ok(())
     }
 }

@@ -2,9 +2,9 @@
 //! Probing uses `GET Range: bytes=0-0` rather than HEAD, because presigned S3 URLs reject HEAD
 //! and the ranged GET proves Range support, size and validator in one round trip.
 
-use super::{ImageInfo, RangeSource};
+use super::{ImageInfo, RangeSource, Sink};
 use crate::error::{Error, ErrorKind, Result};
-use crate::cache::PooledBuf;
+use crate::filling::Filling;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE};
@@ -130,6 +130,12 @@ impl RangeSource for HttpSource {
     }
 
     async fn fetch(&self, offset: u64, len: u64, expect: &ImageInfo) -> Result<Bytes> {
+        let buf = Filling::new(len as usize);
+        self.fetch_to(offset, len, expect, &*buf).await?;
+        Ok(buf.bytes())
+    }
+
+    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn Sink) -> Result<()> {
         let last = offset + len - 1;
         let what = || format!("{} bytes {offset}-{last}", self.describe());
         let mut resp = self.ranged_get(offset, last).await?;
@@ -152,23 +158,25 @@ impl RangeSource for HttpSource {
         if range != Some((offset, last)) {
             return Err(Error::new(ErrorKind::Protocol, format!("{}: answered Content-Range {cr:?}", what())));
         }
-        // From the pool: a new multi-MiB buffer per fetch faults in every page.
-        let mut buf = PooledBuf::with_capacity(len as usize);
+        // Body pieces go on as they come: the range and the version are checked above, and a
+        // piece that would run past the range is refused before any of it is taken.
+        let mut got = 0u64;
         loop {
             match resp.chunk().await {
                 Ok(Some(part)) => {
-                    if buf.len() + part.len() > len as usize || !buf.extend_from_slice(&part) {
+                    if got + part.len() as u64 > len || !sink.push(&part) {
                         return Err(Error::new(ErrorKind::Protocol, format!("{}: body longer than asked", what())));
                     }
+                    got += part.len() as u64;
                 }
                 Ok(None) => break,
-                Err(e) => return Err(Error::with_source(ErrorKind::Transport, format!("{}: reading body", what()), e)),
+                Err(e) => return Err(Error::with_source(ErrorKind::Transport, format!("{}: reading body at {got} of {len} bytes", what()), e)),
             }
         }
-        if buf.len() as u64 != len {
-            return Err(Error::new(ErrorKind::Protocol, format!("{}: body truncated at {} of {len} bytes", what(), buf.len())));
+        if got != len {
+            return Err(Error::new(ErrorKind::Protocol, format!("{}: body truncated at {got} of {len} bytes", what())));
         }
-        Ok(buf.into_bytes())
+        Ok(())
     }
 }
 

@@ -65,4 +65,24 @@ pub trait RangeSource: Send + Sync + 'static {
     /// Returns exactly `len` bytes at `offset`, or an error. Implementations must refuse (with
     /// `OriginChanged`) an answer whose validator or total size differs from `expect`.
     async fn fetch(&self, offset: u64, len: u64, expect: &ImageInfo) -> Result<Bytes>;
+
+    /// As `fetch`, but hands the bytes to `sink` in order as they arrive, so that readers can
+    /// use the front of a large range before its end is in. On an error `sink` may hold a
+    /// prefix of the range, never a byte past it or from another version of the image. This
+    /// default hands over the whole range at once.
+    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn Sink) -> Result<()> {
+        let data = self.fetch(offset, len, expect).await?;
+        if !sink.push(&data) {
+            return Err(Error::new(ErrorKind::Protocol, format!("{}: {len} bytes at {offset} do not fit where they go", self.describe())));
+        }
+        Ok(())
+    }
+}
+
+/// Where `fetch_to` puts the bytes of a range, in order.
+pub trait Sink: Send + Sync {
+    /// Bytes taken so far.
+    fn received(&self) -> u64;
+    /// Appends `bytes`; false (nothing taken) if they do not fit.
+    fn push(&self, bytes: &[u8]) -> bool;
 }

@@ -2,7 +2,7 @@
 //! answers) are retried, with exponential backoff, up to a deadline. A changed origin is never
 //! retried: mixing two versions of an image is worse than failing.
 
-use super::{ImageInfo, RangeSource};
+use super::{ImageInfo, RangeSource, Sink};
 use crate::error::{Error, ErrorKind, Result};
 use crate::stats::Stats;
 use async_trait::async_trait;
@@ -93,5 +93,19 @@ impl<S: RangeSource + ?Sized> RangeSource for Retrying<S> {
     async fn fetch(&self, offset: u64, len: u64, expect: &ImageInfo) -> Result<Bytes> {
         let what = format!("fetch {} bytes {offset}+{len}", self.inner.describe());
         self.run(&what, || self.inner.fetch(offset, len, expect)).await
+    }
+
+    /// Each retry asks only for what `sink` does not hold yet.
+    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn Sink) -> Result<()> {
+        let what = format!("fetch {} bytes {offset}+{len}", self.inner.describe());
+        let start = sink.received();
+        self.run(&what, || async move {
+            let got = sink.received() - start;
+            if got >= len {
+                return Ok(());
+            }
+            self.inner.fetch_to(offset + got, len - got, expect, sink).await
+        })
+        .await
     }
 }
