@@ -3,7 +3,8 @@
 //!
 //! Under one lock a read sorts each chunk it needs into present (read from the cache file), in
 //! flight (wait on the fetch already running: single-flight) or missing (claim it). Claimed chunks
-//! are grouped into runs of adjacent chunks, each one ranged request (coalescing). Sequential
+//! are grouped into runs of adjacent chunks, each one ranged request (coalescing); readers of a
+//! run another read started take its bytes as they arrive (`Filling`). Sequential
 //! streams grow a readahead window whose runs go through a separate, smaller pool so they never
 //! starve demand misses. Fetched chunks are verified against the manifest when there is one,
 //! written to the cache, and only then marked present; a background task persists the bitmap.
@@ -12,7 +13,7 @@
 
 use crate::cache::{cache_key, evict_unused, Bitmap, CacheHeader, CacheStore, CACHE_FORMAT_VERSION};
 use crate::error::{Error, ErrorKind, Result};
-use crate::filling::Filling;
+use crate::filling::{ChunkCheck, Filling};
 use crate::manifest::{check_chunk_size, Manifest};
 use crate::source::{ImageInfo, RangeSource, RetryPolicy, Retrying};
 use crate::stats::{Stats, StatsSnapshot};
@@ -252,6 +253,8 @@ struct Inner {
     chunk_size: u64,
     chunks: u64,
     cfg: ImageConfig,
+    /// `cfg.manifest`, shared with the checks of runs in flight.
+    manifest: Option<Arc<Manifest>>,
     store: CacheStore,
     state: Mutex<State>,
     streams: Mutex<Vec<Stream>>,
@@ -291,7 +294,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl LazyImage {
     /// Probes the origin, opens (or resets) the cache and starts the background flusher.
-    pub async fn open(source: Arc<dyn RangeSource>, cfg: ImageConfig) -> Result<Self> {
+    pub async fn open(source: Arc<dyn RangeSource>, mut cfg: ImageConfig) -> Result<Self> {
         let stats = Arc::new(Stats::default());
         let source: Arc<dyn RangeSource> = Arc::new(Retrying::new(source, cfg.retry.clone(), stats.clone()));
         let info = source.probe().await?;
@@ -352,6 +355,7 @@ impl LazyImage {
             startup_left: AtomicU32::new(cfg.startup_misses),
             writes_done: Notify::new(),
             rt: tokio::runtime::Handle::current(),
+            manifest: cfg.manifest.take().map(Arc::new),
             cfg,
         });
         let weak = Arc::downgrade(&inner);
@@ -713,10 +717,9 @@ impl Inner {
         // would wake another runtime worker on the way to the origin. Should this read be
         // dropped before the run ends, the guard hands the run to the runtime.
         let lone = new_runs.len() == 1 && plan.iter().all(|s| matches!(s, Slot::Wait(f) if f.fut.ptr_eq(&new_runs[0])));
-        // Other runs' bytes are taken as they arrive; a run this read drives is awaited whole
-        // (it is its own, and small), as is every run of a verified image (chunks are checked
-        // once whole).
-        let stream = !lone && self.cfg.manifest.is_none();
+        // Other runs' bytes are taken as they arrive (checked chunk by chunk for a verified
+        // image); a run this read drives is awaited whole: it is its own, and small.
+        let stream = !lone;
         let _driver = if lone {
             DriveIfDropped { run: new_runs.pop(), rt: &self.rt }
         } else {
@@ -841,7 +844,8 @@ impl Inner {
         while a < end {
             let b = (a + per).min(end);
             let me = self.clone();
-            let fill = Filling::new((self.chunk_range(b - 1).1 - a * self.chunk_size) as usize);
+            let check = self.manifest.clone().map(|manifest| ChunkCheck { manifest, first: a, chunk_size: self.chunk_size as usize });
+            let fill = Filling::new((self.chunk_range(b - 1).1 - a * self.chunk_size) as usize, check);
             let served = Arc::new(AtomicUsize::new(0));
             let (f2, s2) = (fill.clone(), served.clone());
             let fut: RunFuture = async move { me.fetch_run(a, b, kind, f2, s2).await }.boxed().shared();
@@ -855,8 +859,9 @@ impl Inner {
         out
     }
 
-    /// Fetches and verifies a run. Its readers get the bytes as soon as they are verified; the
-    /// cache write goes on behind them, and the chunks stay "in flight" (served from this run's
+    /// Fetches and verifies a run. Its readers get the bytes as they arrive (chunk by checked
+    /// chunk for a verified image), or all at once when it ends; the cache write goes on behind
+    /// them, and the chunks stay "in flight" (served from this run's
     /// bytes) until they are on disk and marked present.
     async fn fetch_run(self: Arc<Self>, first: u64, end: u64, kind: RunKind, fill: Arc<Filling>, served: Arc<AtomicUsize>) -> Result<Run> {
         let (result, room) = match self.write_room(first, end, kind).await {
@@ -951,10 +956,11 @@ impl Inner {
         self.source.fetch_to(offset, len, &self.info, &**fill).await?;
         self.stats.count_fetch(len, t.elapsed());
         let mut data = fill.bytes();
-        let Some(manifest) = &self.cfg.manifest else {
+        let Some(manifest) = &self.manifest else {
             return Ok(Run::new(first, data, Vec::new(), served));
         };
-        let mut bad = self.bad_chunks(manifest, first, end, &data);
+        // Checked as they arrived.
+        let mut bad = fill.bad_chunks();
         if !bad.is_empty() {
             // One more try from the origin: a flipped bit in transit should not fail the read.
             self.stats.count_verify_failure();
@@ -1271,6 +1277,39 @@ mod tests {
         let got = whole.await.expect("join").expect("whole read");
         assert!(got[..] == data[..], "whole read differs");
         assert_eq!(src.fetch_count(), 1, "one run served both reads");
+    }
+
+    /// The same for a verified image, chunk by checked chunk: the front comes early, and a
+    /// reader of a chunk that arrived corrupt gets the refetched bytes, never the bad ones.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_of_a_verified_image_take_checked_chunks_as_they_arrive() {
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+        let src = Arc::new(FakeSource::new(data.clone()));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = small_config(dir.path(), 64 << 10);
+        cfg.max_request = 1 << 20;
+        cfg.readahead_max = 0;
+        cfg.manifest = Some(Manifest::build(&data[..], 4096, |_| {}).expect("manifest"));
+        let img = LazyImage::open(src.clone(), cfg).await.expect("open");
+        src.inject(Fault::Trickle { piece: 64 << 10, pause: Duration::from_millis(40) });
+        src.inject(Fault::CorruptAt { offset: 600_000, times: 1 });
+        let whole = tokio::spawn({
+            let img = img.clone();
+            async move { img.read(0, 1 << 20).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let bad = tokio::spawn({
+            let img = img.clone();
+            async move { img.read(600_000, 100).await }
+        });
+        let front = img.read(4096, 8192).await.expect("front read");
+        assert_eq!(&front[..], &data[4096..12288]);
+        assert!(!whole.is_finished(), "the small read waited for the whole run");
+        let got = bad.await.expect("join").expect("read of the corrupt chunk");
+        assert_eq!(&got[..], &data[600_000..600_100], "bytes that failed their check were served");
+        let got = whole.await.expect("join").expect("whole read");
+        assert!(got[..] == data[..], "whole read differs");
+        assert_eq!(src.fetch_count(), 2, "the run, and its refetch after the corrupt chunk");
     }
 
     /// A sequential reader mostly copies read-ahead runs before their cache write ends; runs it

@@ -130,7 +130,7 @@ impl RangeSource for HttpSource {
     }
 
     async fn fetch(&self, offset: u64, len: u64, expect: &ImageInfo) -> Result<Bytes> {
-        let buf = Filling::new(len as usize);
+        let buf = Filling::new(len as usize, None);
         self.fetch_to(offset, len, expect, &*buf).await?;
         Ok(buf.bytes())
     }
