@@ -10,7 +10,7 @@ use crate::cache::PooledBuf;
 use crate::manifest::Manifest;
 use crate::source::Sink;
 use bytes::Bytes;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
@@ -24,7 +24,8 @@ pub(crate) struct ChunkCheck {
 
 /// What the writer keeps under its lock.
 struct Writer {
-    buf: PooledBuf,
+    /// Taken at the first byte, so that runs waiting for a fetch slot hold no buffer.
+    buf: Option<PooledBuf>,
     /// Bytes whose chunks were checked (all of `buf` when there is no check).
     checked: usize,
     /// Chunks that did not match the manifest.
@@ -34,7 +35,8 @@ struct Writer {
 pub(crate) struct Filling {
     /// Appended to under the lock; readers go through `base`, only below `readable`.
     writer: Mutex<Writer>,
-    base: *const u8,
+    /// The buffer's start, set before the first byte is published.
+    base: AtomicPtr<u8>,
     len: usize,
     check: Option<ChunkCheck>,
     /// Bytes appended so far. Never goes back, and no byte below it is written again.
@@ -44,25 +46,17 @@ pub(crate) struct Filling {
     readable: AtomicUsize,
     /// The fetch ended (whole, or failed): waiting is over either way.
     closed: AtomicBool,
-    /// Readers waiting for `filled` to reach a position, and the smallest such position.
+    /// Readers waiting for `readable` to reach a position, and the smallest such position.
     waiters: Mutex<Vec<(usize, oneshot::Sender<()>)>>,
     min_need: AtomicUsize,
 }
 
-// SAFETY: `base` points into the writer's buffer, whose allocation lives as long as `self` and
-// never moves; through it only bytes below `filled` are read, and the only writer (`push`,
-// under the lock) writes at and past `filled` before publishing the new `filled` (and
-// `readable <= filled`) with release ordering.
-unsafe impl Send for Filling {}
-unsafe impl Sync for Filling {}
 
 impl Filling {
     pub(crate) fn new(len: usize, check: Option<ChunkCheck>) -> Arc<Self> {
-        let buf = PooledBuf::with_capacity(len);
-        let base = buf.as_ptr();
         Arc::new(Filling {
-            writer: Mutex::new(Writer { buf, checked: 0, bad: Vec::new() }),
-            base,
+            writer: Mutex::new(Writer { buf: None, checked: 0, bad: Vec::new() }),
+            base: AtomicPtr::new(std::ptr::null_mut()),
             len,
             check,
             filled: AtomicUsize::new(0),
@@ -78,11 +72,22 @@ impl Filling {
         self.len
     }
 
+    /// The first `n` bytes, `n` at most `filled` (as loaded by the caller, with acquire).
+    fn prefix(&self, n: usize) -> &[u8] {
+        if n == 0 {
+            return &[];
+        }
+        let base = self.base.load(Ordering::Acquire);
+        // SAFETY: `base` was set before any byte was published, and points into the writer's
+        // buffer, which lives as long as `self` and never moves. Bytes below `filled` were
+        // written before `filled` was published (release) and are never written again: the only
+        // writer (`push`, under the lock) writes past them.
+        unsafe { std::slice::from_raw_parts(base, n) }
+    }
+
     /// The bytes that arrived, `[0, filled)`.
     fn arrived(&self) -> &[u8] {
-        let n = self.filled.load(Ordering::Acquire);
-        // SAFETY: see the `Send`/`Sync` note: bytes below `filled` are written and never again.
-        unsafe { std::slice::from_raw_parts(self.base, n) }
+        self.prefix(self.filled.load(Ordering::Acquire))
     }
 
     /// Everything that arrived as `Bytes` without a copy, keeping the buffer alive.
@@ -122,10 +127,8 @@ impl Filling {
 
     /// Copies `[at, at + out.len())` of the readable bytes; the caller waited for them.
     pub(crate) fn copy_to(&self, at: usize, out: &mut [u8]) -> bool {
-        let n = self.readable.load(Ordering::Acquire);
-        // SAFETY: see the `Send`/`Sync` note: `readable <= filled`.
-        let readable = unsafe { std::slice::from_raw_parts(self.base, n) };
-        match readable.get(at..at + out.len()) {
+        // `readable` never passes `filled`.
+        match self.prefix(self.readable.load(Ordering::Acquire)).get(at..at + out.len()) {
             Some(src) => {
                 out.copy_from_slice(src);
                 true
@@ -166,15 +169,21 @@ impl Sink for Filling {
 
     fn push(&self, bytes: &[u8]) -> bool {
         let readable = {
-            let mut w = lock(&self.writer);
-            if w.buf.len() + bytes.len() > self.len || !w.buf.extend_from_slice(bytes) {
+            let mut guard = lock(&self.writer);
+            let w = &mut *guard;
+            let buf = w.buf.get_or_insert_with(|| {
+                let b = PooledBuf::with_capacity(self.len);
+                self.base.store(b.as_ptr().cast_mut(), Ordering::Release);
+                b
+            });
+            if buf.len() + bytes.len() > self.len || !buf.extend_from_slice(bytes) {
                 return false;
             }
-            let filled = w.buf.len();
+            let filled = buf.len();
             self.filled.store(filled, Ordering::SeqCst);
             let Some(check) = &self.check else {
                 self.readable.store(filled, Ordering::SeqCst);
-                drop(w);
+                drop(guard);
                 self.wake(filled);
                 return true;
             };
@@ -182,7 +191,7 @@ impl Sink for Filling {
             while w.checked < filled && (filled - w.checked >= check.chunk_size || filled == self.len) {
                 let (a, b) = (w.checked, (w.checked + check.chunk_size).min(filled));
                 let index = check.first + (a / check.chunk_size) as u64;
-                if !check.manifest.verify(index, &w.buf.as_ref()[a..b]) {
+                if !check.manifest.verify(index, &buf.as_ref()[a..b]) {
                     w.bad.push(index);
                 } else if w.bad.is_empty() {
                     self.readable.store(b, Ordering::SeqCst);
