@@ -622,6 +622,7 @@ async fn flusher(weak: Weak<Inner>, every: Duration) {
         tokio::time::sleep(every).await;
         let Some(inner) = weak.upgrade() else { return };
         inner.expire_recent();
+        crate::cache::trim_idle_buffers();
         if let Err(e) = inner.flush().await {
             tracing::warn!(error = %e.report(), "persisting cache state failed");
         }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::ptr::NonNull;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Allocation unit of small buffers (a page).
 const PAGE: usize = 4096;
@@ -17,11 +18,35 @@ const POOL_MIN: usize = 256 << 10;
 /// Bytes of free buffers kept at most: eight of the engine's default 8 MiB requests.
 const POOL_MAX_BYTES: usize = 64 << 20;
 
-struct FreeBuf(NonNull<u8>, usize);
+/// Free buffers unused for this long are given back to the system (`trim_idle`).
+const POOL_IDLE: Duration = Duration::from_secs(5);
+
+/// A free buffer: its start, its capacity, and since when it is free.
+struct FreeBuf(NonNull<u8>, usize, Instant);
 // SAFETY: a free buffer is owned by the pool alone.
 unsafe impl Send for FreeBuf {}
 
 static POOL: Mutex<(Vec<FreeBuf>, usize)> = Mutex::new((Vec::new(), 0));
+
+/// Frees the pooled buffers nobody took for a few seconds: a node plugin that read a large
+/// image kept 64 MiB of them for as long as it ran.
+pub fn trim_idle() {
+    trim_older_than(POOL_IDLE);
+}
+
+fn trim_older_than(idle: Duration) {
+    let old: Vec<FreeBuf> = {
+        let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+        let (keep, old): (Vec<FreeBuf>, Vec<FreeBuf>) = std::mem::take(&mut pool.0).into_iter().partition(|b| b.2.elapsed() < idle);
+        pool.0 = keep;
+        pool.1 -= old.iter().map(|b| b.1).sum::<usize>();
+        old
+    };
+    for FreeBuf(ptr, cap, _) in old {
+        // SAFETY: allocated in `with_capacity` with this layout; the pool let go of it above.
+        unsafe { dealloc(ptr.as_ptr(), direct_layout(cap)) }
+    }
+}
 
 /// The layout of a buffer of `len` bytes (at least one) that `O_DIRECT` I/O can use: aligned to
 /// `DIRECT_ALIGN`. Shared with the FUSE ring's buffers, which take direct reads.
@@ -47,7 +72,7 @@ impl PooledBuf {
         if cap >= POOL_MIN {
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(i) = pool.0.iter().position(|b| b.1 == cap) {
-                let FreeBuf(ptr, _) = pool.0.swap_remove(i);
+                let FreeBuf(ptr, _, _) = pool.0.swap_remove(i);
                 pool.1 -= cap;
                 return PooledBuf { ptr, cap, len: 0 };
             }
@@ -102,7 +127,7 @@ impl Drop for PooledBuf {
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
             if pool.1 + self.cap <= POOL_MAX_BYTES {
                 pool.1 += self.cap;
-                pool.0.push(FreeBuf(self.ptr, self.cap));
+                pool.0.push(FreeBuf(self.ptr, self.cap, Instant::now()));
                 return;
             }
         }
@@ -146,5 +171,21 @@ mod tests {
         assert!(again.is_empty());
         assert!(again.extend_from_slice(&[5u8; 10]));
         assert_eq!(again.as_ref(), &[5u8; 10]);
+    }
+
+    /// Buffers stay pooled while in use now and then, and go back to the system once idle.
+    #[test]
+    fn idle_buffers_are_trimmed() {
+        // 4 MiB: no other test of this crate uses buffers of that size.
+        let cap = 4 << 20;
+        let held = |cap: usize| POOL.lock().unwrap().0.iter().filter(|b| b.1 == cap).count();
+        drop(PooledBuf::with_capacity(cap));
+        assert_eq!(held(cap), 1);
+        trim_older_than(Duration::from_secs(3600));
+        assert_eq!(held(cap), 1, "a buffer freed just now is kept");
+        trim_older_than(Duration::ZERO);
+        assert_eq!(held(cap), 0, "an idle buffer is given back");
+        let pool = POOL.lock().unwrap();
+        assert_eq!(pool.1, pool.0.iter().map(|b| b.1).sum::<usize>(), "the byte count follows");
     }
 }
