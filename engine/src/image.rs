@@ -336,6 +336,7 @@ impl LazyImage {
             image = %source.describe(), size = info.size, chunk_size, cached_chunks = present.count_ones(),
             cache = %store.dir().display(), "image opened"
         );
+        OPEN_IMAGES.fetch_add(1, Ordering::SeqCst);
         let inner = Arc::new(Inner {
             chunks: info.size.div_ceil(chunk_size),
             demand_slots: Semaphore::new(cfg.demand_fetches.max(1)),
@@ -649,6 +650,17 @@ fn drop_expired(recent: &mut VecDeque<Recent>) {
 struct DriveIfDropped<'a> {
     run: Option<RunFuture>,
     rt: &'a tokio::runtime::Handle,
+}
+
+/// Images open in this process; when the last one goes, so do the pooled buffers.
+static OPEN_IMAGES: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if OPEN_IMAGES.fetch_sub(1, Ordering::SeqCst) == 1 {
+            crate::cache::trim_all_buffers();
+        }
+    }
 }
 
 impl Drop for DriveIfDropped<'_> {

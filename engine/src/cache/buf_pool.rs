@@ -34,6 +34,11 @@ pub fn trim_idle() {
     trim_older_than(POOL_IDLE);
 }
 
+/// Frees every pooled buffer (nothing is being read any more).
+pub fn trim_all() {
+    trim_older_than(Duration::ZERO);
+}
+
 fn trim_older_than(idle: Duration) {
     let old: Vec<FreeBuf> = {
         let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
@@ -183,7 +188,7 @@ mod tests {
         assert_eq!(held(cap), 1);
         trim_older_than(Duration::from_secs(3600));
         assert_eq!(held(cap), 1, "a buffer freed just now is kept");
-        trim_older_than(Duration::ZERO);
+        trim_all();
         assert_eq!(held(cap), 0, "an idle buffer is given back");
         let pool = POOL.lock().unwrap();
         assert_eq!(pool.1, pool.0.iter().map(|b| b.1).sum::<usize>(), "the byte count follows");
