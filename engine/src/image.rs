@@ -760,17 +760,23 @@ impl Inner {
                     i = j;
                 }
                 Slot::Wait(f) => {
-                    let (cs, ce) = self.chunk_range(c);
-                    let (a, b) = (cs.max(offset), ce.min(end));
+                    // The chunks from here on that the same run holds, as one piece.
+                    let mut j = i + 1;
+                    while j < plan.len() && matches!(&plan[j], Slot::Wait(g) if g.fut.ptr_eq(&f.fut)) {
+                        j += 1;
+                    }
+                    let a = (c * self.chunk_size).max(offset);
+                    let b = self.chunk_range(c0 + j as u64 - 1).1.min(end);
                     let base = f.first * self.chunk_size;
                     let dst = &mut out[(a - offset) as usize..(b - offset) as usize];
                     let streamed = stream && f.fill.wait_for((b - base) as usize).await && f.fill.copy_to((a - base) as usize, dst);
                     if !streamed {
                         let run = f.fut.clone().await?;
-                        if run.bad.contains(&c) {
+                        if let Some(bad) = (c..c0 + j as u64).find(|k| run.bad.contains(k)) {
+                            let (cs, ce) = self.chunk_range(bad);
                             return Err(Error::new(
                                 ErrorKind::Integrity,
-                                format!("{}: chunk {c} (bytes {cs}..{ce}) does not match the manifest", self.source.describe()),
+                                format!("{}: chunk {bad} (bytes {cs}..{ce}) does not match the manifest", self.source.describe()),
                             ));
                         }
                         dst.copy_from_slice(&run.data[(a - base) as usize..(b - base) as usize]);
@@ -779,7 +785,7 @@ impl Inner {
                         // Read whole: a reader waiting on it may finish after its write did.
                         lock(&self.recent).retain(|r| !Arc::ptr_eq(&r.run.served, &f.served));
                     }
-                    i += 1;
+                    i = j;
                 }
             }
         }
