@@ -8,7 +8,7 @@
 
 use crate::cache::PooledBuf;
 use crate::manifest::Manifest;
-use crate::source::Sink;
+use crate::source::RangeSink;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -162,7 +162,7 @@ impl Filling {
     }
 }
 
-impl Sink for Filling {
+impl RangeSink for Filling {
     fn received(&self) -> u64 {
         self.filled.load(Ordering::Acquire) as u64
     }

@@ -1271,28 +1271,39 @@ mod tests {
         assert_eq!(img.stats().readahead_chunks, chunks((16 << 20) + cfg.readahead_initial), "the third, a first window");
     }
 
-    /// A reader of the front of a run another read is fetching gets its bytes when they arrive,
-    /// not when the whole run has: here the run's 16 pieces come 40 ms apart, and the small
-    /// read ends while the read that started the run still waits for its last piece.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn readers_take_the_front_of_a_run_before_its_end_arrives() {
+    /// A 1 MiB image whose fetches hand their bytes over in 16 pieces 40 ms apart, fetched in
+    /// one request; with `verified`, checked against a manifest.
+    async fn trickling_image(dir: &std::path::Path, verified: bool) -> (LazyImage, Arc<FakeSource>, Vec<u8>) {
         let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect();
         let src = Arc::new(FakeSource::new(data.clone()));
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = small_config(dir.path(), 64 << 10);
+        let mut cfg = small_config(dir, 64 << 10);
         cfg.max_request = 1 << 20;
         cfg.readahead_max = 0;
+        if verified {
+            cfg.manifest = Some(Manifest::build(&data[..], 4096, |_| {}).expect("manifest"));
+        }
         let img = LazyImage::open(src.clone(), cfg).await.expect("open");
         src.inject(Fault::Trickle { piece: 64 << 10, pause: Duration::from_millis(40) });
-        let whole = tokio::spawn({
-            let img = img.clone();
-            async move { img.read(0, 1 << 20).await }
-        });
+        (img, src, data)
+    }
+
+    fn spawn_read(img: &LazyImage, offset: u64, len: u64) -> tokio::task::JoinHandle<Result<Bytes>> {
+        let img = img.clone();
+        tokio::spawn(async move { img.read(offset, len).await })
+    }
+
+    /// A reader of the front of a run another read is fetching gets its bytes when they arrive,
+    /// not when the whole run has: the small read ends before the run's fetch does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_take_the_front_of_a_run_before_its_end_arrives() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (img, src, data) = trickling_image(dir.path(), false).await;
+        let whole = spawn_read(&img, 0, 1 << 20);
         // The whole read claims the run; this one then finds chunk 1 in flight.
         tokio::time::sleep(Duration::from_millis(10)).await;
         let front = img.read(4096, 8192).await.expect("front read");
         assert_eq!(&front[..], &data[4096..12288]);
-        assert!(!whole.is_finished(), "the small read waited for the whole run");
+        assert_eq!(img.stats().origin_requests, 0, "the small read waited for the whole run");
         let got = whole.await.expect("join").expect("whole read");
         assert!(got[..] == data[..], "whole read differs");
         assert_eq!(src.fetch_count(), 1, "one run served both reads");
@@ -1302,28 +1313,15 @@ mod tests {
     /// reader of a chunk that arrived corrupt gets the refetched bytes, never the bad ones.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn readers_of_a_verified_image_take_checked_chunks_as_they_arrive() {
-        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
-        let src = Arc::new(FakeSource::new(data.clone()));
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = small_config(dir.path(), 64 << 10);
-        cfg.max_request = 1 << 20;
-        cfg.readahead_max = 0;
-        cfg.manifest = Some(Manifest::build(&data[..], 4096, |_| {}).expect("manifest"));
-        let img = LazyImage::open(src.clone(), cfg).await.expect("open");
-        src.inject(Fault::Trickle { piece: 64 << 10, pause: Duration::from_millis(40) });
+        let (img, src, data) = trickling_image(dir.path(), true).await;
         src.inject(Fault::CorruptAt { offset: 600_000, times: 1 });
-        let whole = tokio::spawn({
-            let img = img.clone();
-            async move { img.read(0, 1 << 20).await }
-        });
+        let whole = spawn_read(&img, 0, 1 << 20);
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let bad = tokio::spawn({
-            let img = img.clone();
-            async move { img.read(600_000, 100).await }
-        });
+        let bad = spawn_read(&img, 600_000, 100);
         let front = img.read(4096, 8192).await.expect("front read");
         assert_eq!(&front[..], &data[4096..12288]);
-        assert!(!whole.is_finished(), "the small read waited for the whole run");
+        assert_eq!(img.stats().origin_requests, 0, "the small read waited for the whole run");
         let got = bad.await.expect("join").expect("read of the corrupt chunk");
         assert_eq!(&got[..], &data[600_000..600_100], "bytes that failed their check were served");
         let got = whole.await.expect("join").expect("whole read");

@@ -12,7 +12,7 @@ pub mod stats;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Condition, FillResume, ImageConfig, LazyImage, DEFAULT_CHUNK_SIZE};
 pub use manifest::Manifest;
-pub use source::{FakeSource, FileSource, HttpSource, ImageInfo, RangeSource, Sink};
+pub use source::{FakeSource, FileSource, HttpSource, ImageInfo, RangeSink, RangeSource};
 pub use stats::StatsSnapshot;
 
 /// The manifest an image is verified with, if any: `manifest` (path or URL) when given, else

@@ -1,6 +1,6 @@
 //! In-memory source with fault injection and counters, for tests of everything above it.
 
-use super::{ImageInfo, RangeSource, Sink};
+use super::{ImageInfo, RangeSink, RangeSource};
 use crate::error::{Error, ErrorKind, Result};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -13,7 +13,7 @@ use std::time::Duration;
 pub enum Fault {
     /// The next `times` fetches touching byte `offset` fail with this kind.
     FailAt { offset: u64, times: u32, kind: ErrorKind },
-    /// The next `times` fetches touching byte `offset` return corrupted bytes.
+    /// The next `times` fetches touching byte `offset` return that byte flipped.
     CorruptAt { offset: u64, times: u32 },
     /// Every fetch waits this long first.
     Delay(Duration),
@@ -109,7 +109,7 @@ impl RangeSource for FakeSource {
         let end = offset + len;
         let mut delay = None;
         let mut fail = None;
-        let mut corrupt = false;
+        let mut corrupt = None;
         {
             let mut faults = lock(&self.faults);
             for f in faults.iter_mut() {
@@ -122,7 +122,7 @@ impl RangeSource for FakeSource {
                     }
                     Fault::CorruptAt { offset: at, times } if *times > 0 && (offset..end).contains(at) => {
                         *times -= 1;
-                        corrupt = true;
+                        corrupt = Some(*at - offset);
                         break;
                     }
                     _ => {}
@@ -142,9 +142,9 @@ impl RangeSource for FakeSource {
         }
         self.bytes_served.fetch_add(len, Ordering::Relaxed);
         let out = data.slice(offset as usize..end as usize);
-        if corrupt {
+        if let Some(at) = corrupt {
             let mut v = out.to_vec();
-            if let Some(b) = v.first_mut() {
+            if let Some(b) = v.get_mut(at as usize) {
                 *b ^= 0xff;
             }
             return Ok(Bytes::from(v));
@@ -152,7 +152,7 @@ impl RangeSource for FakeSource {
         Ok(out)
     }
 
-    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn Sink) -> Result<()> {
+    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn RangeSink) -> Result<()> {
         let trickle = lock(&self.faults).iter().find_map(|f| match f {
             Fault::Trickle { piece, pause } => Some((*piece, *pause)),
             _ => None,

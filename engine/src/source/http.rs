@@ -2,7 +2,7 @@
 //! Probing uses `GET Range: bytes=0-0` rather than HEAD, because presigned S3 URLs reject HEAD
 //! and the ranged GET proves Range support, size and validator in one round trip.
 
-use super::{ImageInfo, RangeSource, Sink};
+use super::{ImageInfo, RangeSink, RangeSource};
 use crate::error::{Error, ErrorKind, Result};
 use crate::filling::Filling;
 use async_trait::async_trait;
@@ -135,7 +135,7 @@ impl RangeSource for HttpSource {
         Ok(buf.bytes())
     }
 
-    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn Sink) -> Result<()> {
+    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn RangeSink) -> Result<()> {
         let last = offset + len - 1;
         let what = || format!("{} bytes {offset}-{last}", self.describe());
         let mut resp = self.ranged_get(offset, last).await?;

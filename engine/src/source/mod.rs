@@ -70,7 +70,7 @@ pub trait RangeSource: Send + Sync + 'static {
     /// use the front of a large range before its end is in. On an error `sink` may hold a
     /// prefix of the range, never a byte past it or from another version of the image. This
     /// default hands over the whole range at once.
-    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn Sink) -> Result<()> {
+    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn RangeSink) -> Result<()> {
         let data = self.fetch(offset, len, expect).await?;
         if !sink.push(&data) {
             return Err(Error::new(ErrorKind::Protocol, format!("{}: {len} bytes at {offset} do not fit where they go", self.describe())));
@@ -80,7 +80,7 @@ pub trait RangeSource: Send + Sync + 'static {
 }
 
 /// Where `fetch_to` puts the bytes of a range, in order.
-pub trait Sink: Send + Sync {
+pub trait RangeSink: Send + Sync {
     /// Bytes taken so far.
     fn received(&self) -> u64;
     /// Appends `bytes`; false (nothing taken) if they do not fit.

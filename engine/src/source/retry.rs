@@ -2,7 +2,7 @@
 //! answers) are retried, with exponential backoff, up to a deadline. A changed origin is never
 //! retried: mixing two versions of an image is worse than failing.
 
-use super::{ImageInfo, RangeSource, Sink};
+use super::{ImageInfo, RangeSink, RangeSource};
 use crate::error::{Error, ErrorKind, Result};
 use crate::stats::Stats;
 use async_trait::async_trait;
@@ -96,7 +96,7 @@ impl<S: RangeSource + ?Sized> RangeSource for Retrying<S> {
     }
 
     /// Each retry asks only for what `sink` does not hold yet.
-    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn Sink) -> Result<()> {
+    async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn RangeSink) -> Result<()> {
         let what = format!("fetch {} bytes {offset}+{len}", self.inner.describe());
         let start = sink.received();
         self.run(&what, || async move {
