@@ -7,6 +7,7 @@
 //! readers see only the checked chunks before the first bad one.
 
 use crate::cache::PooledBuf;
+use crate::lock;
 use crate::manifest::Manifest;
 use crate::source::RangeSink;
 use bytes::Bytes;
@@ -211,10 +212,6 @@ impl AsRef<[u8]> for Arrived {
     fn as_ref(&self) -> &[u8] {
         self.0.arrived()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

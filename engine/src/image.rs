@@ -14,6 +14,7 @@
 use crate::cache::{cache_key, evict_unused, Bitmap, CacheHeader, CacheStore, CACHE_FORMAT_VERSION};
 use crate::error::{Error, ErrorKind, Result};
 use crate::filling::{ChunkCheck, Filling};
+use crate::lock;
 use crate::manifest::{check_chunk_size, Manifest};
 use crate::source::{ImageInfo, RangeSource, RetryPolicy, Retrying};
 use crate::stats::{Stats, StatsSnapshot};
@@ -23,7 +24,7 @@ use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -285,11 +286,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct LazyImage {
     inner: Arc<Inner>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not turn every later read into a panic.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl LazyImage {

@@ -4,6 +4,7 @@
 //! can be written to the cache file with `O_DIRECT` straight from its buffer.
 
 use super::DIRECT_ALIGN;
+use crate::lock;
 use bytes::Bytes;
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::ptr::NonNull;
@@ -41,7 +42,7 @@ pub fn trim_all() {
 
 fn trim_older_than(idle: Duration) {
     let old: Vec<FreeBuf> = {
-        let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = lock(&POOL);
         let (keep, old): (Vec<FreeBuf>, Vec<FreeBuf>) = std::mem::take(&mut pool.0).into_iter().partition(|b| b.2.elapsed() < idle);
         pool.0 = keep;
         pool.1 -= old.iter().map(|b| b.1).sum::<usize>();
@@ -75,7 +76,7 @@ impl PooledBuf {
     pub fn with_capacity(min: usize) -> Self {
         let cap = if min >= POOL_MIN { min.next_power_of_two() } else { min.max(1).next_multiple_of(PAGE) };
         if cap >= POOL_MIN {
-            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pool = lock(&POOL);
             if let Some(i) = pool.0.iter().position(|b| b.1 == cap) {
                 let FreeBuf(ptr, _, _) = pool.0.swap_remove(i);
                 pool.1 -= cap;
@@ -129,7 +130,7 @@ impl AsRef<[u8]> for PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if self.cap >= POOL_MIN {
-            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pool = lock(&POOL);
             if pool.1 + self.cap <= POOL_MAX_BYTES {
                 pool.1 += self.cap;
                 pool.0.push(FreeBuf(self.ptr, self.cap, Instant::now()));
