@@ -859,8 +859,7 @@ impl Inner {
         while a < end {
             let b = (a + per).min(end);
             let me = self.clone();
-            let check = self.manifest.clone().map(|manifest| ChunkCheck { manifest, first: a, chunk_size: self.chunk_size as usize });
-            let fill = Filling::new((self.chunk_range(b - 1).1 - a * self.chunk_size) as usize, check);
+            let fill = Filling::new((self.chunk_range(b - 1).1 - a * self.chunk_size) as usize, self.chunk_check(a));
             let served = Arc::new(AtomicUsize::new(0));
             let (f2, s2) = (fill.clone(), served.clone());
             let fut: RunFuture = async move { me.fetch_run(a, b, kind, f2, s2).await }.boxed().shared();
@@ -967,21 +966,17 @@ impl Inner {
             .map_err(|e| Error::with_source(ErrorKind::CacheIo, "fetch slots closed", e))?;
         let offset = first * self.chunk_size;
         let len = self.chunk_range(end - 1).1 - offset;
-        let t = Instant::now();
-        self.source.fetch_to(offset, len, &self.info, &**fill).await?;
-        self.stats.count_fetch(len, t.elapsed());
-        let mut data = fill.bytes();
-        let Some(manifest) = &self.manifest else {
-            return Ok(Run::new(first, data, Vec::new(), served));
-        };
-        // Checked as they arrived.
-        let mut bad = fill.bad_chunks();
+        self.fetch_into(offset, len, fill).await?;
+        // Checked as they arrived (none without a manifest).
+        let (mut data, mut bad) = (fill.bytes(), fill.bad_chunks());
         if !bad.is_empty() {
             // One more try from the origin: a flipped bit in transit should not fail the read.
+            // Into a buffer of its own: readers may hold bytes of the first.
             self.stats.count_verify_failure();
             tracing::warn!(image = %self.source.describe(), chunks = ?bad, "chunks failed verification; refetching once");
-            data = self.fetch_once(offset, len).await?;
-            bad = self.bad_chunks(manifest, first, end, &data);
+            let again = Filling::new(len as usize, self.chunk_check(first));
+            self.fetch_into(offset, len, &again).await?;
+            (data, bad) = (again.bytes(), again.bad_chunks());
             if !bad.is_empty() {
                 self.stats.count_verify_failure();
                 let msg = format!("{}: chunks {bad:?} do not match the manifest after a refetch", self.source.describe());
@@ -992,21 +987,16 @@ impl Inner {
         Ok(Run::new(first, data, bad, served))
     }
 
-    async fn fetch_once(&self, offset: u64, len: u64) -> Result<Bytes> {
+    async fn fetch_into(&self, offset: u64, len: u64, fill: &Filling) -> Result<()> {
         let t = Instant::now();
-        let data = self.source.fetch(offset, len, &self.info).await?;
+        self.source.fetch_to(offset, len, &self.info, fill).await?;
         self.stats.count_fetch(len, t.elapsed());
-        Ok(data)
+        Ok(())
     }
 
-    fn bad_chunks(&self, m: &Manifest, first: u64, end: u64, data: &Bytes) -> Vec<u64> {
-        let base = first * self.chunk_size;
-        (first..end)
-            .filter(|&c| {
-                let (a, b) = self.chunk_range(c);
-                !m.verify(c, &data[(a - base) as usize..(b - base) as usize])
-            })
-            .collect()
+    /// The manifest check of a run starting at chunk `first`, for a verified image.
+    fn chunk_check(&self, first: u64) -> Option<ChunkCheck> {
+        self.manifest.clone().map(|manifest| ChunkCheck { manifest, first, chunk_size: self.chunk_size as usize })
     }
 
     /// Writes the run's verified chunks to the cache file (blocking). False if nothing could be
