@@ -27,7 +27,7 @@ pub(crate) struct ChunkCheck {
 struct Writer {
     /// Taken at the first byte, so that runs waiting for a fetch slot hold no buffer.
     buf: Option<PooledBuf>,
-    /// Bytes whose chunks were checked (all of `buf` when there is no check).
+    /// Bytes whose chunks were checked (with a check).
     checked: usize,
     /// Chunks that did not match the manifest.
     bad: Vec<u64>,
@@ -182,22 +182,21 @@ impl RangeSink for Filling {
             }
             let filled = buf.len();
             self.filled.store(filled, Ordering::SeqCst);
-            let Some(check) = &self.check else {
-                self.readable.store(filled, Ordering::SeqCst);
-                drop(guard);
-                self.wake(filled);
-                return true;
-            };
-            // Every chunk now whole (the last may be short: the image's end).
-            while w.checked < filled && (filled - w.checked >= check.chunk_size || filled == self.len) {
-                let (a, b) = (w.checked, (w.checked + check.chunk_size).min(filled));
-                let index = check.first + (a / check.chunk_size) as u64;
-                if !check.manifest.verify(index, &buf.as_ref()[a..b]) {
-                    w.bad.push(index);
-                } else if w.bad.is_empty() {
-                    self.readable.store(b, Ordering::SeqCst);
+            match &self.check {
+                None => self.readable.store(filled, Ordering::SeqCst),
+                // Every chunk now whole (the last may be short: the image's end).
+                Some(check) => {
+                    while w.checked < filled && (filled - w.checked >= check.chunk_size || filled == self.len) {
+                        let (a, b) = (w.checked, (w.checked + check.chunk_size).min(filled));
+                        let index = check.first + (a / check.chunk_size) as u64;
+                        if !check.manifest.verify(index, &buf.as_ref()[a..b]) {
+                            w.bad.push(index);
+                        } else if w.bad.is_empty() {
+                            self.readable.store(b, Ordering::SeqCst);
+                        }
+                        w.checked = b;
+                    }
                 }
-                w.checked = b;
             }
             self.readable.load(Ordering::SeqCst)
         };
