@@ -95,6 +95,12 @@ fn status(dev: &File) -> std::io::Result<LoopInfo64> {
     Ok(info)
 }
 
+/// The file the device at `path` reads now; an error if it is not bound.
+fn current_backing(path: &Path) -> std::io::Result<Backing> {
+    let info = status(&open_device(path)?)?;
+    Ok((info.lo_device, info.lo_inode))
+}
+
 fn is_unbound(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENXIO) | Some(libc::ENOENT) | Some(libc::ENODEV))
 }
@@ -104,7 +110,7 @@ impl LoopDevice {
     /// it reads now pinned for `detach`.
     pub fn existing(path: impl Into<PathBuf>) -> Self {
         let path = path.into();
-        let backing = open_device(&path).and_then(|f| status(&f)).ok().map(|i| (i.lo_device, i.lo_inode));
+        let backing = current_backing(&path).ok();
         LoopDevice { path, backing }
     }
 
@@ -167,10 +173,7 @@ impl LoopDevice {
                 res = configure(&config);
             }
             match res {
-                Ok(()) => {
-                    let dev_ = LoopDevice { path, backing: Some((meta.dev(), meta.ino())) };
-                    return Ok(LoopClaim { dev: dev_, _held: dev });
-                }
+                Ok(()) => return Ok(LoopClaim { dev: LoopDevice { path, backing: Some((meta.dev(), meta.ino())) }, _held: dev }),
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = Some(e),
                 Err(e) => return Err(AttachError::os(format!("attaching {} to {}", file.display(), path.display()), e)),
             }
@@ -231,11 +234,6 @@ impl LoopDevice {
         }
         Ok(())
     }
-
-    /// Whether the device is bound to a file at all.
-    pub fn is_bound(&self) -> bool {
-        open_device(&self.path).and_then(|f| status(&f)).is_ok()
-    }
 }
 
 #[cfg(test)]
@@ -254,6 +252,10 @@ mod tests {
         usable
     }
 
+    fn is_bound(dev: &LoopDevice) -> bool {
+        current_backing(dev.path()).is_ok()
+    }
+
     fn image(dir: &Path, name: &str) -> PathBuf {
         let p = dir.join(name);
         std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
@@ -270,11 +272,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let claim = LoopDevice::attach_file_readonly(&image(dir.path(), "a")).unwrap();
         let dev = claim.device().clone();
-        assert!(dev.is_bound());
+        assert!(is_bound(&dev));
         let ro = std::fs::read_to_string(format!("/sys/block/{}/ro", dev.path().file_name().unwrap().to_str().unwrap())).unwrap();
         assert_eq!(ro.trim(), "1", "read-only");
         drop(claim);
-        assert!(!dev.is_bound(), "{} still bound after its claim was dropped", dev.path().display());
+        assert!(!is_bound(&dev), "{} still bound after its claim was dropped", dev.path().display());
         dev.detach().expect("detaching an unbound device is done");
     }
 
@@ -290,10 +292,10 @@ mod tests {
         let meta = std::fs::metadata(&other).unwrap();
         let stale = LoopDevice { path: claim.device().path().to_path_buf(), backing: Some((meta.dev(), meta.ino())) };
         stale.detach().unwrap();
-        assert!(claim.device().is_bound(), "a device reading another file was detached");
+        assert!(is_bound(claim.device()), "a device reading another file was detached");
         // Held open by the claim: detach marks it to go when the claim does.
         claim.device().detach().unwrap();
         let dev = claim.release();
-        assert!(!dev.is_bound());
+        assert!(!is_bound(&dev));
     }
 }
