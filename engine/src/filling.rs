@@ -10,7 +10,8 @@ use crate::cache::PooledBuf;
 use crate::lock;
 use crate::manifest::Manifest;
 use crate::source::RangeSink;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
@@ -163,13 +164,12 @@ impl Filling {
     }
 }
 
-impl RangeSink for Filling {
-    fn received(&self) -> u64 {
-        self.filled.load(Ordering::Acquire) as u64
-    }
-
-    fn push(&self, bytes: &[u8]) -> bool {
-        let readable = {
+impl Filling {
+    /// Runs `append` on the writer's buffer (taken now if this is the first byte), then
+    /// publishes what it appended and wakes the readers it concerns. None if `append` said the
+    /// bytes do not fit.
+    fn append<T>(&self, append: impl FnOnce(&mut PooledBuf) -> Option<T>) -> Option<T> {
+        let (out, readable) = {
             let mut guard = lock(&self.writer);
             let w = &mut *guard;
             let buf = w.buf.get_or_insert_with(|| {
@@ -177,31 +177,54 @@ impl RangeSink for Filling {
                 self.base.store(b.as_ptr().cast_mut(), Ordering::Release);
                 b
             });
-            if buf.len() + bytes.len() > self.len || !buf.extend_from_slice(bytes) {
-                return false;
-            }
+            let before = buf.len();
+            let out = append(buf)?;
             let filled = buf.len();
-            self.filled.store(filled, Ordering::SeqCst);
-            match &self.check {
-                None => self.readable.store(filled, Ordering::SeqCst),
-                // Every chunk now whole (the last may be short: the image's end).
-                Some(check) => {
-                    while w.checked < filled && (filled - w.checked >= check.chunk_size || filled == self.len) {
-                        let (a, b) = (w.checked, (w.checked + check.chunk_size).min(filled));
-                        let index = check.first + (a / check.chunk_size) as u64;
-                        if !check.manifest.verify(index, &buf.as_ref()[a..b]) {
-                            w.bad.push(index);
-                        } else if w.bad.is_empty() {
-                            self.readable.store(b, Ordering::SeqCst);
-                        }
-                        w.checked = b;
-                    }
-                }
+            if filled == before {
+                return Some(out);
             }
-            self.readable.load(Ordering::SeqCst)
+            self.filled.store(filled, Ordering::SeqCst);
+            if let Some(check) = &self.check {
+                // Every chunk now whole (the last may be short: the image's end).
+                while w.checked < filled && (filled - w.checked >= check.chunk_size || filled == self.len) {
+                    let (a, b) = (w.checked, (w.checked + check.chunk_size).min(filled));
+                    let index = check.first + (a / check.chunk_size) as u64;
+                    if !check.manifest.verify(index, &buf.as_ref()[a..b]) {
+                        w.bad.push(index);
+                    } else if w.bad.is_empty() {
+                        self.readable.store(b, Ordering::SeqCst);
+                    }
+                    w.checked = b;
+                }
+            } else {
+                self.readable.store(filled, Ordering::SeqCst);
+            }
+            (out, self.readable.load(Ordering::SeqCst))
         };
         self.wake(readable);
-        true
+        Some(out)
+    }
+}
+
+impl RangeSink for Filling {
+    fn received(&self) -> u64 {
+        self.filled.load(Ordering::Acquire) as u64
+    }
+
+    fn push(&self, bytes: &[u8]) -> bool {
+        self.append(|buf| (buf.len() + bytes.len() <= self.len && buf.extend_from_slice(bytes)).then_some(()))
+            .is_some()
+    }
+
+    fn push_from(&self, max: usize, read: &mut dyn FnMut(&mut dyn BufMut) -> io::Result<()>) -> Option<io::Result<usize>> {
+        self.append(|buf| {
+            if buf.len() + max > self.len {
+                return None;
+            }
+            let before = buf.len();
+            let res = read(&mut buf.spare(max));
+            Some(res.map(|()| buf.len() - before))
+        })
     }
 }
 
@@ -242,6 +265,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bytes_read_in_place_are_published_like_pushed_ones() {
+        let f = Filling::new(10, None);
+        assert!(f.push(b"ab"));
+        let f2 = f.clone();
+        let waiter = tokio::spawn(async move { f2.wait_for(6).await });
+        let got = f.push_from(4, &mut |room| {
+            assert_eq!(room.remaining_mut(), 4, "the room is what was asked for");
+            room.put_slice(b"cd");
+            Ok(())
+        });
+        assert_eq!(got.map(|r| r.ok()), Some(Some(2)), "a short read appends what it read");
+        assert_eq!(f.received(), 4);
+        assert!(f.push_from(7, &mut |_| panic!("handed room past the length")).is_none());
+        let failed = f.push_from(6, &mut |room| {
+            room.put_slice(b"ef");
+            Err(io::Error::other("reset"))
+        });
+        assert!(matches!(failed, Some(Err(_))), "the reader's error is passed on");
+        assert!(waiter.await.unwrap(), "bytes before the error still count and wake readers");
+        assert_eq!(&f.bytes()[..], b"abcdef");
+    }
+
+    #[tokio::test]
     async fn a_failed_fetch_releases_its_readers() {
         let f = Filling::new(10, None);
         assert!(f.push(b"ab"));
@@ -269,7 +315,13 @@ mod tests {
         assert!(f.wait_for(CS).await, "chunk 1 is whole and good");
         let mut out = [0u8; 10];
         assert!(!f.copy_to(CS, &mut out), "chunk 2 is not whole yet");
-        assert!(f.push(&run[CS + 10..]));
+        // The rest read in place, as a socket does: checked the same way.
+        let rest = &run[CS + 10..];
+        let took = f.push_from(rest.len(), &mut |room| {
+            room.put_slice(rest);
+            Ok(())
+        });
+        assert_eq!(took.map(|r| r.ok()), Some(Some(rest.len())));
         assert!(f.copy_to(CS, &mut out), "chunk 2 checked good");
         assert_eq!(&out, &image[2 * CS..2 * CS + 10]);
         assert!(!f.copy_to(2 * CS, &mut out), "chunk 3 is bad");

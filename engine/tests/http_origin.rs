@@ -4,6 +4,7 @@
 mod common;
 
 use common::{config, pattern};
+use lazy_image_engine::source::HttpSourceOptions;
 use lazy_image_engine::{ErrorKind, HttpSource, LazyImage, RangeSource};
 use lazy_image_serve::{Faults, ServerHandle};
 use std::path::Path;
@@ -32,6 +33,31 @@ async fn suite_own_server() {
     let data = write_image(d.path(), 1);
     let srv = serve(d.path(), None).await;
     common::source_suite(source(&srv.url("image.img")), &data).await;
+}
+
+/// The same suite with every range read through reqwest, as for https or behind a proxy.
+#[tokio::test]
+async fn suite_own_server_through_reqwest() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_image(d.path(), 1);
+    let srv = serve(d.path(), None).await;
+    let opts = HttpSourceOptions { own_http1: false, ..Default::default() };
+    common::source_suite(Arc::new(HttpSource::new(&srv.url("image.img"), opts).unwrap()), &data).await;
+}
+
+/// Bodies in chunked encoding are read through reqwest.
+#[tokio::test]
+async fn chunked_bodies_are_read_too() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_image(d.path(), 4);
+    let faults = Arc::new(Faults::new());
+    faults.chunked.store(true, SeqCst);
+    let srv = serve(d.path(), Some(faults.clone())).await;
+    let cache = tempfile::tempdir().unwrap();
+    let img = LazyImage::open(source(&srv.url("image.img")), config(cache.path())).await.unwrap();
+    let got = img.read(0, SIZE as u64).await.expect("read chunked bodies");
+    assert!(got[..] == data[..], "bytes differ");
+    assert_eq!(img.stats().retries, 0, "not read as a failure");
 }
 
 /// Runs a cold whole-image read through a server that suffers `arm` and checks every byte.

@@ -1,6 +1,6 @@
 //! Fault injection for the test server: each counter makes that many following requests fail in
 //! one way (5xx, dropped connection, truncated body, wrong Content-Range), plus switches that stay
-//! on (delay, ignore Range, a changed ETag). Counts the requests and keeps their ranges.
+//! on (delay, ignore Range, a changed ETag, chunked bodies). Counts the requests and keeps their ranges.
 
 use http::StatusCode;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
@@ -14,6 +14,9 @@ pub struct Faults {
     pub truncate: AtomicU32,
     pub wrong_content_range: AtomicU32,
     pub ignore_range: AtomicBool,
+    /// Bodies framed by chunked encoding rather than a Content-Length (as some origins and
+    /// proxies send them).
+    pub chunked: AtomicBool,
     pub delay_ms: AtomicU64,
     pub etag: Mutex<Option<String>>,
     pub requests: AtomicU64,
@@ -27,6 +30,7 @@ pub(crate) struct Plan {
     pub truncate: bool,
     pub wrong_content_range: bool,
     pub ignore_range: bool,
+    pub chunked: bool,
     pub etag: Option<String>,
 }
 
@@ -64,6 +68,7 @@ impl Faults {
             truncate: take(&self.truncate),
             wrong_content_range: take(&self.wrong_content_range),
             ignore_range: self.ignore_range.load(SeqCst),
+            chunked: self.chunked.load(SeqCst),
             etag: self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         })
     }

@@ -147,7 +147,11 @@ async fn handle(req: Request<Incoming>, root: Arc<PathBuf>, faults: Option<Arc<F
             (StatusCode::PARTIAL_CONTENT, a, b - a + 1)
         }
     };
-    builder = builder.status(status).header(header::CONTENT_LENGTH, len);
+    builder = builder.status(status);
+    // Without a length hyper frames the body in chunks.
+    if !plan.chunked {
+        builder = builder.header(header::CONTENT_LENGTH, len);
+    }
     if req.method() == Method::HEAD {
         return Ok(builder
             .body(Empty::new().map_err(|e| match e {}).boxed())

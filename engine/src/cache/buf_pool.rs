@@ -5,7 +5,8 @@
 
 use super::DIRECT_ALIGN;
 use crate::lock;
-use bytes::Bytes;
+use bytes::buf::UninitSlice;
+use bytes::{BufMut, Bytes};
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::ptr::NonNull;
 use std::sync::Mutex;
@@ -113,10 +114,42 @@ impl PooledBuf {
         true
     }
 
+    /// Room for appending in place, at most `max` bytes of what is free: a socket reads
+    /// straight into the buffer instead of into one of its own first.
+    pub fn spare(&mut self, max: usize) -> Spare<'_> {
+        let room = max.min(self.cap - self.len);
+        Spare { buf: self, room }
+    }
+
     /// The filled part as `Bytes`, without a copy; the buffer goes back to the pool (or is freed)
     /// with the last clone.
     pub fn into_bytes(self) -> Bytes {
         Bytes::from_owner(self)
+    }
+}
+
+/// Free space at the end of a `PooledBuf`; what is written into it is appended.
+pub struct Spare<'a> {
+    buf: &'a mut PooledBuf,
+    room: usize,
+}
+
+// SAFETY: `chunk_mut` hands out exactly the `room` bytes past the filled part, which lie within
+// the allocation, and `advance_mut` appends at most what is left of them.
+unsafe impl BufMut for Spare<'_> {
+    fn remaining_mut(&self) -> usize {
+        self.room
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        assert!(cnt <= self.room, "advanced past the free space");
+        self.buf.len += cnt;
+        self.room -= cnt;
+    }
+
+    fn chunk_mut(&mut self) -> &mut UninitSlice {
+        // SAFETY: `[len, len + room)` lies within the allocation and nothing else refers to it.
+        unsafe { UninitSlice::from_raw_parts_mut(self.buf.ptr.as_ptr().add(self.buf.len), self.room) }
     }
 }
 
@@ -158,6 +191,19 @@ mod tests {
         assert!(bytes[5..].iter().all(|&x| x == 9));
         assert_eq!(bytes.as_ptr() as usize % PAGE, 0);
         assert_eq!(PooledBuf::with_capacity(0).into_bytes().len(), 0);
+    }
+
+    #[test]
+    fn spare_appends_in_place_within_its_room() {
+        let mut b = PooledBuf::with_capacity(PAGE);
+        assert!(b.extend_from_slice(b"ab"));
+        let mut room = b.spare(3);
+        assert_eq!(room.remaining_mut(), 3);
+        room.put_slice(b"cde");
+        assert_eq!(room.remaining_mut(), 0);
+        assert_eq!(b.as_ref(), b"abcde");
+        // Never more than the capacity, whatever is asked.
+        assert_eq!(b.spare(usize::MAX).remaining_mut(), PAGE - 5);
     }
 
     #[test]

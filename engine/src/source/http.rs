@@ -4,11 +4,14 @@
 
 use super::{ImageInfo, RangeSink, RangeSource};
 use crate::error::{Error, ErrorKind, Result};
+use super::http1::{Answer, Http1};
 use crate::filling::Filling;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE};
 use http::StatusCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -19,6 +22,9 @@ pub struct HttpSourceOptions {
     /// Per request; the retry policy's deadline bounds the whole fetch.
     pub request_timeout: Duration,
     pub max_idle_per_host: usize,
+    /// Read plain-http ranges on our own HTTP/1.1 connections, straight into the run's buffer
+    /// (see `http1`); off, every request goes through reqwest.
+    pub own_http1: bool,
 }
 
 impl Default for HttpSourceOptions {
@@ -28,6 +34,7 @@ impl Default for HttpSourceOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(20),
             max_idle_per_host: 64,
+            own_http1: true,
         }
     }
 }
@@ -36,6 +43,14 @@ pub struct HttpSource {
     url: reqwest::Url,
     client: reqwest::Client,
     headers: HeaderMap,
+    request_timeout: Duration,
+    /// Our own connections for plain http; built at the first fetch, after `with_header`.
+    http1: OnceLock<Option<Http1>>,
+    max_idle: usize,
+    connect_timeout: Duration,
+    /// Cleared when the origin frames a range otherwise than by Content-Length: reqwest
+    /// reads it from then on.
+    http1_ok: AtomicBool,
 }
 
 impl HttpSource {
@@ -57,7 +72,24 @@ impl HttpSource {
             .no_gzip()
             .build()
             .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "building the HTTP client", e))?;
-        Ok(HttpSource { url, client, headers: opts.headers })
+        Ok(HttpSource {
+            url,
+            client,
+            headers: opts.headers,
+            request_timeout: opts.request_timeout,
+            http1: OnceLock::new(),
+            max_idle: opts.max_idle_per_host,
+            connect_timeout: opts.connect_timeout,
+            http1_ok: AtomicBool::new(opts.own_http1),
+        })
+    }
+
+    /// Our own HTTP/1.1 connections, while they serve this origin.
+    fn http1(&self) -> Option<&Http1> {
+        if !self.http1_ok.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.http1.get_or_init(|| Http1::new(&self.url, &self.headers, self.max_idle, self.connect_timeout)).as_ref()
     }
 
     /// Adds a header such as `Authorization` to every request.
@@ -75,6 +107,32 @@ impl HttpSource {
             .await
             .map_err(|e| Error::with_source(ErrorKind::Transport, self.describe(), e))
     }
+}
+
+/// Judges the answer to a GET of bytes `offset..=last` before its body is taken: a 206 for
+/// exactly that range of the version `expect` describes.
+fn check_range_answer(status: StatusCode, headers: &HeaderMap, offset: u64, last: u64, expect: &ImageInfo, source: &str) -> Result<()> {
+    let what = || format!("{source} bytes {offset}-{last}");
+    match status {
+        StatusCode::PARTIAL_CONTENT => {}
+        StatusCode::OK => {
+            return Err(Error::new(ErrorKind::RangeUnsupported, format!("{}: answered 200 to a Range request", what())))
+        }
+        StatusCode::RANGE_NOT_SATISFIABLE | StatusCode::PRECONDITION_FAILED => {
+            return Err(Error::new(ErrorKind::OriginChanged, format!("{}: HTTP {status}", what())))
+        }
+        s => return Err(Error::new(ErrorKind::OriginStatus(s.as_u16()), what())),
+    }
+    let cr = header_str(headers, CONTENT_RANGE);
+    let (range, total) = cr
+        .as_deref()
+        .and_then(parse_content_range)
+        .ok_or_else(|| Error::new(ErrorKind::Protocol, format!("{}: bad Content-Range {cr:?}", what())))?;
+    expect.check_same(&info_from(headers, total), source)?;
+    if range != Some((offset, last)) {
+        return Err(Error::new(ErrorKind::Protocol, format!("{}: answered Content-Range {cr:?}", what())));
+    }
+    Ok(())
 }
 
 /// Parses `bytes FIRST-LAST/TOTAL` (or `bytes */TOTAL`) into (Some((first, last)), total).
@@ -137,27 +195,23 @@ impl RangeSource for HttpSource {
 
     async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn RangeSink) -> Result<()> {
         let last = offset + len - 1;
-        let what = || format!("{} bytes {offset}-{last}", self.describe());
+        let source = self.describe();
+        let what = || format!("{source} bytes {offset}-{last}");
+        if let Some(http1) = self.http1() {
+            let check = |status, headers: &HeaderMap| check_range_answer(status, headers, offset, last, expect, &source);
+            let answer = tokio::time::timeout(self.request_timeout, http1.fetch_to(offset, last, sink, check, &what))
+                .await
+                .map_err(|_| Error::new(ErrorKind::Transport, format!("{}: no whole answer within {:?}", what(), self.request_timeout)))??;
+            match answer {
+                Answer::Read => return Ok(()),
+                Answer::NotPlain => {
+                    self.http1_ok.store(false, Ordering::Relaxed);
+                    tracing::info!(origin = %source, "the origin sends ranges without a Content-Length; reading them through reqwest");
+                }
+            }
+        }
         let mut resp = self.ranged_get(offset, last).await?;
-        match resp.status() {
-            StatusCode::PARTIAL_CONTENT => {}
-            StatusCode::OK => {
-                return Err(Error::new(ErrorKind::RangeUnsupported, format!("{}: answered 200 to a Range request", what())))
-            }
-            StatusCode::RANGE_NOT_SATISFIABLE | StatusCode::PRECONDITION_FAILED => {
-                return Err(Error::new(ErrorKind::OriginChanged, format!("{}: HTTP {}", what(), resp.status())))
-            }
-            s => return Err(Error::new(ErrorKind::OriginStatus(s.as_u16()), what())),
-        }
-        let cr = header_str(resp.headers(), CONTENT_RANGE);
-        let (range, total) = cr
-            .as_deref()
-            .and_then(parse_content_range)
-            .ok_or_else(|| Error::new(ErrorKind::Protocol, format!("{}: bad Content-Range {cr:?}", what())))?;
-        expect.check_same(&info_from(resp.headers(), total), &self.describe())?;
-        if range != Some((offset, last)) {
-            return Err(Error::new(ErrorKind::Protocol, format!("{}: answered Content-Range {cr:?}", what())));
-        }
+        check_range_answer(resp.status(), resp.headers(), offset, last, expect, &source)?;
         // Body pieces go on as they come: the range and the version are checked above, and a
         // piece that would run past the range is refused before any of it is taken.
         let mut got = 0u64;

@@ -6,6 +6,7 @@
 mod fake;
 mod file;
 mod http;
+mod http1;
 mod retry;
 
 pub use fake::{FakeSource, Fault};
@@ -15,7 +16,7 @@ pub use retry::{RetryPolicy, Retrying};
 
 use crate::error::{Error, ErrorKind, Result};
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use serde::{Deserialize, Serialize};
 
 /// What a probe learns about an image; the validator fields pin the version we serve.
@@ -85,4 +86,9 @@ pub trait RangeSink: Send + Sync {
     fn received(&self) -> u64;
     /// Appends `bytes`; false (nothing taken) if they do not fit.
     fn push(&self, bytes: &[u8]) -> bool;
+    /// Appends in place what `read` writes into the room it is handed (at most `max` bytes),
+    /// so that a socket reads straight into the sink without a buffer of its own in between.
+    /// None (nothing taken, `read` not called) if `max` more bytes do not fit; else what
+    /// `read` returned, with the count of bytes it appended.
+    fn push_from(&self, max: usize, read: &mut dyn FnMut(&mut dyn BufMut) -> std::io::Result<()>) -> Option<std::io::Result<usize>>;
 }
