@@ -189,10 +189,10 @@ impl Attachment {
         if mount_source(mountpoint)?.as_deref() != Some(dev.path()) {
             return refuse(format!("{} is not mounted from it", mountpoint.display()));
         }
-        let backing = dev.backing_file();
-        let data = data.canonicalize().unwrap_or(data);
-        if backing.as_deref() != Some(data.as_path()) {
-            return refuse(format!("it reads {:?}, not the cache file {}", backing, data.display()));
+        // The same inode, not the same path: a path names another file once the cache is
+        // rebuilt, and the device keeps reading the old one.
+        if !dev.reads(&data) {
+            return refuse(format!("it reads {:?}, not the cache file {}", dev.backing_file(), data.display()));
         }
         Ok(Attachment { mountpoint: mountpoint.to_path_buf(), fs, device: Device::Loop { dev, fuse: None } })
     }

@@ -197,6 +197,15 @@ impl LoopDevice {
         }
     }
 
+    /// True if the device read `file` when we attached or found it (the same inode, whatever
+    /// path names it now).
+    pub fn reads(&self, file: &Path) -> bool {
+        match (self.backing, std::fs::metadata(file)) {
+            (Some(b), Ok(m)) => b == (m.dev(), m.ino()),
+            _ => false,
+        }
+    }
+
     /// The file the kernel reads this device from, as sysfs names it (a removed file ends in
     /// " (deleted)"); `None` if the device is not bound.
     pub fn backing_file(&self) -> Option<PathBuf> {
@@ -297,5 +306,26 @@ mod tests {
         claim.device().detach().unwrap();
         let dev = claim.release();
         assert!(!is_bound(&dev));
+    }
+
+    /// A device found later knows its file by inode: under a new name it is still that file,
+    /// and a new file under the old name is not.
+    #[test]
+    fn a_found_device_reads_its_file_whatever_its_name() {
+        if !loop_usable() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let first = image(dir.path(), "d");
+        let claim = LoopDevice::attach_file_readonly(&first).unwrap();
+        let found = LoopDevice::existing(claim.device().path());
+        assert!(found.reads(&first));
+        let renamed = dir.path().join("e");
+        std::fs::rename(&first, &renamed).unwrap();
+        image(dir.path(), "d");
+        assert!(found.reads(&renamed), "renamed, still the file the device reads");
+        assert!(!found.reads(&first), "a new file under the old name");
+        assert!(!found.reads(&dir.path().join("missing")));
+        claim.device().detach().unwrap();
     }
 }
