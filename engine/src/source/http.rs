@@ -1,10 +1,11 @@
-//! HTTP(S) origin: ranged GETs over pooled keep-alive connections (reqwest + rustls).
+//! HTTP(S) origin: ranged GETs over pooled keep-alive connections (reqwest + rustls; plain-http
+//! ranges on connections of our own, see `http1`).
 //! Probing uses `GET Range: bytes=0-0` rather than HEAD, because presigned S3 URLs reject HEAD
 //! and the ranged GET proves Range support, size and validator in one round trip.
 
+use super::http1::{Answer, Http1};
 use super::{ImageInfo, RangeSink, RangeSource};
 use crate::error::{Error, ErrorKind, Result};
-use super::http1::{Answer, Http1};
 use crate::filling::Filling;
 use async_trait::async_trait;
 use bytes::Bytes;
