@@ -11,9 +11,11 @@
 //!
 //! Misses and large reads over `/dev/fuse` go to the engine's tokio runtime and are answered
 //! when the data is there, so no transport thread waits on the network and many reads are in
-//! flight at once.
+//! flight at once. A small miss is started on the transport thread and moves to the runtime
+//! when it first waits (`eager`): its request is sent before any runtime worker wakes.
 
 mod abi;
+mod eager;
 mod uring;
 
 use crate::{AttachError, AttachErrorKind};
@@ -221,7 +223,7 @@ impl ImageFs {
     /// Serves a read on the runtime: a miss (fetched from the origin) or a large read.
     fn read_on_runtime<D: Deliver>(&self, offset: u64, size: usize, reply: Reply<D>) {
         let image = self.image.clone();
-        self.rt.spawn(async move {
+        let task = async move {
             let mut reply = reply;
             // Straight into the transport's buffer where it has one (io_uring); else a copy.
             let read = match reply.payload(size) {
@@ -236,7 +238,15 @@ impl ImageFs {
                     reply.send(-e.kind().errno(), &[]);
                 }
             }
-        });
+        };
+        // A small read is a random reader's miss: its request goes out from this thread at
+        // once (cold random 4 KiB reads at 0 ms, p50 over a paired GET's: 1.33x -> 1.13x).
+        // Large reads, a sequential reader's, stay off the transport thread.
+        if size <= SYNC_HIT_MAX {
+            eager::spawn(&self.rt, task);
+        } else {
+            self.rt.spawn(task);
+        }
     }
 
     fn readdir(&self, out: &mut Out, offset: u64, size: usize) {
