@@ -83,7 +83,7 @@ impl Filling {
         // SAFETY: `base` was set before any byte was published, and points into the writer's
         // buffer, which lives as long as `self` and never moves. Bytes below `filled` were
         // written before `filled` was published (release) and are never written again: the only
-        // writer (`push`, under the lock) writes past them.
+        // writer (`append`, under the lock: `push` and `push_from`) writes past them.
         unsafe { std::slice::from_raw_parts(base, n) }
     }
 
