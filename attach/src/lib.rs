@@ -29,6 +29,12 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+/// Locks `m` even if a panic elsewhere poisoned it: one failed request must not make every
+/// later one panic.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Block-layer readahead set on our devices (KiB): large enough that a sequential reader keeps
 /// several of the engine's ranged requests in flight.
 pub(crate) const READ_AHEAD_KB: &str = "4096";

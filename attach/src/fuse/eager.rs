@@ -4,6 +4,7 @@
 //! once where the FUSE request arrived, the request is on the wire before any other thread
 //! runs; the rest (the answer's arrival) wakes the runtime as any task's I/O does.
 
+use crate::lock;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -24,10 +25,6 @@ enum State {
 struct FirstWake {
     rt: Handle,
     state: Mutex<State>,
-}
-
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Wake for FirstWake {

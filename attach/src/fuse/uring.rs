@@ -11,6 +11,7 @@
 
 use super::abi::{self, InHeader};
 use super::{Deliver, ImageFs, Reply, MAX_WRITE, SPIN_ENV};
+use crate::lock;
 use lazy_image_engine::cache::{direct_layout, DIRECT_ALIGN};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::fs::File;
@@ -175,7 +176,7 @@ impl Queue {
     /// Submits the commits answers made since the last call; returns how many of them were for
     /// entries marked in `small` (and unmarks those). Queue thread only.
     fn push_pending(&self, small: &mut [bool; DEPTH]) -> usize {
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let pending = std::mem::take(&mut *lock(&self.pending));
         let mut n = 0;
         for (i, commit_id) in pending {
             n += std::mem::take(&mut small[i]) as usize;
@@ -281,7 +282,7 @@ impl RingReply {
     /// Answers with the `n` bytes in the entry's payload (or `error`) and has it committed.
     fn commit_answer(&self, error: i32, n: usize) {
         self.queue.answer(self.entry, self.unique, error, n);
-        self.queue.pending.lock().unwrap_or_else(|p| p.into_inner()).push((self.entry, self.commit_id));
+        lock(&self.queue.pending).push((self.entry, self.commit_id));
         // The queue thread submits after each batch; anyone else must wake it.
         if self.queue.thread.get() != Some(&std::thread::current().id()) {
             self.queue.wake();
