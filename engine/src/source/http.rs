@@ -9,10 +9,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::filling::Filling;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE};
+use http::header::{HeaderMap, HeaderName, CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE};
 use http::StatusCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -45,10 +44,8 @@ pub struct HttpSource {
     client: reqwest::Client,
     headers: HeaderMap,
     request_timeout: Duration,
-    /// Our own connections for plain http; built at the first fetch, after `with_header`.
-    http1: OnceLock<Option<Http1>>,
-    max_idle: usize,
-    connect_timeout: Duration,
+    /// Our own connections, for plain http without a proxy (and unless turned off).
+    http1: Option<Http1>,
     /// Cleared when the origin frames a range otherwise than by Content-Length: reqwest
     /// reads it from then on.
     http1_ok: AtomicBool,
@@ -73,30 +70,23 @@ impl HttpSource {
             .no_gzip()
             .build()
             .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "building the HTTP client", e))?;
+        let http1 = opts
+            .own_http1
+            .then(|| Http1::new(&url, &opts.headers, opts.max_idle_per_host, opts.connect_timeout))
+            .flatten();
         Ok(HttpSource {
             url,
             client,
             headers: opts.headers,
             request_timeout: opts.request_timeout,
-            http1: OnceLock::new(),
-            max_idle: opts.max_idle_per_host,
-            connect_timeout: opts.connect_timeout,
-            http1_ok: AtomicBool::new(opts.own_http1),
+            http1,
+            http1_ok: AtomicBool::new(true),
         })
     }
 
     /// Our own HTTP/1.1 connections, while they serve this origin.
     fn http1(&self) -> Option<&Http1> {
-        if !self.http1_ok.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.http1.get_or_init(|| Http1::new(&self.url, &self.headers, self.max_idle, self.connect_timeout)).as_ref()
-    }
-
-    /// Adds a header such as `Authorization` to every request.
-    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
-        self.headers.insert(name, value);
-        self
+        self.http1.as_ref().filter(|_| self.http1_ok.load(Ordering::Relaxed))
     }
 
     async fn ranged_get(&self, first: u64, last: u64) -> Result<reqwest::Response> {
