@@ -162,9 +162,7 @@ impl Filling {
         }
         self.min_need.store(min, Ordering::SeqCst);
     }
-}
 
-impl Filling {
     /// Runs `append` on the writer's buffer (taken now if this is the first byte), then
     /// publishes what it appended and wakes the readers it concerns. None if `append` said the
     /// bytes do not fit.

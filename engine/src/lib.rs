@@ -10,16 +10,16 @@ pub mod source;
 pub mod stats;
 
 pub use error::{Error, ErrorKind, Result};
+pub use image::{Condition, FillResume, ImageConfig, LazyImage, DEFAULT_CHUNK_SIZE};
+pub use manifest::Manifest;
+pub use source::{FakeSource, FileSource, HttpSource, ImageInfo, RangeSink, RangeSource};
+pub use stats::StatsSnapshot;
 
 /// Locks `m` even if a panic elsewhere poisoned it: that must not turn every later read into a
 /// panic.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
-pub use image::{Condition, FillResume, ImageConfig, LazyImage, DEFAULT_CHUNK_SIZE};
-pub use manifest::Manifest;
-pub use source::{FakeSource, FileSource, HttpSource, ImageInfo, RangeSink, RangeSource};
-pub use stats::StatsSnapshot;
 
 /// The manifest an image is verified with, if any: `manifest` (path or URL) when given, else
 /// `image_url` + `.manifest` when a digest is pinned; with `pinned`, its digest must match.

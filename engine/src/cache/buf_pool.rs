@@ -155,7 +155,7 @@ unsafe impl BufMut for Spare<'_> {
 
 impl AsRef<[u8]> for PooledBuf {
     fn as_ref(&self) -> &[u8] {
-        // SAFETY: the first `len` bytes were written by `extend_from_slice`.
+        // SAFETY: the first `len` bytes were written, by `extend_from_slice` or through `spare`.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
