@@ -1,8 +1,9 @@
 //! Starting a task on the thread that has it, and moving it to the runtime only once it waits.
-//! A small miss spawned onto the runtime first waits for a worker to wake up (a futex wake of
-//! a parked thread: on this VM tens of microseconds), and only then sends its request. Polled
+//! A miss spawned onto the runtime first waits for a worker to wake up (a futex wake of a
+//! parked thread: on this VM tens of microseconds), and only then sends its request. Polled
 //! once where the FUSE request arrived, the request is on the wire before any other thread
-//! runs; the rest (the answer's arrival) wakes the runtime as any task's I/O does.
+//! runs; the rest (the answer's arrival) wakes the runtime as any task's I/O does. A read whose
+//! bytes a fetch already brought in finishes in that first poll.
 
 use crate::lock;
 use std::future::Future;
