@@ -70,7 +70,9 @@ pub fn direct_layout(len: usize) -> Layout {
 /// huge pages where the system allows it (transparent huge pages in `madvise` mode, as Debian
 /// ships). Buffers fill once and are dropped: with 4 KiB pages a cold sequential read faulted in
 /// about 60 pages per MiB, each zeroed and mapped alone, and the kernel pinned each page of a
-/// buffer one by one for every direct write. Only a hint: refused, the pages stay small.
+/// buffer one by one for every direct write. Only a hint: refused, the pages stay small. Where
+/// memory is fragmented the kernel may compact it on such a fault (`defrag` in `madvise` mode,
+/// Debian's default): paid once per buffer while the pool keeps it.
 pub fn advise_huge(ptr: *mut u8, len: usize) {
     if len >= HUGE_PAGE {
         // SAFETY: madvise only changes how the (owned, mapped) range is backed, never its bytes.
