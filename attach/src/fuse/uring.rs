@@ -56,6 +56,8 @@ struct CacheRead {
 struct RawBuf {
     ptr: *mut u8,
     len: usize,
+    /// Mapped by `mapped` (unmapped on drop), else from the allocator.
+    mapped: bool,
 }
 
 impl RawBuf {
@@ -63,22 +65,52 @@ impl RawBuf {
         // Aligned for `O_DIRECT`, so a payload can take a direct read.
         let layout = direct_layout(len);
         // SAFETY: the layout has a non-zero size; a null result is handled.
-        let ptr = unsafe { std::alloc::alloc(layout) };
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        // Before the pages are first touched (by the zeroing), so they come huge.
+        RawBuf { ptr, len, mapped: false }
+    }
+
+    /// `len` bytes of zeros mapped fresh, starting on a huge page and backed by huge pages
+    /// where the system allows (see `advise_huge`). Pages come in only when first touched: the
+    /// queue of a CPU no reader runs on costs no memory.
+    fn mapped(len: usize) -> std::io::Result<Self> {
+        const HUGE: usize = 2 << 20;
+        // Mapped with a huge page to spare, then trimmed to a huge page boundary.
+        let span = len + HUGE;
+        // SAFETY: a new private anonymous mapping; nothing else refers to that range.
+        let map = unsafe {
+            libc::mmap(std::ptr::null_mut(), span, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        if map == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (at, start) = (map as usize, (map as usize).next_multiple_of(HUGE));
+        // SAFETY: both pieces lie within the mapping made above and outside [start, start + len).
+        unsafe {
+            if start > at {
+                libc::munmap(map, start - at);
+            }
+            if at + span > start + len {
+                libc::munmap((start + len) as *mut libc::c_void, at + span - (start + len));
+            }
+        }
+        let ptr = start as *mut u8;
         advise_huge(ptr, len);
-        // SAFETY: `len` bytes were just allocated at `ptr`.
-        unsafe { std::ptr::write_bytes(ptr, 0, len) };
-        RawBuf { ptr, len }
+        Ok(RawBuf { ptr, len, mapped: true })
     }
 }
 
 impl Drop for RawBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from `alloc` with this layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr, direct_layout(self.len)) }
+        if self.mapped {
+            // SAFETY: the range `mapped` kept, unmapped once.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        } else {
+            // SAFETY: `ptr` came from `alloc_zeroed` with this layout, freed once.
+            unsafe { std::alloc::dealloc(self.ptr, direct_layout(self.len)) }
+        }
     }
 }
 
@@ -95,11 +127,10 @@ struct Queue {
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     dev: Arc<File>,
     entries: Vec<Entry>,
-    /// Every entry's payload, `MAX_WRITE` bytes each, in one allocation: faulted in (zeroed)
-    /// when the queue starts, on huge pages where the system allows. The kernel looks up each
-    /// 4 KiB page of an answer to copy it out; with the engine's run buffers on huge pages too,
-    /// those lookups (`gup`) fell from 5.8% to 1.7% of the daemon's CPU samples during a cold
-    /// sequential read at 5 ms each way.
+    /// Every entry's payload, `MAX_WRITE` bytes each, in one mapping on huge pages where the
+    /// system allows. The kernel looks up each 4 KiB page of an answer to copy it out; with the
+    /// engine's run buffers on huge pages too, those lookups (`gup`) fell from 5.8% to 1.7% of
+    /// the daemon's CPU samples during a cold sequential read at 5 ms each way.
     payloads: RawBuf,
     /// Commits (entry, commit id) made off the queue thread, for it to submit.
     pending: Mutex<Vec<(usize, u64)>>,
@@ -119,7 +150,7 @@ impl Queue {
     fn new(qid: u16, dev: Arc<File>) -> std::io::Result<Self> {
         // Room for every entry's linked read and commit, and the wakeup's read.
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(DEPTH as u32 * 4)?;
-        let payloads = RawBuf::zeroed(DEPTH * MAX_WRITE);
+        let payloads = RawBuf::mapped(DEPTH * MAX_WRITE)?;
         let entries = (0..DEPTH)
             .map(|i| {
                 let header = RawBuf::zeroed(abi::RING_HEADER);
@@ -536,6 +567,31 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>, spin: std::time::
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Pages of `[ptr, ptr + len)` in memory.
+    fn resident(ptr: *mut u8, len: usize) -> usize {
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: a mapped, page-aligned range; `vec` has a byte per page of it.
+        assert_eq!(unsafe { libc::mincore(ptr.cast(), len, vec.as_mut_ptr()) }, 0);
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    /// The payload mapping starts on a huge page, holds zeros, and takes memory only where it
+    /// is touched.
+    #[test]
+    fn payload_mapping_is_aligned_zeroed_and_lazy() {
+        let len = DEPTH * MAX_WRITE;
+        let b = RawBuf::mapped(len).unwrap();
+        assert_eq!(b.ptr as usize % (2 << 20), 0);
+        assert_eq!(resident(b.ptr, len), 0, "nothing is in memory before it is touched");
+        // SAFETY: within the mapping; nothing else uses it.
+        let bytes = unsafe {
+            *b.ptr.add(len - 1) = 7;
+            std::slice::from_raw_parts(b.ptr, len)
+        };
+        assert!(bytes[..len - 1].iter().all(|&x| x == 0));
+        assert_eq!(bytes[len - 1], 7);
+    }
 
     #[test]
     fn spin_time_reads_the_setting_and_keeps_the_default_on_bad_input() {
