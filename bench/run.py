@@ -215,7 +215,13 @@ def paired_passes(n, one_pass):
 
 def loop_mount(image, mnt):
     dev = subprocess.run(["losetup", "--find", "--show", "--read-only", image], capture_output=True, check=True, text=True).stdout.strip()
-    sh("mount", "-o", "ro,noload", dev, mnt)
+    try:
+        sh("mount", "-o", "ro,noload", dev, mnt)
+    except subprocess.CalledProcessError:
+        # Not mounted, so no clean-up would find it: a peer whose export gave the loop device
+        # an unreadable superblock left it attached after the run.
+        subprocess.run(["losetup", "-d", dev])
+        raise
     return dev
 
 
