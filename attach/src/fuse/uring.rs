@@ -12,7 +12,7 @@
 use super::abi::{self, InHeader};
 use super::{Deliver, ImageFs, Reply, MAX_WRITE, SPIN_ENV};
 use crate::lock;
-use lazy_image_engine::cache::{advise_huge, direct_layout, DIRECT_ALIGN};
+use lazy_image_engine::cache::{advise_huge, direct_layout, DIRECT_ALIGN, HUGE_PAGE};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -61,8 +61,9 @@ struct RawBuf {
 }
 
 impl RawBuf {
+    /// `len` bytes of zeros from the allocator, for the small buffers (an entry's header, the
+    /// wakeup's read); payloads come from `mapped`.
     fn zeroed(len: usize) -> Self {
-        // Aligned for `O_DIRECT`, so a payload can take a direct read.
         let layout = direct_layout(len);
         // SAFETY: the layout has a non-zero size; a null result is handled.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -76,9 +77,8 @@ impl RawBuf {
     /// where the system allows (see `advise_huge`). Pages come in only when first touched: the
     /// queue of a CPU no reader runs on costs no memory.
     fn mapped(len: usize) -> std::io::Result<Self> {
-        const HUGE: usize = 2 << 20;
         // Mapped with a huge page to spare, then trimmed to a huge page boundary.
-        let span = len + HUGE;
+        let span = len + HUGE_PAGE;
         // SAFETY: a new private anonymous mapping; nothing else refers to that range.
         let map = unsafe {
             libc::mmap(std::ptr::null_mut(), span, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
@@ -86,7 +86,7 @@ impl RawBuf {
         if map == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        let (at, start) = (map as usize, (map as usize).next_multiple_of(HUGE));
+        let (at, start) = (map as usize, (map as usize).next_multiple_of(HUGE_PAGE));
         // SAFETY: both pieces lie within the mapping made above and outside [start, start + len).
         unsafe {
             if start > at {
@@ -582,7 +582,7 @@ mod tests {
     fn payload_mapping_is_aligned_zeroed_and_lazy() {
         let len = DEPTH * MAX_WRITE;
         let b = RawBuf::mapped(len).unwrap();
-        assert_eq!(b.ptr as usize % (2 << 20), 0);
+        assert_eq!(b.ptr as usize % HUGE_PAGE, 0);
         assert_eq!(resident(b.ptr, len), 0, "nothing is in memory before it is touched");
         // SAFETY: within the mapping; nothing else uses it.
         let bytes = unsafe {

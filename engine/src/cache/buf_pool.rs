@@ -56,7 +56,7 @@ fn trim_older_than(idle: Duration) {
 }
 
 /// Size and alignment of a transparent huge page on x86-64 and arm64 (with 4 KiB pages).
-const HUGE_PAGE: usize = 2 << 20;
+pub const HUGE_PAGE: usize = 2 << 20;
 
 /// The layout of a buffer of `len` bytes (at least one) that `O_DIRECT` I/O can use: aligned to
 /// `DIRECT_ALIGN`, and to a huge page from a huge page's size up (see `advise_huge`). Shared
