@@ -10,6 +10,7 @@ use crate::lock;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, RANGE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +22,16 @@ const MAX_HEADERS: usize = 64;
 /// Idle connections older than this are not reused: servers close theirs after a few seconds
 /// (Apache after 5), and a request sent just as the server closes fails.
 const IDLE_REUSE: Duration = Duration::from_secs(4);
+
+/// A body at least this long is read with the socket's receive low-water mark raised to
+/// `BODY_LOWAT` (lowered to what is left near its end): the reading thread then wakes for a
+/// quarter MiB at a time rather than for every few segments that arrive, with fewer `recv`
+/// calls and fewer window updates sent back. A reader waiting on the run's first bytes waits
+/// for that much more at most. Shorter bodies are read as they come. Cold 512 MiB reads at 5 ms
+/// each way, 8 alternating pairs: daemon CPU 0.72-0.82 -> 0.66-0.74 ms/MiB (lower in 7, equal
+/// in 1), 905-1011 -> 953-1084 MiB/s (faster in 7).
+const LOWAT_BODY: u64 = 1 << 20;
+const BODY_LOWAT: u64 = 256 << 10;
 
 /// Proxy variables reqwest follows for http URLs; with one set, requests go through reqwest.
 const PROXY_VARS: [&str; 4] = ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"];
@@ -151,7 +162,9 @@ impl Http1 {
             return Err(protocol(format!("{len} bytes do not fit where they go")));
         }
         let mut got = early.len() as u64;
+        let mut lowat = LowWater::new(&conn, len >= LOWAT_BODY);
         while got < len {
+            lowat.set(BODY_LOWAT.min(len - got));
             conn.readable().await.map_err(|e| transport(&format!("reading body at {got} of {len} bytes"), e))?;
             // `len - got` fits: the sink holds the whole range in memory.
             let read = sink.push_from((len - got) as usize, &mut |room| conn.try_read_buf(&mut &mut *room).map(drop));
@@ -165,7 +178,9 @@ impl Http1 {
                 Some(Err(e)) => return Err(transport(&format!("reading body at {got} of {len} bytes"), e)),
             }
         }
-        if keep_alive {
+        // The next request's head is read as it comes; a socket left waiting for more is not
+        // reused.
+        if keep_alive && lowat.set(1) {
             let mut idle = lock(&self.idle);
             idle.retain(|(_, since)| since.elapsed() < IDLE_REUSE);
             if idle.len() < self.max_idle {
@@ -194,6 +209,47 @@ impl Http1 {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {:?}", self.connect_timeout)))??;
         conn.set_nodelay(true)?;
         Ok(conn)
+    }
+}
+
+/// A socket's `SO_RCVLOWAT`, set only when it changes. A hint: the kernel still wakes the
+/// reader when the receive window fills or the peer closes, so a value it refuses or a body that
+/// stops short never leaves a read waiting; a failure to set it is ignored.
+struct LowWater<'a> {
+    conn: &'a TcpStream,
+    enabled: bool,
+    current: u64,
+}
+
+impl<'a> LowWater<'a> {
+    fn new(conn: &'a TcpStream, enabled: bool) -> Self {
+        LowWater { conn, enabled, current: 1 }
+    }
+
+    /// Whether the mark is now `bytes`.
+    fn set(&mut self, bytes: u64) -> bool {
+        let bytes = bytes.max(1);
+        if !self.enabled || bytes == self.current {
+            return bytes == self.current;
+        }
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the descriptor is the live socket `conn` borrows; the option value is a c_int
+        // whose size is passed with it.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            self.current = bytes;
+        } else {
+            self.enabled = false;
+        }
+        bytes == self.current
     }
 }
 
@@ -355,6 +411,56 @@ mod tests {
         assert_eq!(&sink.bytes()[..], &body(0, 40)[..], "what came before the cut is kept");
         let (res, _) = get(&h, 0, 100).await;
         assert_eq!(res.err().map(|e| e.kind()), Some(ErrorKind::OriginStatus(503)), "the check judges the status");
+    }
+
+    /// A sink that counts the socket reads that brought bytes.
+    struct CountingSink {
+        inner: Arc<Filling>,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl RangeSink for CountingSink {
+        fn received(&self) -> u64 {
+            self.inner.received()
+        }
+        fn push(&self, bytes: &[u8]) -> bool {
+            self.inner.push(bytes)
+        }
+        fn push_from(&self, max: usize, read: &mut dyn FnMut(&mut dyn bytes::BufMut) -> io::Result<()>) -> Option<io::Result<usize>> {
+            let res = self.inner.push_from(max, read);
+            if matches!(res, Some(Ok(n)) if n > 0) {
+                self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            res
+        }
+    }
+
+    #[tokio::test]
+    async fn long_bodies_are_read_in_large_steps_and_the_next_head_as_it_comes() {
+        // A 1.5 MiB body in 24 pieces 5 ms apart: read as they come, that is a read per piece.
+        const PIECE: usize = 64 << 10;
+        let len = 24 * PIECE;
+        let a = answer(0, len, &format!("Content-Length: {len}\r\n"));
+        let head_end = a.len() - len;
+        let mut pieces = vec![a[..head_end].to_vec()];
+        pieces.extend(a[head_end..].chunks(PIECE).map(<[u8]>::to_vec));
+        let (url, seen) = server(vec![Script { pieces, close: false }, whole(0, 10, "", false)]).await;
+        let h = client(&url);
+        let sink = CountingSink { inner: Filling::new(len, None), reads: Default::default() };
+        let check = |status: StatusCode, _: &HeaderMap| {
+            assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+            Ok(())
+        };
+        let res = h.fetch_to(0, len as u64 - 1, &sink, check, &|| "test".to_owned()).await;
+        assert!(matches!(res, Ok(Answer::Read)), "{:?}", res.err());
+        assert_eq!(&sink.inner.bytes()[..], &body(0, len)[..]);
+        let reads = sink.reads.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(reads <= 12, "{reads} reads for 24 pieces: the low-water mark was not raised");
+        // The same connection's next answer is short; a mark left raised would leave it unread.
+        let (res, sink) = tokio::time::timeout(Duration::from_secs(5), get(&h, 0, 10)).await.expect("the next answer is read");
+        assert!(matches!(res, Ok(Answer::Read)), "{:?}", res.err());
+        assert_eq!(&sink.bytes()[..], &body(0, 10)[..]);
+        assert_eq!(lock(&seen).iter().map(|s| s.0).collect::<Vec<_>>(), [0, 0], "one connection");
     }
 
     #[test]
