@@ -472,6 +472,35 @@ def pause_page_reporting():
     return old
 
 
+# Linux keeps per-destination TCP metrics from closed connections (the slow-start threshold among
+# them) and starts new connections to the same address from them. Here every system talks to
+# 127.0.0.1, so each measurement started from whatever the one before left (a threshold of 27-44
+# segments after one of our cold reads): curl at 5 ms downloaded at 1133-1150 MiB/s right after
+# one of our reads and at 1146-1173 right after the metrics were cleared (4 alternating pairs,
+# slower every time). The bench stops saving them while it runs and clears 127.0.0.1's, so every
+# system's connections start alike; the setting is restored after.
+NO_METRICS_SAVE = "/proc/sys/net/ipv4/tcp_no_metrics_save"
+
+
+def stop_tcp_metrics():
+    """Stops saving TCP metrics and clears 127.0.0.1's; returns the setting to restore, or None."""
+    try:
+        with open(NO_METRICS_SAVE) as f:
+            old = f.read().strip()
+        with open(NO_METRICS_SAVE, "w") as f:
+            f.write("1")
+    except OSError as e:
+        print(f"bench: TCP metrics left as they are ({e})", file=sys.stderr)
+        return None
+    try:
+        cleared = subprocess.run(["ip", "tcp_metrics", "flush", "127.0.0.1"], stderr=subprocess.DEVNULL).returncode == 0
+    except OSError:
+        cleared = False
+    print(f"bench: TCP metrics not saved during the run (tcp_no_metrics_save {old} -> 1), 127.0.0.1's "
+          + ("cleared" if cleared else "NOT cleared (`ip tcp_metrics flush` failed)"), file=sys.stderr)
+    return old
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--image-mib", type=int, default=2048)
@@ -528,6 +557,7 @@ def main():
     base_dev = loop_mount(base_image, base)
     runs = []
     reporting = None if a.keep_page_reporting else pause_page_reporting()
+    metrics = stop_tcp_metrics()
     try:
         for delay in (0, a.delay_ms):
             port, proxy = nginx.port, None
@@ -570,6 +600,9 @@ def main():
         if reporting is not None:
             with open(PAGE_REPORTING, "w") as f:
                 f.write(reporting)
+        if metrics is not None:
+            with open(NO_METRICS_SAVE, "w") as f:
+                f.write(metrics)
         loop_umount(base_dev, base)
         nginx.stop()
         force_unmount_under(work)
@@ -581,6 +614,7 @@ def main():
     print(f"\nimage {img_size / mib:.0f} MiB ext4 served by nginx on 127.0.0.1; delays added each way by `lazy-image proxy`")
     if os.path.exists(PAGE_REPORTING):
         print("free page reporting " + ("paused during the run" if reporting is not None else "left on (--keep-page-reporting, or refused)"))
+    print("TCP metrics " + ("not saved during the run" if metrics is not None else "saved as the system does (setting refused)"))
     cols = [(r, n) for r in runs for n in names]
     print(f"{'':40}" + "".join(f"{n[:14] + ' ' + str(r['delay']) + 'ms':>22}" for r, n in cols))
 

@@ -12,7 +12,7 @@ need_backports=false
 for group in "$@"; do
     case $group in
         vm) PKGS+=(busybox-static cpio xz-utils kmod fio iproute2); BACKPORTS+=(qemu-system-x86); need_backports=true ;;
-        bench) PKGS+=(nbdkit libnbd-bin fio); BACKPORTS+=(qemu-block-extra qemu-utils); need_backports=true ;;
+        bench) PKGS+=(nbdkit libnbd-bin fio iproute2); BACKPORTS+=(qemu-block-extra qemu-utils); need_backports=true ;;
         *) echo "install-deps: unknown group $group (expected vm or bench)" >&2; exit 2 ;;
     esac
 done
