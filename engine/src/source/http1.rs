@@ -164,7 +164,7 @@ impl Http1 {
         let mut got = early.len() as u64;
         let mut lowat = LowWater::new(&conn, len >= LOWAT_BODY);
         while got < len {
-            lowat.set(BODY_LOWAT.min(len - got));
+            lowat.set(BODY_LOWAT.min(len - got)).map_err(|e| transport("setting the receive low-water mark", e))?;
             conn.readable().await.map_err(|e| transport(&format!("reading body at {got} of {len} bytes"), e))?;
             // `len - got` fits: the sink holds the whole range in memory.
             let read = sink.push_from((len - got) as usize, &mut |room| conn.try_read_buf(&mut &mut *room).map(drop));
@@ -180,7 +180,7 @@ impl Http1 {
         }
         // The next request's head is read as it comes; a socket left waiting for more is not
         // reused.
-        if keep_alive && lowat.set(1) {
+        if keep_alive && lowat.set(1).is_ok() {
             let mut idle = lock(&self.idle);
             idle.retain(|(_, since)| since.elapsed() < IDLE_REUSE);
             if idle.len() < self.max_idle {
@@ -212,9 +212,10 @@ impl Http1 {
     }
 }
 
-/// A socket's `SO_RCVLOWAT`, set only when it changes. A hint: the kernel still wakes the
-/// reader when the receive window fills or the peer closes, so a value it refuses or a body that
-/// stops short never leaves a read waiting; a failure to set it is ignored.
+/// A socket's `SO_RCVLOWAT`, set only when it changes (and left at 1 when not `enabled`). The
+/// socket reads as ready only once that many bytes wait (or the window fills, or the peer
+/// closes), so the mark must never exceed what is left to come: callers lower it before the
+/// body's last bytes and reset it before the connection is reused.
 struct LowWater<'a> {
     conn: &'a TcpStream,
     enabled: bool,
@@ -226,11 +227,11 @@ impl<'a> LowWater<'a> {
         LowWater { conn, enabled, current: 1 }
     }
 
-    /// Whether the mark is now `bytes`.
-    fn set(&mut self, bytes: u64) -> bool {
+    /// Makes the mark at most `bytes`: exactly `bytes` when enabled, else it stays at 1.
+    fn set(&mut self, bytes: u64) -> io::Result<()> {
         let bytes = bytes.max(1);
         if !self.enabled || bytes == self.current {
-            return bytes == self.current;
+            return Ok(());
         }
         let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
         // SAFETY: the descriptor is the live socket `conn` borrows; the option value is a c_int
@@ -244,12 +245,11 @@ impl<'a> LowWater<'a> {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        if rc == 0 {
-            self.current = bytes;
-        } else {
-            self.enabled = false;
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
         }
-        bytes == self.current
+        self.current = bytes;
+        Ok(())
     }
 }
 
