@@ -156,8 +156,7 @@ impl Queue {
                 let header = RawBuf::zeroed(abi::RING_HEADER);
                 let iov = [
                     libc::iovec { iov_base: header.ptr.cast(), iov_len: header.len },
-                    // SAFETY: entry `i`'s payload lies within `payloads`.
-                    libc::iovec { iov_base: unsafe { payloads.ptr.add(i * MAX_WRITE) }.cast(), iov_len: MAX_WRITE },
+                    libc::iovec { iov_base: payload_of(&payloads, i).cast(), iov_len: MAX_WRITE },
                 ];
                 Entry { header, iov }
             })
@@ -283,10 +282,15 @@ impl Queue {
     }
 
     fn payload(&self, i: usize) -> *mut u8 {
-        debug_assert!(i < DEPTH);
-        // SAFETY: `payloads` holds DEPTH payloads of MAX_WRITE bytes.
-        unsafe { self.payloads.ptr.add(i * MAX_WRITE) }
+        payload_of(&self.payloads, i)
     }
+}
+
+/// Entry `i`'s payload within a queue's `payloads` mapping.
+fn payload_of(payloads: &RawBuf, i: usize) -> *mut u8 {
+    debug_assert!(i < DEPTH);
+    // SAFETY: `payloads` holds DEPTH payloads of MAX_WRITE bytes.
+    unsafe { payloads.ptr.add(i * MAX_WRITE) }
 }
 
 struct RingReply {

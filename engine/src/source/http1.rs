@@ -30,7 +30,7 @@ const IDLE_REUSE: Duration = Duration::from_secs(4);
 /// for that much more at most. Shorter bodies are read as they come. Cold 512 MiB reads at 5 ms
 /// each way, 8 alternating pairs: daemon CPU 0.72-0.82 -> 0.66-0.74 ms/MiB (lower in 7, equal
 /// in 1), 905-1011 -> 953-1084 MiB/s (faster in 7).
-const LOWAT_BODY: u64 = 1 << 20;
+const LOWAT_MIN_BODY: u64 = 1 << 20;
 const BODY_LOWAT: u64 = 256 << 10;
 
 /// Proxy variables reqwest follows for http URLs; with one set, requests go through reqwest.
@@ -162,7 +162,7 @@ impl Http1 {
             return Err(protocol(format!("{len} bytes do not fit where they go")));
         }
         let mut got = early.len() as u64;
-        let mut lowat = LowWater::new(&conn, len >= LOWAT_BODY);
+        let mut lowat = LowWater::new(&conn, len >= LOWAT_MIN_BODY);
         while got < len {
             lowat.set(BODY_LOWAT.min(len - got)).map_err(|e| transport("setting the receive low-water mark", e))?;
             conn.readable().await.map_err(|e| transport(&format!("reading body at {got} of {len} bytes"), e))?;
