@@ -7,7 +7,7 @@
 //!
 //! Paired with a plain loop device in the benchmark, warm random 4 KiB reads: 0.61x with fuser
 //! (every read through the runtime), 0.74-0.76x over `/dev/fuse` with small hits answered on the
-//! session thread, 0.80-0.96x over io_uring (0.95-0.97x in spot checks).
+//! session thread, 0.96-1.00x over io_uring in the latest runs (bench/README.md).
 //!
 //! Misses and large reads over `/dev/fuse` are answered when the data is there, by the engine's
 //! tokio runtime, so no transport thread waits on the network and many reads are in flight at
