@@ -19,9 +19,9 @@ pub mod ublk;
 
 pub use error::{AttachError, AttachErrorKind};
 pub use fsdetect::{detect, device_block_size, FsType};
-pub use fuse::{FuseExport, IMAGE_FILE_NAME, IO_URING_ENV as FUSE_IO_URING_ENV};
+pub use fuse::{FuseExport, FuseSessionInfo, IMAGE_FILE_NAME, IO_URING_ENV as FUSE_IO_URING_ENV};
 pub use loopdev::LoopDevice;
-pub use mount::{bind_readonly, is_mountpoint, mount_points_of, mount_readonly, mount_source, unmount, unmount_detach};
+pub use mount::{bind_readonly, is_mountpoint, mount_points_of, mount_readonly, mount_source, statvfs, unmount, unmount_detach};
 pub use ublk::{UblkDevice, UblkOptions};
 
 use lazy_image_engine::LazyImage;
@@ -111,8 +111,10 @@ pub struct Attachment {
 
 impl Attachment {
     /// Exposes `image` as a block device with `backend` and mounts its filesystem read-only at
-    /// `mountpoint`. `work_dir` holds the FUSE mount of that backend. On failure everything
-    /// done so far is undone.
+    /// `mountpoint`. `work_dir` holds the FUSE mount of that backend. With `fuse_handover`, a
+    /// FUSE session is set up to be handed to a holder and taken over by a later process
+    /// (`FuseExport::start`, `fuse_handover`, `resume_fuse`). On failure everything done so far
+    /// is undone.
     pub async fn attach(
         image: LazyImage,
         work_dir: &Path,
@@ -120,6 +122,7 @@ impl Attachment {
         fs: Option<FsType>,
         backend: Backend,
         ublk_opts: &UblkOptions,
+        fuse_handover: bool,
     ) -> Result<Self, AttachError> {
         let fs = match fs {
             Some(f) => f,
@@ -152,7 +155,7 @@ impl Attachment {
                 Device::Loop { dev, fuse: None }
             }
             (Backend::Fuse, None) => {
-                let fuse = FuseExport::start(image, &work_dir.join("fuse"), tokio::runtime::Handle::current())?;
+                let fuse = FuseExport::start(image, &work_dir.join("fuse"), tokio::runtime::Handle::current(), fuse_handover)?;
                 let mp = mountpoint.to_path_buf();
                 let file = fuse.image_path();
                 // Loop setup and mount block on the FUSE file, which this process serves: keep
@@ -201,6 +204,41 @@ impl Attachment {
             return refuse(format!("it reads {:?}, not the cache file {}", dev.backing_file(), data.display()));
         }
         Ok(Attachment { mountpoint: mountpoint.to_path_buf(), fs, device: Device::Loop { dev, fuse: None } })
+    }
+
+    /// Serves again a FUSE+loop volume whose server died: `fd` is its session's `/dev/fuse`
+    /// descriptor, kept open meanwhile by a holder (so the kernel held the readers' requests),
+    /// and `info` what was recorded of it. Refused unless the filesystem at `mountpoint` is
+    /// still mounted from `loop_dev` and that device still reads this session's image file.
+    /// The mount, the pods' bind mounts and their open files stay as they are.
+    pub fn resume_fuse(
+        image: LazyImage,
+        fd: std::os::fd::OwnedFd,
+        info: FuseSessionInfo,
+        fuse_dir: &Path,
+        loop_dev: &Path,
+        mountpoint: &Path,
+        fs: FsType,
+    ) -> Result<Self, AttachError> {
+        let refuse = |why: String| Err(AttachError::new(AttachErrorKind::Busy, format!("cannot take over {}: {why}", loop_dev.display())));
+        let dev = LoopDevice::existing(loop_dev);
+        if mount_source(mountpoint)?.as_deref() != Some(dev.path()) {
+            return refuse(format!("{} is not mounted from it", mountpoint.display()));
+        }
+        if dev.backing_dev() != Some(info.dev) {
+            return refuse(format!("it does not read the FUSE session's file (it reads {:?})", dev.backing_file()));
+        }
+        let fuse = FuseExport::resume(image, fd, info, fuse_dir, tokio::runtime::Handle::current())?;
+        Ok(Attachment { mountpoint: mountpoint.to_path_buf(), fs, device: Device::Loop { dev, fuse: Some(fuse) } })
+    }
+
+    /// For a FUSE+loop volume served by this process: a second descriptor of its session and
+    /// what `resume_fuse` needs, for a holder to keep across a restart.
+    pub fn fuse_handover(&self) -> Option<std::io::Result<(std::os::fd::OwnedFd, FuseSessionInfo)>> {
+        match &self.device {
+            Device::Loop { fuse: Some(fuse), .. } => Some(fuse.handover()),
+            _ => None,
+        }
     }
 
     pub fn backend(&self) -> Backend {

@@ -206,6 +206,12 @@ impl LoopDevice {
         }
     }
 
+    /// The device number of the filesystem holding the file this device read when we attached
+    /// or found it.
+    pub fn backing_dev(&self) -> Option<u64> {
+        self.backing.map(|b| b.0)
+    }
+
     /// The file the kernel reads this device from, as sysfs names it (a removed file ends in
     /// " (deleted)"); `None` if the device is not bound.
     pub fn backing_file(&self) -> Option<PathBuf> {

@@ -97,6 +97,22 @@ pub fn is_mountpoint(path: &Path) -> Result<bool, AttachError> {
     crate::namespace::in_host_namespace(|| Ok(is_mountpoint_here(path)))
 }
 
+/// Usage of the filesystem mounted at `path`, as seen in the namespace users see (a private
+/// namespace of this process may have nothing mounted there, and `statvfs` would describe the
+/// filesystem below).
+pub fn statvfs(path: &Path) -> Result<libc::statvfs, AttachError> {
+    let c = cstr(path)?;
+    crate::namespace::in_host_namespace(move || {
+        let mut out = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+        // SAFETY: a valid NUL-terminated path and an output buffer of the right size.
+        if unsafe { libc::statvfs(c.as_ptr(), out.as_mut_ptr()) } != 0 {
+            return Err(AttachError::os(format!("statvfs {}", path.display()), std::io::Error::last_os_error()));
+        }
+        // SAFETY: statvfs succeeded and filled the struct.
+        Ok(unsafe { out.assume_init() })
+    })
+}
+
 /// The device (mount source) mounted at `path`, if any.
 pub fn mount_source(path: &Path) -> Result<Option<std::path::PathBuf>, AttachError> {
     crate::namespace::in_host_namespace(|| {

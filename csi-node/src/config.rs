@@ -36,6 +36,20 @@ pub struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// FUSE+loop volumes across a plugin restart: `spawn` hands each FUSE session's descriptor
+    /// to the fd holder at --fd-holder-socket, starting one (lazy-image-fd-holder, next to this
+    /// binary) if none answers; `external` uses only one already running (its own container);
+    /// `off` lets sessions end with the plugin, so pods' reads of uncached data fail until the
+    /// pod is replaced.
+    #[arg(long, default_value = "spawn", value_parser = ["spawn", "external", "off"])]
+    pub fd_holder: String,
+    /// The fd holder's socket; default <state-dir>/fd-holder.sock.
+    #[arg(long)]
+    pub fd_holder_socket: Option<PathBuf>,
+    /// Volumes this node stages at once at most (each is one block device and its server);
+    /// reported to kubelet as max_volumes_per_node, which the scheduler honours.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_volumes_per_node: u64,
     /// Topology key whose value is the node id (NodeGetInfo's accessible topology).
     #[arg(long, default_value = "lazy-image.csi.dev/node")]
     pub topology_key: String,

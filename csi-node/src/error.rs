@@ -17,6 +17,8 @@ pub enum NodeErrorKind {
     FailedPrecondition,
     /// Another operation on the same volume is in progress.
     Busy,
+    /// The node holds as many volumes as it may.
+    ResourceExhausted,
     /// The origin cannot be reached or keeps failing; retrying later may work.
     Unavailable,
     /// The origin refused our credentials.
@@ -88,6 +90,7 @@ impl From<NodeError> for tonic::Status {
             NodeErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
             NodeErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
             NodeErrorKind::Busy => tonic::Code::Aborted,
+            NodeErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
             NodeErrorKind::Unavailable => tonic::Code::Unavailable,
             NodeErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
             NodeErrorKind::Corrupt => tonic::Code::DataLoss,

@@ -10,10 +10,12 @@
 
 pub mod config;
 pub mod error;
+pub mod fd_holder;
 pub mod metrics;
 pub mod service;
 pub mod spec;
 pub mod state;
+pub mod uds_authority;
 pub mod volumes;
 
 use config::Args;
@@ -26,6 +28,17 @@ use tokio::signal::unix::{signal, SignalKind};
 use volumes::{NodeConfig, Volumes};
 
 pub type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The fd holder FUSE+loop volumes hand their sessions to, as --fd-holder says.
+fn fd_holder_client(args: &Args) -> Result<Option<fd_holder::HolderClient>, AnyError> {
+    let socket = args.fd_holder_socket.clone().unwrap_or_else(|| args.state_dir.join("fd-holder.sock"));
+    let spawn = match args.fd_holder.as_str() {
+        "off" => return Ok(None),
+        "external" => None,
+        _ => Some(std::env::current_exe()?.with_file_name("lazy-image-fd-holder")),
+    };
+    Ok(Some(fd_holder::HolderClient::new(socket, spawn)))
+}
 
 pub fn run(args: Args) -> Result<(), AnyError> {
     let backend = Backend::resolve(args.backend.parse()?)?;
@@ -49,6 +62,8 @@ async fn serve(args: Args, backend: Backend, socket: std::path::PathBuf) -> Resu
         cache_limit: args.cache_limit,
         backend,
         ublk: UblkOptions { queues: args.ublk_queues, depth: args.ublk_depth, ..UblkOptions::default() },
+        max_volumes: args.max_volumes_per_node as usize,
+        fd_holder: fd_holder_client(&args)?,
     })?;
     tracing::info!(backend = backend.name(), node_id = %args.node_id, "starting lazy-image CSI node plugin");
 
@@ -79,6 +94,7 @@ async fn serve(args: Args, backend: Backend, socket: std::path::PathBuf) -> Resu
         node_id: args.node_id.clone(),
         topology_key: args.topology_key.clone(),
         kubelet_root: args.kubelet_root.clone(),
+        max_volumes: args.max_volumes_per_node as i64,
     };
     let v = volumes.clone();
     let r = ready.clone();
@@ -98,10 +114,16 @@ async fn serve(args: Args, backend: Backend, socket: std::path::PathBuf) -> Resu
         }
         tracing::info!("shutting down; staged volumes stay for the next plugin to take over");
     };
+    // Every connection's header blocks go through the :authority fix (see uds_authority).
+    let incoming = {
+        use tokio_stream::StreamExt;
+        tokio_stream::wrappers::UnixListenerStream::new(listener)
+            .map(|s| s.map(|s| uds_authority::HeaderRewrite::new(s, uds_authority::authority_to_localhost)))
+    };
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_service(NodeServer::new(node))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     let _ = std::fs::remove_file(&socket);
     Ok(())

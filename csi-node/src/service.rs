@@ -64,6 +64,17 @@ pub struct Node {
     pub node_id: String,
     pub topology_key: String,
     pub kubelet_root: PathBuf,
+    pub max_volumes: i64,
+}
+
+/// Turns a call's outcome into its answer; every refusal is logged with the volume and the
+/// reason (kubelet shows only some of them, and only to whoever describes the pod).
+#[allow(clippy::result_large_err)] // what every tonic method returns
+fn answer<T>(call: &str, volume_id: &str, r: NodeResult<T>) -> Result<Response<T>, Status> {
+    r.map(Response::new).map_err(|e| {
+        tracing::warn!(call, volume_id, kind = ?e.kind, reason = %e.message, "request refused");
+        Status::from(e)
+    })
 }
 
 fn fs_type_of(cap: Option<&csi::VolumeCapability>) -> Option<FsType> {
@@ -94,7 +105,7 @@ impl Node {
     async fn publish(&self, r: csi::NodePublishVolumeRequest) -> NodeResult<()> {
         spec::check_volume_id(&r.volume_id)?;
         let target = spec::check_path("target_path", &r.target_path, &self.kubelet_root)?;
-        spec::access::check(r.volume_capability.as_ref())?;
+        spec::access::check_publish(r.volume_capability.as_ref(), r.readonly)?;
         let ephemeral = r.volume_context.get(EPHEMERAL_KEY).is_some_and(|v| v == "true");
         if ephemeral {
             let mut context = r.volume_context.clone();
@@ -121,7 +132,7 @@ impl csi::node_server::Node for Node {
             let args = self.stage_args(&r.volume_id, staging, r.volume_capability.as_ref(), &r.volume_context, &r.secrets)?;
             self.volumes.stage(args).await
         };
-        run.await.map(|()| Response::new(csi::NodeStageVolumeResponse {})).map_err(Status::from)
+        answer("NodeStageVolume", &r.volume_id, run.await.map(|()| csi::NodeStageVolumeResponse {}))
     }
 
     /// MUST be idempotent: unstaging a volume that is not staged succeeds.
@@ -132,12 +143,14 @@ impl csi::node_server::Node for Node {
             let staging = spec::check_path("staging_target_path", &r.staging_target_path, &self.kubelet_root)?;
             self.volumes.unstage(&r.volume_id, &staging).await
         };
-        run.await.map(|()| Response::new(csi::NodeUnstageVolumeResponse {})).map_err(Status::from)
+        answer("NodeUnstageVolume", &r.volume_id, run.await.map(|()| csi::NodeUnstageVolumeResponse {}))
     }
 
     /// MUST be idempotent: publishing at a target already published succeeds.
     async fn node_publish_volume(&self, r: Request<csi::NodePublishVolumeRequest>) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        self.publish(r.into_inner()).await.map(|()| Response::new(csi::NodePublishVolumeResponse {})).map_err(Status::from)
+        let r = r.into_inner();
+        let id = r.volume_id.clone();
+        answer("NodePublishVolume", &id, self.publish(r).await.map(|()| csi::NodePublishVolumeResponse {}))
     }
 
     /// MUST be idempotent: unpublishing a target that is not mounted succeeds.
@@ -151,7 +164,7 @@ impl csi::node_server::Node for Node {
             let target = spec::check_path("target_path", &r.target_path, &self.kubelet_root)?;
             self.volumes.unpublish(&r.volume_id, &target).await
         };
-        run.await.map(|()| Response::new(csi::NodeUnpublishVolumeResponse {})).map_err(Status::from)
+        answer("NodeUnpublishVolume", &r.volume_id, run.await.map(|()| csi::NodeUnpublishVolumeResponse {}))
     }
 
     async fn node_get_volume_stats(
@@ -180,7 +193,7 @@ impl csi::node_server::Node for Node {
                 volume_condition: Some(csi::VolumeCondition { abnormal: st.abnormal, message: st.message }),
             })
         };
-        run().map(Response::new).map_err(Status::from)
+        answer("NodeGetVolumeStats", &r.volume_id, run())
     }
 
     async fn node_expand_volume(&self, _r: Request<csi::NodeExpandVolumeRequest>) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
@@ -202,7 +215,7 @@ impl csi::node_server::Node for Node {
     async fn node_get_info(&self, _r: Request<csi::NodeGetInfoRequest>) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
         Ok(Response::new(csi::NodeGetInfoResponse {
             node_id: self.node_id.clone(),
-            max_volumes_per_node: 0,
+            max_volumes_per_node: self.max_volumes,
             accessible_topology: Some(csi::Topology { segments: HashMap::from([(self.topology_key.clone(), self.node_id.clone())]) }),
         }))
     }

@@ -148,14 +148,18 @@ pub fn check_path(field: &str, p: &str, kubelet_root: &Path) -> NodeResult<PathB
     Ok(path)
 }
 
-/// Access modes we serve: readers only, and mount (not block) access.
+/// Access kubelet may ask for. The device and every mount are read-only whatever the mode:
+/// kubelet sends SINGLE_NODE_WRITER for every inline volume and for a PV whose first access mode
+/// is ReadWriteOnce, with `readonly` set when the pod or the PV says `readOnly: true`. Only
+/// mount (not block) access.
 pub mod access {
     use super::*;
     use lazy_image_proto::csi::v1::volume_capability::access_mode::Mode;
     use lazy_image_proto::csi::v1::volume_capability::AccessType;
     use lazy_image_proto::csi::v1::VolumeCapability;
 
-    pub fn check(cap: Option<&VolumeCapability>) -> NodeResult<()> {
+    /// Checks the capability; returns the mode when it is a writer's (for `check_publish`).
+    pub fn check(cap: Option<&VolumeCapability>) -> NodeResult<Option<Mode>> {
         let cap = cap.ok_or_else(|| NodeError::invalid("volume_capability is required"))?;
         match &cap.access_type {
             Some(AccessType::Mount(m)) => {
@@ -173,12 +177,23 @@ pub mod access {
         }
         let mode = cap.access_mode.as_ref().map(|m| m.mode).unwrap_or_default();
         match Mode::try_from(mode) {
-            Ok(Mode::SingleNodeReaderOnly) | Ok(Mode::MultiNodeReaderOnly) => Ok(()),
-            Ok(m) => Err(NodeError::invalid(format!(
-                "access mode {} is not supported: lazy-image volumes are read-only (use SINGLE_NODE_READER_ONLY or MULTI_NODE_READER_ONLY)",
+            Ok(Mode::SingleNodeReaderOnly) | Ok(Mode::MultiNodeReaderOnly) => Ok(None),
+            Ok(Mode::Unknown) => Err(NodeError::invalid("volume_capability has no access mode")),
+            Ok(m) => Ok(Some(m)),
+            Err(_) => Err(NodeError::invalid(format!("access mode {mode} is unknown"))),
+        }
+    }
+
+    /// NodePublishVolume: a writer's mode is served read-only when the request says `readonly`;
+    /// without it the pod expects to write, which an image volume cannot give.
+    pub fn check_publish(cap: Option<&VolumeCapability>, readonly: bool) -> NodeResult<()> {
+        match check(cap)? {
+            Some(m) if !readonly => Err(NodeError::invalid(format!(
+                "access mode {} without readonly asks for a writable volume, and lazy-image volumes are read-only images: \
+                 set readOnly: true on the pod's csi volume (or on the PV's csi source), or give the PV the access mode ReadOnlyMany",
                 m.as_str_name()
             ))),
-            Err(_) => Err(NodeError::invalid(format!("access mode {mode} is unknown"))),
+            _ => Ok(()),
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::error::{NodeError, NodeResult};
 use crate::spec::{Credentials, VolumeSpec};
-use lazy_image_attach::{Backend, FsType};
+use lazy_image_attach::{Backend, FsType, FuseSessionInfo};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -25,6 +25,10 @@ pub struct VolumeRecord {
     /// Loop device and FUSE mount (FUSE backend).
     pub loop_device: Option<PathBuf>,
     pub fuse_dir: Option<PathBuf>,
+    /// The FUSE session, when its descriptor was handed to the fd holder: what the next
+    /// plugin checks before it takes the session over.
+    #[serde(default)]
+    pub fuse_session: Option<FuseSessionInfo>,
     /// Pods' bind mounts of this volume.
     pub targets: BTreeSet<PathBuf>,
     /// An inline ephemeral volume: staged by its (only) publish, gone with its unpublish.

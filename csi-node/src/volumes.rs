@@ -9,9 +9,10 @@
 
 use crate::error::{NodeError, NodeErrorKind, NodeResult};
 use crate::spec::{Credentials, VolumeSpec};
+use crate::fd_holder::HolderClient;
 use crate::state::{StateDir, VolumeRecord};
 use lazy_image_attach::ublk::{self, DeviceState};
-use lazy_image_attach::{Attachment, Backend, FsType, LoopDevice, UblkOptions};
+use lazy_image_attach::{Attachment, Backend, FsType, FuseSessionInfo, LoopDevice, UblkOptions};
 use lazy_image_engine::{resolve_manifest, FillResume, HttpSource, ImageConfig, LazyImage, StatsSnapshot};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,10 @@ pub struct NodeConfig {
     pub cache_limit: Option<u64>,
     pub backend: Backend,
     pub ublk: UblkOptions,
+    /// Volumes staged at once at most (NodeGetInfo's max_volumes_per_node).
+    pub max_volumes: usize,
+    /// Where FUSE sessions are kept across a restart; `None`: they end with the plugin.
+    pub fd_holder: Option<HolderClient>,
 }
 
 /// What `stage` needs, checked by the caller.
@@ -237,6 +242,13 @@ impl Volumes {
                 format!("volume {id} is already staged at {} with other attributes", live.rec.staging_path.display()),
             ));
         }
+        let staged = lock(&self.live).len();
+        if staged >= self.cfg.max_volumes {
+            return Err(NodeError::new(
+                NodeErrorKind::ResourceExhausted,
+                format!("volume {id}: this node already stages {staged} volumes, its limit (--max-volumes-per-node)"),
+            ));
+        }
         std::fs::create_dir_all(&a.staging_path).map_err(|e| NodeError::internal(format!("creating {}: {e}", a.staging_path.display())))?;
         if lazy_image_attach::is_mountpoint(&a.staging_path).map_err(attach_err(&id))? {
             return Err(NodeError::new(
@@ -245,14 +257,16 @@ impl Volumes {
             ));
         }
         let image = self.open_image(&a.spec, a.credentials.as_ref()).await?;
-        let att = Attachment::attach(image.image.clone(), &self.work_dir(&id), &a.staging_path, fs, self.cfg.backend, &self.cfg.ublk).await;
-        let att = match att {
+        let (handover, work) = (self.cfg.fd_holder.is_some(), self.work_dir(&id));
+        let att = Attachment::attach(image.image.clone(), &work, &a.staging_path, fs, self.cfg.backend, &self.cfg.ublk, handover);
+        let att = match att.await {
             Ok(att) => att,
             Err(e) => {
                 self.release_image(image).await;
                 return Err(NodeError::attach(&format!("volume {id}"), &e));
             }
         };
+        let fuse_session = self.hand_over(&id, &att).await;
         let rec = VolumeRecord {
             volume_id: id.clone(),
             staging_path: a.staging_path.clone(),
@@ -263,6 +277,7 @@ impl Volumes {
             ublk_id: att.ublk_id(),
             loop_device: att.ublk_id().is_none().then(|| att.device_path()),
             fuse_dir: att.fuse_dir(),
+            fuse_session,
             targets: BTreeSet::new(),
             ephemeral,
         };
@@ -319,6 +334,17 @@ impl Volumes {
         }
         self.state.remove(volume_id)?;
         let _ = std::fs::remove_dir_all(self.work_dir(volume_id));
+        if live.rec.fuse_session.is_some() {
+            self.holder_forget(volume_id).await;
+        }
+        if live.rec.ephemeral {
+            // The plugin made this directory (kubelet made none for an inline volume).
+            if let Err(e) = std::fs::remove_dir(&live.rec.staging_path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(volume_id, path = %live.rec.staging_path.display(), error = %e, "removing the inline volume's staging directory");
+                }
+            }
+        }
         tracing::info!(volume_id, "volume unstaged");
         Ok(())
     }
@@ -426,7 +452,7 @@ impl Volumes {
             message: "healthy".into(),
         };
         if mounted {
-            let vfs = statvfs(path).map_err(|e| NodeError::internal(format!("statvfs {}: {e}", path.display())))?;
+            let vfs = lazy_image_attach::statvfs(path).map_err(attach_err(volume_id))?;
             let bs = vfs.f_frsize as u64;
             st.bytes_total = vfs.f_blocks as u64 * bs;
             st.bytes_available = vfs.f_bavail as u64 * bs;
@@ -473,7 +499,7 @@ impl Volumes {
                 Err(_) => continue,
             };
             match self.recover_one(&rec).await {
-                Ok((image, att)) => self.adopt(rec, image, att),
+                Ok((image, att, session)) => self.adopt(rec, image, att, session),
                 Err(e) => {
                     tracing::error!(volume_id = %id, error = %e, "cannot re-adopt volume yet; will retry");
                     lock(&self.live).insert(id, Live { rec, image: None, attachment: None, broken: Some(e.message) });
@@ -493,7 +519,7 @@ impl Volumes {
                     continue;
                 }
                 match self.recover_one(&rec).await {
-                    Ok((image, att)) => self.adopt(rec, image, att),
+                    Ok((image, att, session)) => self.adopt(rec, image, att, session),
                     Err(e) => {
                         if let Some(l) = lock(&self.live).get_mut(&rec.volume_id) {
                             l.broken = Some(e.message);
@@ -505,11 +531,12 @@ impl Volumes {
     }
 
     /// Records the device a re-adopted volume is served from now and makes it live.
-    fn adopt(&self, mut rec: VolumeRecord, image: PooledImage, att: Attachment) {
+    fn adopt(&self, mut rec: VolumeRecord, image: PooledImage, att: Attachment, fuse_session: Option<FuseSessionInfo>) {
         tracing::info!(volume_id = %rec.volume_id, device = %att.device_path().display(), "volume re-adopted");
         rec.ublk_id = att.ublk_id();
         rec.loop_device = att.ublk_id().is_none().then(|| att.device_path());
         rec.fuse_dir = att.fuse_dir();
+        rec.fuse_session = fuse_session;
         if let Err(e) = self.state.save(&rec) {
             tracing::error!(volume_id = %rec.volume_id, error = %e, "saving a re-adopted volume");
         }
@@ -519,7 +546,7 @@ impl Volumes {
     /// Serves a recorded volume again: takes over its ublk device if the kernel kept it for us,
     /// or keeps a loop device on the complete cache file (mount and readers survive), otherwise tears down what is left and attaches afresh, then
     /// restores the pods' bind mounts.
-    async fn recover_one(&self, rec: &VolumeRecord) -> NodeResult<(PooledImage, Attachment)> {
+    async fn recover_one(&self, rec: &VolumeRecord) -> NodeResult<(PooledImage, Attachment, Option<FuseSessionInfo>)> {
         let id = &rec.volume_id;
         let image = self.open_image(&rec.spec, rec.credentials.as_ref()).await?;
         if let (Backend::Ublk, Some(dev)) = (rec.backend, rec.ublk_id) {
@@ -527,7 +554,7 @@ impl Volumes {
             let held = matches!(ublk::device_state(dev), Ok((DeviceState::Quiesced | DeviceState::FailIo, _)));
             if held && mounted_from.as_deref() == Some(ublk::block_device_path(dev).as_path()) {
                 match Attachment::recover_ublk(image.image.clone(), dev, &rec.staging_path, rec.fs, &self.cfg.ublk).await {
-                    Ok(att) => return Ok((image, att)),
+                    Ok(att) => return Ok((image, att, None)),
                     Err(e) => {
                         self.release_image(image).await;
                         return Err(NodeError::attach(&format!("volume {id}: taking over /dev/ublkb{dev}"), &e));
@@ -538,8 +565,18 @@ impl Volumes {
         if let (Backend::Fuse, Some(dev), None) = (rec.backend, &rec.loop_device, &rec.fuse_dir) {
             // A loop device on the complete cache file never needed us: keep it as it is.
             match Attachment::adopt_direct_loop(&image.image, dev, &rec.staging_path, rec.fs) {
-                Ok(att) => return Ok((image, att)),
+                Ok(att) => return Ok((image, att, None)),
                 Err(e) => tracing::warn!(volume_id = %id, error = %e, "cannot keep the direct loop device; attaching afresh"),
+            }
+        }
+        if let (Backend::Fuse, Some(dev), Some(dir), Some(info)) = (rec.backend, &rec.loop_device, &rec.fuse_dir, rec.fuse_session) {
+            match self.take_over_fuse(id, &image, info, dir, dev, &rec.staging_path, rec.fs).await {
+                Ok(att) => return Ok((image, att, Some(info))),
+                Err(e) => {
+                    tracing::warn!(volume_id = %id, error = %e, "cannot take the FUSE session over; attaching afresh (pods see EIO until they are replaced)");
+                    // Whatever the holder kept serves nobody now: let the kernel end it.
+                    self.holder_forget(id).await;
+                }
             }
         }
         // Nothing to take over: the pods' mounts point at a dead filesystem. Detach them (a pod
@@ -557,20 +594,79 @@ impl Volumes {
             return Err(NodeError::attach(&format!("volume {id}: cleaning up"), &e));
         }
         std::fs::create_dir_all(&rec.staging_path).map_err(|e| NodeError::internal(format!("creating {}: {e}", rec.staging_path.display())))?;
-        let att = match Attachment::attach(image.image.clone(), &self.work_dir(id), &rec.staging_path, Some(rec.fs), self.cfg.backend, &self.cfg.ublk).await {
+        let (handover, work) = (self.cfg.fd_holder.is_some(), self.work_dir(id));
+        let att = Attachment::attach(image.image.clone(), &work, &rec.staging_path, Some(rec.fs), self.cfg.backend, &self.cfg.ublk, handover);
+        let att = match att.await {
             Ok(att) => att,
             Err(e) => {
                 self.release_image(image).await;
                 return Err(NodeError::attach(&format!("volume {id}"), &e));
             }
         };
+        let session = self.hand_over(id, &att).await;
         for t in &rec.targets {
             let _ = std::fs::create_dir_all(t);
             if let Err(e) = lazy_image_attach::bind_readonly(&rec.staging_path, t) {
                 tracing::error!(volume_id = %id, target = %t.display(), error = %e, "restoring a pod's mount");
             }
         }
-        Ok((image, att))
+        Ok((image, att, session))
+    }
+
+    /// Hands a copy of the volume's FUSE session to the fd holder, so that it outlives this
+    /// process. Returns what was handed over; `None` when there is nothing to hand over or the
+    /// holder refused (the volume works, but a restart will break its pods' mounts).
+    async fn hand_over(&self, id: &str, att: &Attachment) -> Option<FuseSessionInfo> {
+        let holder = self.cfg.fd_holder.as_ref()?;
+        let (fd, info) = match att.fuse_handover()? {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(volume_id = id, error = %e, "cannot copy the FUSE session descriptor; the volume will not survive a plugin restart");
+                return None;
+            }
+        };
+        let meta = serde_json::to_string(&info).ok()?;
+        let res = tokio::task::block_in_place(|| holder.put(id, &meta, std::os::fd::AsFd::as_fd(&fd)));
+        match res {
+            Ok(()) => Some(info),
+            Err(e) => {
+                tracing::warn!(volume_id = id, socket = %holder.socket().display(), error = %e, "the fd holder did not take the FUSE session; the volume will not survive a plugin restart");
+                None
+            }
+        }
+    }
+
+    /// Tells the fd holder to let go of a volume's session.
+    async fn holder_forget(&self, id: &str) {
+        if let Some(h) = &self.cfg.fd_holder {
+            if let Err(e) = tokio::task::block_in_place(|| h.forget(id)) {
+                tracing::warn!(volume_id = id, error = %e, "the fd holder did not let go of a FUSE session");
+            }
+        }
+    }
+
+    /// Serves again the FUSE session a dead plugin left with the fd holder: its loop device, the
+    /// staging mount and the pods' mounts stay as they are.
+    #[allow(clippy::too_many_arguments)]
+    async fn take_over_fuse(
+        &self,
+        id: &str,
+        image: &PooledImage,
+        info: FuseSessionInfo,
+        fuse_dir: &Path,
+        loop_dev: &Path,
+        staging: &Path,
+        fs: FsType,
+    ) -> NodeResult<Attachment> {
+        let holder = self.cfg.fd_holder.as_ref().ok_or_else(|| NodeError::internal("no fd holder is configured (--fd-holder off)"))?;
+        let held = tokio::task::block_in_place(|| holder.get(id)).map_err(|e| NodeError::internal(format!("asking the fd holder: {e}")))?;
+        let Some((meta, fd)) = held else {
+            return Err(NodeError::internal("the fd holder does not hold this volume's FUSE session (it was restarted, or the connection ended)"));
+        };
+        if serde_json::from_str::<FuseSessionInfo>(&meta).ok() != Some(info) {
+            return Err(NodeError::internal(format!("the fd holder's session {meta} is not the recorded one {info:?}")));
+        }
+        Attachment::resume_fuse(image.image.clone(), fd, info, fuse_dir, loop_dev, staging, fs).map_err(attach_err(id))
     }
 }
 
@@ -590,16 +686,4 @@ fn teardown_record(rec: &VolumeRecord) -> Result<(), lazy_image_attach::AttachEr
         lazy_image_attach::unmount(dir)?;
     }
     Ok(())
-}
-
-fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let mut out = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: valid NUL-terminated path and a properly sized output buffer.
-    if unsafe { libc::statvfs(c.as_ptr(), out.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: statvfs succeeded and filled the struct.
-    Ok(unsafe { out.assume_init() })
 }

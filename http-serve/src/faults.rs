@@ -18,10 +18,66 @@ pub struct Faults {
     /// proxies send them).
     pub chunked: AtomicBool,
     pub delay_ms: AtomicU64,
+    /// While on, requests wait before they are answered (an origin that stalls).
+    pub hold: Hold,
     pub etag: Mutex<Option<String>>,
     pub requests: AtomicU64,
     /// The Range header of every request, in order (empty for none).
     pub ranges: Mutex<Vec<String>>,
+}
+
+/// A switch that holds requests until it is turned off (all of them, or those whose range
+/// covers one offset), counting those it holds.
+pub struct Hold {
+    on: tokio::sync::watch::Sender<bool>,
+    /// Only requests whose range covers this offset are held (`u64::MAX`: all).
+    at: AtomicU64,
+    waiting: AtomicU64,
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        Hold { on: tokio::sync::watch::Sender::new(false), at: AtomicU64::new(u64::MAX), waiting: AtomicU64::new(0) }
+    }
+}
+
+impl Hold {
+    pub fn set(&self, on: bool) {
+        self.on.send_replace(on);
+    }
+
+    /// Holds only the requests whose range covers `offset` (`None`: every request).
+    pub fn only_at(&self, offset: Option<u64>) {
+        self.at.store(offset.unwrap_or(u64::MAX), SeqCst);
+    }
+
+    fn covers(&self, range: Option<&str>) -> bool {
+        let at = self.at.load(SeqCst);
+        if at == u64::MAX {
+            return true;
+        }
+        let Some((a, b)) = range.and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.split_once('-')) else { return false };
+        match (a.parse::<u64>(), b.parse::<u64>()) {
+            (Ok(a), Ok(b)) => a <= at && at <= b,
+            (Ok(a), Err(_)) => a <= at,
+            _ => false,
+        }
+    }
+
+    /// Requests waiting on the switch now.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(SeqCst)
+    }
+
+    async fn pass(&self, range: Option<&str>) {
+        let mut rx = self.on.subscribe();
+        if !*rx.borrow_and_update() || !self.covers(range) {
+            return;
+        }
+        self.waiting.fetch_add(1, SeqCst);
+        let _ = rx.wait_for(|on| !*on).await;
+        self.waiting.fetch_sub(1, SeqCst);
+    }
 }
 
 #[derive(Default)]
@@ -55,6 +111,7 @@ impl Faults {
     pub(crate) async fn next_request(&self, range: Option<&str>) -> std::io::Result<Plan> {
         self.requests.fetch_add(1, SeqCst);
         self.ranges.lock().unwrap_or_else(|p| p.into_inner()).push(range.unwrap_or_default().to_owned());
+        self.hold.pass(range).await;
         let delay = self.delay_ms.load(SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;

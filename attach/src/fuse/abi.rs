@@ -29,6 +29,10 @@ pub const MAX_PAGES: u64 = 1 << 22;
 pub const INIT_EXT: u64 = 1 << 30;
 pub const OVER_IO_URING: u64 = 1 << 41;
 
+/// A notification (`unique` 0) asking the kernel to send again every request a server read and
+/// did not answer (Linux 6.9+): what a server that took over from a dead one needs.
+pub const NOTIFY_RESEND: i32 = 7;
+
 /// FOPEN_KEEP_CACHE: the file's content is immutable, keep page cache across opens.
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 

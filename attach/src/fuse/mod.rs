@@ -22,6 +22,7 @@ mod uring;
 use crate::{AttachError, AttachErrorKind};
 use abi::{InHeader, Out};
 use lazy_image_engine::LazyImage;
+use serde::{Deserialize, Serialize};
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -280,15 +281,34 @@ impl ImageFs {
     }
 }
 
-/// A running FUSE export of one image. `stop` unmounts it.
+/// What a later process needs to serve a running FUSE session again (`FuseExport::resume`),
+/// kept with the session's `/dev/fuse` descriptor by whoever holds it meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FuseSessionInfo {
+    /// The FUSE filesystem's device number: names the kernel's connection, and is what the
+    /// loop device on the image file reads from.
+    pub dev: u64,
+    /// The times the files show: the kernel caches attributes, they must not change.
+    pub started: u64,
+}
+
+/// A running FUSE export of one image. `stop` ends it.
 pub struct FuseExport {
     dir: PathBuf,
+    /// Mounted by this process, in its namespace (false for a session taken over).
+    mounted_here: bool,
+    dev: Arc<File>,
+    info: FuseSessionInfo,
     session: Option<JoinHandle<()>>,
     rings: Arc<Mutex<Option<uring::Rings>>>,
 }
 
 impl FuseExport {
-    pub fn start(image: LazyImage, dir: &Path, rt: Handle) -> Result<Self, AttachError> {
+    /// Mounts the image's FUSE filesystem at `dir` and serves it. With `handover`, the session is
+    /// meant to outlive this process (its descriptor passed to a holder, `handover`):
+    /// requests then come over `/dev/fuse` only, which the kernel can send again to the next
+    /// server; io_uring queues die with their process and take their requests along.
+    pub fn start(image: LazyImage, dir: &Path, rt: Handle, handover: bool) -> Result<Self, AttachError> {
         std::fs::create_dir_all(dir).map_err(|e| AttachError::os(format!("creating {}", dir.display()), e))?;
         if crate::is_mountpoint(dir)? {
             // Left behind by a process that died: it cannot be serving anyone now.
@@ -303,20 +323,65 @@ impl FuseExport {
         let dev = Arc::new(dev);
         mount_fuse(&dev, dir).map_err(|e| unsupported(format!("mounting FUSE at {} (is /dev/fuse available?)", dir.display()), e))?;
         let started = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let fs = Arc::new(ImageFs { image, rt, started });
-        let want_uring = std::env::var(IO_URING_ENV).map_or(true, |v| v != "0");
-        let rings = Arc::new(Mutex::new(None));
-        let session = {
-            let (dev, rings) = (dev.clone(), rings.clone());
-            std::thread::Builder::new().name("lazy-image-fuse".into()).spawn(move || session(fs, dev, want_uring, rings))
+        let want_uring = !handover && std::env::var(IO_URING_ENV).map_or(true, |v| v != "0");
+        let mut export = FuseExport {
+            dir: dir.to_path_buf(),
+            mounted_here: true,
+            dev,
+            info: FuseSessionInfo { dev: 0, started },
+            session: None,
+            rings: Arc::new(Mutex::new(None)),
         };
-        match session {
-            Ok(s) => Ok(FuseExport { dir: dir.to_path_buf(), session: Some(s), rings }),
+        if let Err(e) = export.spawn_session(image, rt, want_uring) {
+            let _ = crate::mount::unmount_own(dir, true);
+            return Err(e);
+        }
+        // The mount's device number, once the session answers (stat waits for INIT).
+        match std::fs::metadata(dir) {
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                export.info.dev = m.dev();
+            }
             Err(e) => {
-                let _ = crate::mount::unmount_own(dir, true);
-                Err(AttachError::os("starting the FUSE session thread", e))
+                export.stop();
+                return Err(AttachError::os(format!("reading the FUSE mount at {}", dir.display()), e));
             }
         }
+        Ok(export)
+    }
+
+    /// Serves a session another process started and left running (its `/dev/fuse` descriptor
+    /// `fd` kept by a holder): the kernel is asked to send again what the dead server had read
+    /// but not answered, so readers it held get their bytes. `dir` is where that process had
+    /// mounted it (in its own namespace; nothing is mounted there in ours).
+    pub fn resume(image: LazyImage, fd: std::os::fd::OwnedFd, info: FuseSessionInfo, dir: &Path, rt: Handle) -> Result<Self, AttachError> {
+        let dev = Arc::new(File::from(fd));
+        let head = abi::out_header(0, abi::NOTIFY_RESEND, 0);
+        // SAFETY: `head` is valid for its length; the fd is open while `dev` lives.
+        if unsafe { libc::write(dev.as_raw_fd(), head.as_ptr().cast(), head.len()) } < 0 {
+            let e = std::io::Error::last_os_error();
+            let kind = if e.raw_os_error() == Some(libc::EINVAL) { AttachErrorKind::Unsupported } else { AttachErrorKind::Io };
+            let why = match kind {
+                AttachErrorKind::Unsupported => "this kernel cannot send requests again to a new FUSE server (Linux 6.9 or later can)",
+                _ => "the FUSE connection is gone",
+            };
+            return Err(AttachError::new(kind, format!("taking over the FUSE session of {}: {why}: {e}", dir.display())));
+        }
+        let mut export =
+            FuseExport { dir: dir.to_path_buf(), mounted_here: false, dev, info, session: None, rings: Arc::new(Mutex::new(None)) };
+        export.spawn_session(image, rt, false)?;
+        Ok(export)
+    }
+
+    fn spawn_session(&mut self, image: LazyImage, rt: Handle, want_uring: bool) -> Result<(), AttachError> {
+        let fs = Arc::new(ImageFs { image, rt, started: self.info.started });
+        let (dev, rings) = (self.dev.clone(), self.rings.clone());
+        let s = std::thread::Builder::new()
+            .name("lazy-image-fuse".into())
+            .spawn(move || session(fs, dev, want_uring, rings))
+            .map_err(|e| AttachError::os("starting the FUSE session thread", e))?;
+        self.session = Some(s);
+        Ok(())
     }
 
     pub fn image_path(&self) -> PathBuf {
@@ -328,30 +393,56 @@ impl FuseExport {
         self.rings.lock().is_ok_and(|r| r.is_some())
     }
 
-    /// Unmounts (the kernel then ends the connection) and waits for the transport threads.
+    /// A second descriptor of the session, for a holder that keeps it open while no process
+    /// serves it, and what a later process needs to take it over.
+    pub fn handover(&self) -> std::io::Result<(std::os::fd::OwnedFd, FuseSessionInfo)> {
+        Ok((self.dev.try_clone()?.into(), self.info))
+    }
+
+    /// Ends the session: unmounts it (the kernel then ends the connection) or, for a session
+    /// taken over, whose mount went with the namespace of the process that made it, aborts the
+    /// connection; then waits for the transport threads.
     pub fn stop(mut self) {
-        // Mounted in this process's namespace, which is private for the node plugin.
-        if let Err(e) = crate::mount::unmount_own(&self.dir, false) {
-            tracing::warn!(error = %e, "unmounting the FUSE export; detaching it");
-            // fusectl names the connection after the mount's (anonymous) device number, read
-            // while the mount is still there.
-            let conn = std::fs::metadata(&self.dir).ok().map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                libc::minor(m.dev())
-            });
-            let _ = crate::mount::unmount_own(&self.dir, true);
-            // A detached mount keeps its connection while used: end it so the threads return.
-            if let Some(c) = conn {
-                let _ = std::fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1");
+        let conn = libc::minor(self.info.dev);
+        if self.mounted_here {
+            // Mounted in this process's namespace, which is private for the node plugin.
+            if let Err(e) = crate::mount::unmount_own(&self.dir, false) {
+                tracing::warn!(error = %e, "unmounting the FUSE export; detaching it");
+                let _ = crate::mount::unmount_own(&self.dir, true);
+                // A detached mount keeps its connection while used: end it so the threads return.
+                abort_connection(conn);
             }
+        } else {
+            // Its loop device is gone by now, and with it the last user of the filesystem;
+            // where fusectl is mounted, end the connection at once.
+            abort_connection(conn);
         }
         if let Some(r) = self.rings.lock().ok().and_then(|mut r| r.take()) {
             r.stop();
         }
         if let Some(s) = self.session.take() {
-            let _ = s.join();
+            if self.mounted_here {
+                let _ = s.join();
+                return;
+            }
+            // A taken-over session ends when its superblock goes, which a late user of the
+            // loop device may delay: do not hang the caller on it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !s.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if s.is_finished() {
+                let _ = s.join();
+            } else {
+                tracing::warn!(dir = %self.dir.display(), "the FUSE session goes on after stop; it ends with its last user");
+            }
         }
     }
+}
+
+/// Ends FUSE connection `conn` through fusectl, where it is mounted.
+fn abort_connection(conn: u32) {
+    let _ = std::fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1");
 }
 
 /// Mounts a FUSE filesystem served over `dev` at `dir`, read-only.

@@ -72,7 +72,7 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
                 backend.name(),
                 if backend == Backend::Fuse { " (no /dev/ublk-control, or --backend fuse)" } else { "" }
             );
-            let att = Attachment::attach(img.clone(), &work, &mountpoint, fs, backend, &opts).await?;
+            let att = Attachment::attach(img.clone(), &work, &mountpoint, fs, backend, &opts, false).await?;
             if att.is_direct() {
                 eprintln!("lazy-image: the image is complete in the cache: the loop device reads the cache file directly");
             }
