@@ -826,11 +826,10 @@ async fn condition_reports_a_full_cache_disk() {
     h.assert_clean();
 }
 
-/// A container's reader: in a mount namespace of its own (as a container's), holding its own
-/// copy of the pod's mount, it reads `file` in 64 KiB reads and prints its progress, then the
-/// SHA-256, the bytes, the errors and its longest wait for one read (each progress line carries
-/// the monotonic clock); then, at a line on stdin,
-/// reads `file` again (bytes read after the restart).
+/// A container's reader (run in a mount namespace of its own, through a bind mount of the pod's
+/// path): reads `file` in 64 KiB reads and prints its progress with the monotonic clock, then
+/// the SHA-256, the bytes, the errors and its longest wait for one read; then, at a line on
+/// stdin, reads `file` again, uncached (reads after the restart).
 const READER: &str = r#"
 import hashlib, sys, time
 def read(path):
@@ -887,9 +886,15 @@ async fn restart_under_a_reading_container_loses_no_read() {
     assert_eq!(&image[(base + middle) as usize..][..4096], &big[middle as usize..][..4096], "the file lies in one piece");
     h.faults.hold.only_at(Some(base + middle));
     h.faults.hold.set(true);
+    // As a container runtime does: a mount namespace of its own, the pod's path bind-mounted
+    // into the container's root.
+    let rootfs = h.p("container/rootfs/model");
+    std::fs::create_dir_all(&rootfs).unwrap();
     let mut reader = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "python3", "-c", READER])
-        .arg(Path::new(&target).join("data/big.bin"))
+        .args(["--mount", "--propagation", "private", "sh", "-c", r#"mount --bind -o ro "$1" "$2" && exec python3 -c "$3" "$2/data/big.bin""#, "sh"])
+        .arg(&target)
+        .arg(&rootfs)
+        .arg(READER)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
