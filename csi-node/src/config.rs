@@ -59,7 +59,7 @@ pub struct Args {
     pub log_json: bool,
 }
 
-pub const DRIVER_NAME: &str = "lazy-image.csi.dev";
+pub use lazy_image_csi_common::DRIVER_NAME;
 
 /// The Unix socket path of an endpoint `unix:///a/b.sock` (or a plain absolute path).
 pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {

@@ -82,6 +82,12 @@ impl NodeError {
     }
 }
 
+impl From<lazy_image_csi_common::attributes::Invalid> for NodeError {
+    fn from(e: lazy_image_csi_common::attributes::Invalid) -> Self {
+        NodeError::invalid(e.0)
+    }
+}
+
 impl From<NodeError> for tonic::Status {
     fn from(e: NodeError) -> Self {
         let code = match e.kind {

@@ -15,10 +15,10 @@ pub mod metrics;
 pub mod service;
 pub mod spec;
 pub mod state;
-pub mod uds_authority;
 pub mod volumes;
 
 use config::Args;
+use lazy_image_csi_common::uds_authority::{authority_to_localhost, HeaderRewrite};
 use lazy_image_attach::{Backend, UblkOptions};
 use lazy_image_proto::csi::v1::identity_server::IdentityServer;
 use lazy_image_proto::csi::v1::node_server::NodeServer;
@@ -114,11 +114,11 @@ async fn serve(args: Args, backend: Backend, socket: std::path::PathBuf) -> Resu
         }
         tracing::info!("shutting down; staged volumes stay for the next plugin to take over");
     };
-    // Every connection's header blocks go through the :authority fix (see uds_authority).
+    // Every connection's header blocks go through the :authority fix (`uds_authority`).
     let incoming = {
         use tokio_stream::StreamExt;
         tokio_stream::wrappers::UnixListenerStream::new(listener)
-            .map(|s| s.map(|s| uds_authority::HeaderRewrite::new(s, uds_authority::authority_to_localhost)))
+            .map(|s| s.map(|s| HeaderRewrite::new(s, authority_to_localhost)))
     };
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))

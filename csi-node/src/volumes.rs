@@ -227,7 +227,12 @@ impl Volumes {
 
     async fn stage_locked(&self, a: StageArgs, ephemeral: bool) -> NodeResult<()> {
         let id = a.volume_id.clone();
-        let fs = match (a.spec.format, a.fs_type) {
+        // The attributes' format, in the attach crate's terms (the same names).
+        let format = match a.spec.format {
+            Some(f) => Some(f.name().parse::<FsType>().map_err(attach_err(&id))?),
+            None => None,
+        };
+        let fs = match (format, a.fs_type) {
             (Some(x), Some(y)) if x != y => {
                 return Err(NodeError::invalid(format!("volume {id}: format {} and fs_type {} disagree", x.name(), y.name())))
             }

@@ -496,7 +496,7 @@ mod kubelet {
 }
 
 use kubelet::{Era, Pv};
-use lazy_image_csi_node::uds_authority::{HeaderRewrite, Headers};
+use lazy_image_csi_common::uds_authority::{HeaderRewrite, Headers};
 
 /// A bare tonic server, without the plugin's `:authority` fix: proves the old kubelet's
 /// connection really carries the socket path (this server resets its streams).

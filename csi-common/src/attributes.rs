@@ -1,0 +1,224 @@
+//! The volume attributes both CSI halves speak, checked strictly, and the ids that become file
+//! names: the controller returns these attributes as a volume context, the node plugin stages
+//! from them, so one parser serves both.
+
+use lazy_image_engine::manifest;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// A request or attribute that cannot be served; the message says which and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(pub String);
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+fn invalid(msg: impl Into<String>) -> Invalid {
+    Invalid(msg.into())
+}
+
+/// The filesystem an image holds, when the attributes name one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Ext4,
+    Erofs,
+    Squashfs,
+}
+
+impl ImageFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Ext4 => "ext4",
+            ImageFormat::Erofs => "erofs",
+            ImageFormat::Squashfs => "squashfs",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        match s {
+            "ext4" | "ext3" | "ext2" => Ok(ImageFormat::Ext4),
+            "erofs" => Ok(ImageFormat::Erofs),
+            "squashfs" => Ok(ImageFormat::Squashfs),
+            other => Err(invalid(format!("unknown filesystem format {other:?}: expected auto, ext4, erofs or squashfs"))),
+        }
+    }
+}
+
+/// Attribute keys Kubernetes and its sidecars add on their own; never an error.
+const PASSTHROUGH_PREFIXES: [&str; 2] = ["csi.storage.k8s.io/", "storage.kubernetes.io/"];
+pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
+
+/// The image a volume shows, from its volume attributes. Two requests describe the same volume
+/// when their specs are equal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub url: String,
+    pub format: Option<ImageFormat>,
+    pub digest: Option<String>,
+    pub manifest_url: Option<String>,
+    pub chunk_size: Option<u64>,
+    /// Fetch the whole image in the background while the volume is staged.
+    #[serde(default)]
+    pub prefetch: bool,
+}
+
+impl VolumeSpec {
+    pub fn from_attributes(attrs: &HashMap<String, String>) -> Result<Self, Invalid> {
+        for k in attrs.keys() {
+            let known = matches!(k.as_str(), "url" | "format" | "digest" | "manifestUrl" | "chunkSize" | "prefetch")
+                || PASSTHROUGH_PREFIXES.iter().any(|p| k.starts_with(p));
+            if !known {
+                return Err(invalid(format!(
+                    "unknown volume attribute {k:?} (expected url, format, digest, manifestUrl, chunkSize, prefetch)"
+                )));
+            }
+        }
+        let url = attrs.get("url").map(|s| s.trim()).filter(|s| !s.is_empty()).ok_or_else(|| invalid("volume attribute \"url\" is required"))?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(format!("volume attribute url {url:?} must be an http:// or https:// URL")));
+        }
+        let format = match attrs.get("format").map(String::as_str) {
+            None | Some("") | Some("auto") => None,
+            Some(f) => Some(ImageFormat::parse(f).map_err(|e| invalid(format!("volume attribute format: {e}")))?),
+        };
+        let digest = match attrs.get("digest") {
+            None => None,
+            Some(d) => Some(
+                manifest::parse_digest(d).map_err(|e| invalid(format!("volume attribute digest: {}", e.report())))?,
+            ),
+        };
+        let manifest_url = attrs.get("manifestUrl").cloned();
+        if let Some(m) = &manifest_url {
+            if !(m.starts_with("http://") || m.starts_with("https://")) {
+                return Err(invalid(format!("volume attribute manifestUrl {m:?} must be an http:// or https:// URL")));
+            }
+        }
+        let chunk_size = match attrs.get("chunkSize") {
+            None => None,
+            Some(c) => {
+                let n = parse_size(c).ok_or_else(|| invalid(format!("volume attribute chunkSize {c:?} is not a size (e.g. 16K, 1M)")))?;
+                manifest::check_chunk_size(n).map_err(|e| invalid(format!("volume attribute chunkSize: {}", e.report())))?;
+                Some(n)
+            }
+        };
+        let prefetch = match attrs.get("prefetch").map(String::as_str) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(v) => return Err(invalid(format!("volume attribute prefetch {v:?} must be \"true\" or \"false\""))),
+        };
+        Ok(VolumeSpec { url: url.to_string(), format, digest, manifest_url, chunk_size, prefetch })
+    }
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => {
+            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                _ => return None,
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// The `Authorization` header value from the node-stage secrets: `bearerToken`, or `username`
+/// with `password`. Kept out of logs and `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials(pub String);
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(<redacted>)")
+    }
+}
+
+impl Credentials {
+    pub fn from_secrets(secrets: &HashMap<String, String>) -> Result<Option<Self>, Invalid> {
+        use base64::Engine;
+        match (secrets.get("bearerToken"), secrets.get("username"), secrets.get("password")) {
+            (None, None, None) => Ok(None),
+            (Some(t), None, None) if !t.is_empty() => Ok(Some(Credentials(format!("Bearer {t}")))),
+            (None, Some(u), Some(p)) => {
+                Ok(Some(Credentials(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))))))
+            }
+            _ => Err(invalid("node-stage secrets must hold either bearerToken, or username and password")),
+        }
+    }
+}
+
+/// Volume ids become file names under the state directory: a conservative alphabet, no way out.
+pub fn check_volume_id(id: &str) -> Result<(), Invalid> {
+    if id.is_empty() {
+        return Err(invalid("volume_id is required"));
+    }
+    let ok = id.len() <= 256
+        && id != "."
+        && id != ".."
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if !ok {
+        return Err(invalid(format!(
+            "volume_id {id:?} must be 1-256 characters of letters, digits, '-', '_', '.', ':' (and not \".\" or \"..\")"
+        )));
+    }
+    Ok(())
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn attributes_are_checked_strictly() {
+        let s = VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x.img"), ("format", "erofs"), ("chunkSize", "64K"), ("csi.storage.k8s.io/pod.name", "p")])).unwrap();
+        assert_eq!(s.format, Some(ImageFormat::Erofs));
+        assert_eq!(s.chunk_size, Some(65536));
+        assert!(VolumeSpec::from_attributes(&attrs(&[])).is_err());
+        assert!(VolumeSpec::from_attributes(&attrs(&[("url", "ftp://h/x")])).is_err());
+        assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("fromat", "ext4")])).is_err());
+        assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("format", "xfs")])).is_err());
+        assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("digest", "md5:1")])).is_err());
+        assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("chunkSize", "3000")])).is_err());
+        assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("prefetch", "true")])).unwrap().prefetch);
+        assert!(!VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x")])).unwrap().prefetch);
+        assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("prefetch", "yes")])).is_err());
+        let d = format!("sha256:{}", "a".repeat(64));
+        let s = VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("digest", &d.to_uppercase().replace("SHA256", "sha256"))])).unwrap();
+        assert_eq!(s.digest.as_deref(), Some(d.as_str()), "digests are normalised");
+    }
+
+    #[test]
+    fn credentials_are_redacted() {
+        let c = Credentials::from_secrets(&attrs(&[("bearerToken", "s3cret")])).unwrap().unwrap();
+        assert_eq!(c.0, "Bearer s3cret");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let b = Credentials::from_secrets(&attrs(&[("username", "u"), ("password", "p")])).unwrap().unwrap();
+        assert_eq!(b.0, "Basic dTpw");
+        assert!(Credentials::from_secrets(&attrs(&[("username", "u")])).is_err());
+        assert_eq!(Credentials::from_secrets(&attrs(&[])).unwrap(), None);
+    }
+
+    #[test]
+    fn volume_ids() {
+        assert!(check_volume_id("pvc-1234_a.b:c").is_ok());
+        for bad in ["", ".", "..", "a/b", "../x", "a b", "a\0b"] {
+            assert!(check_volume_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}
