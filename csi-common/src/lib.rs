@@ -7,3 +7,72 @@ pub mod uds_authority;
 
 /// The CSI driver name.
 pub const DRIVER_NAME: &str = "lazy-image.csi.dev";
+
+/// The Unix socket path of an endpoint `unix:///a/b.sock` (or a plain absolute path).
+pub fn socket_path(endpoint: &str) -> Result<std::path::PathBuf, String> {
+    let p = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint);
+    if !p.starts_with('/') {
+        return Err(format!("endpoint {endpoint:?} must be unix:///absolute/path"));
+    }
+    Ok(std::path::PathBuf::from(p))
+}
+
+
+/// A client's connection as the gRPC server sees it: its header blocks through the
+/// `:authority` fix.
+pub type Connection = uds_authority::HeaderRewrite<tokio::net::UnixStream, fn(&mut uds_authority::Headers)>;
+
+/// Listens on the Unix socket `path` (its directory made, a stale socket replaced) and returns
+/// the connections as tonic serves them.
+pub fn listen(path: &std::path::Path) -> Result<impl tokio_stream::Stream<Item = std::io::Result<Connection>>, String> {
+    use tokio_stream::StreamExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("removing stale socket {}: {e}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| format!("binding {}: {e}", path.display()))?;
+    let fix: fn(&mut uds_authority::Headers) = uds_authority::authority_to_localhost;
+    Ok(tokio_stream::wrappers::UnixListenerStream::new(listener).map(move |s| s.map(|s| uds_authority::HeaderRewrite::new(s, fix))))
+}
+
+/// Logging for the binaries: `LAZY_IMAGE_LOG` (or `level`) filters, JSON lines with `json`,
+/// colours only on a terminal (in a pod, stderr is the container log).
+pub fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LAZY_IMAGE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+}
+
+/// Resolves at SIGTERM or SIGINT.
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn endpoints() {
+        assert_eq!(super::socket_path("unix:///csi/csi.sock").unwrap().to_str(), Some("/csi/csi.sock"));
+        assert_eq!(super::socket_path("/tmp/x.sock").unwrap().to_str(), Some("/tmp/x.sock"));
+        assert!(super::socket_path("tcp://1.2.3.4:5").is_err());
+    }
+}

@@ -61,24 +61,4 @@ pub struct Args {
 
 pub use lazy_image_csi_common::DRIVER_NAME;
 
-/// The Unix socket path of an endpoint `unix:///a/b.sock` (or a plain absolute path).
-pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {
-    let p = endpoint
-        .strip_prefix("unix://")
-        .or_else(|| endpoint.strip_prefix("unix:"))
-        .unwrap_or(endpoint);
-    if !p.starts_with('/') {
-        return Err(format!("endpoint {endpoint:?} must be unix:///absolute/path"));
-    }
-    Ok(PathBuf::from(p))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn endpoints() {
-        assert_eq!(super::socket_path("unix:///csi/csi.sock").unwrap().to_str(), Some("/csi/csi.sock"));
-        assert_eq!(super::socket_path("/tmp/x.sock").unwrap().to_str(), Some("/tmp/x.sock"));
-        assert!(super::socket_path("tcp://1.2.3.4:5").is_err());
-    }
-}
+pub use lazy_image_csi_common::socket_path;

@@ -18,13 +18,11 @@ pub mod state;
 pub mod volumes;
 
 use config::Args;
-use lazy_image_csi_common::uds_authority::{authority_to_localhost, HeaderRewrite};
 use lazy_image_attach::{Backend, UblkOptions};
 use lazy_image_proto::csi::v1::identity_server::IdentityServer;
 use lazy_image_proto::csi::v1::node_server::NodeServer;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::signal::unix::{signal, SignalKind};
 use volumes::{NodeConfig, Volumes};
 
 pub type AnyError = Box<dyn std::error::Error + Send + Sync>;
@@ -67,15 +65,7 @@ async fn serve(args: Args, backend: Backend, socket: std::path::PathBuf) -> Resu
     })?;
     tracing::info!(backend = backend.name(), node_id = %args.node_id, "starting lazy-image CSI node plugin");
 
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(&socket) {
-        Ok(()) => tracing::info!(socket = %socket.display(), "removed a stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("removing stale socket {}: {e}", socket.display()).into()),
-    }
-    let listener = tokio::net::UnixListener::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
+    let incoming = lazy_image_csi_common::listen(&socket)?;
 
     if let Some(addr) = args.metrics_addr {
         let v = volumes.clone();
@@ -105,20 +95,12 @@ async fn serve(args: Args, backend: Backend, socket: std::path::PathBuf) -> Resu
         v.retry_broken(std::time::Duration::from_secs(10)).await;
     });
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+    let shutdown = async {
+        if let Err(e) = lazy_image_csi_common::shutdown_signal().await {
+            tracing::error!(error = %e, "cannot wait for signals");
+            std::future::pending::<()>().await;
         }
         tracing::info!("shutting down; staged volumes stay for the next plugin to take over");
-    };
-    // Every connection's header blocks go through the :authority fix (`uds_authority`).
-    let incoming = {
-        use tokio_stream::StreamExt;
-        tokio_stream::wrappers::UnixListenerStream::new(listener)
-            .map(|s| s.map(|s| HeaderRewrite::new(s, authority_to_localhost)))
     };
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))

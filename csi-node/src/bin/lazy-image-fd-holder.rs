@@ -20,8 +20,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LAZY_IMAGE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+    lazy_image_csi_common::init_logging(&args.log_level, false);
     let idle = args.exit_when_idle.then_some(std::time::Duration::from_secs(10));
     if let Err(e) = lazy_image_csi_node::fd_holder::serve(&args.socket, idle) {
         eprintln!("lazy-image-fd-holder: error: {e}");

@@ -1,0 +1,21 @@
+//! Command-line configuration of the controller, checked once at start.
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "lazy-image-csi-controller", version, about = "lazy-image CSI controller (Identity + Controller) and LazyImage reconciler")]
+pub struct Args {
+    /// gRPC endpoint the external-provisioner calls: unix:///path/to.sock.
+    #[arg(long, default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+    /// Seconds a probe of an image's origin may take.
+    #[arg(long, default_value_t = 30)]
+    pub probe_timeout_s: u64,
+    /// Run without a Kubernetes API even if one is configured (StorageClass `url` only).
+    #[arg(long)]
+    pub no_kube: bool,
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    #[arg(long)]
+    pub log_json: bool,
+}
