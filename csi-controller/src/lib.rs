@@ -9,6 +9,7 @@ pub mod crd;
 pub mod error;
 pub mod origin;
 pub mod provision;
+pub mod reconcile;
 pub mod service;
 
 use cluster::{Cluster, KubeCluster, NoCluster};
