@@ -67,6 +67,35 @@ pub async fn shutdown_signal() -> std::io::Result<()> {
     Ok(())
 }
 
+/// What `/metrics` answers: the Prometheus text format, rendered at each scrape.
+pub type RenderMetrics = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves `GET /metrics` on `addr` until the process ends.
+pub async fn serve_metrics(addr: std::net::SocketAddr, render: RenderMetrics) -> std::io::Result<()> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics at /metrics");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let render = render.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let render = render.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        hyper::Response::builder().header("content-type", "text/plain; version=0.0.4").body(Full::new(Bytes::from(render())))
+                    } else {
+                        hyper::Response::builder().status(hyper::StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"not found\n")))
+                    };
+                    resp.map_err(std::io::Error::other)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -14,6 +14,20 @@ pub struct Args {
     /// Run without a Kubernetes API even if one is configured (StorageClass `url` only).
     #[arg(long)]
     pub no_kube: bool,
+    /// This replica's name in the leader election (the pod's name).
+    #[arg(long, env = "POD_NAME", default_value = "lazy-image-csi-controller")]
+    pub identity: String,
+    /// The namespace of the leader election Lease (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    pub lease_namespace: String,
+    #[arg(long, default_value = "lazy-image-csi-controller")]
+    pub lease_name: String,
+    /// Seconds a leader's lease lasts without renewal.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_s: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     #[arg(long, default_value = "info")]
     pub log_level: String,
     #[arg(long)]

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod crd;
 pub mod error;
+pub mod leader;
 pub mod origin;
 pub mod provision;
 pub mod reconcile;
@@ -19,6 +20,37 @@ use lazy_image_proto::csi::v1::identity_server::IdentityServer;
 use std::sync::Arc;
 
 pub type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Reconciles LazyImages while this replica leads, and stops as soon as it does not.
+async fn lead(ctx: Arc<reconcile::Context>, mut leading: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if leading.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        tracing::info!("leading: reconciling LazyImages");
+        let mut lost = leading.clone();
+        reconcile::run(ctx.clone(), async move {
+            let _ = lost.wait_for(|l| !*l).await;
+        })
+        .await;
+        tracing::info!("no longer leading: stopped reconciling");
+    }
+}
+
+fn render_metrics(m: &reconcile::Metrics, p: &provision::Provisioner) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rows = [
+        ("lazy_image_controller_reconciles_total", "counter", "LazyImage reconciles run.", m.reconciles.load(Relaxed)),
+        ("lazy_image_controller_reconcile_errors_total", "counter", "LazyImage reconciles that failed (retried).", m.errors.load(Relaxed)),
+        ("lazy_image_controller_api_writes_total", "counter", "Writes to the Kubernetes API (status, events).", m.api_writes.load(Relaxed)),
+        ("lazy_image_controller_volumes", "gauge", "Volumes this controller provisioned and knows.", p.count() as u64),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, v) in rows {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+    }
+    out
+}
 
 pub fn run(args: Args) -> Result<(), AnyError> {
     let socket = lazy_image_csi_common::socket_path(&args.endpoint)?;
@@ -42,8 +74,32 @@ async fn serve(args: Args, socket: std::path::PathBuf) -> Result<(), AnyError> {
         Some(c) => Arc::new(KubeCluster { client: c.clone() }),
         None => Arc::new(NoCluster),
     };
-    let origin = Arc::new(origin::HttpOrigin { timeout: std::time::Duration::from_secs(args.probe_timeout_s) });
-    let provisioner = Arc::new(provision::Provisioner::new(cluster, origin));
+    let origin: Arc<dyn origin::Origin> = Arc::new(origin::HttpOrigin { timeout: std::time::Duration::from_secs(args.probe_timeout_s) });
+    let provisioner = Arc::new(provision::Provisioner::new(cluster.clone(), origin.clone()));
+    let metrics = Arc::new(reconcile::Metrics::default());
+    if let Some(client) = client.clone() {
+        let reporter = kube::runtime::events::Reporter { controller: "lazy-image-csi-controller".into(), instance: Some(args.identity.clone()) };
+        let ctx = Arc::new(reconcile::Context {
+            recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
+            client: client.clone(),
+            cluster,
+            origin,
+            metrics: metrics.clone(),
+        });
+        let lease_for = std::time::Duration::from_secs(args.lease_duration_s);
+        let lock = leader::LeaseLock::new(client, &args.lease_namespace, &args.lease_name, &args.identity, lease_for);
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(lock.run(tx));
+        tokio::spawn(lead(ctx, rx));
+    }
+    if let Some(addr) = args.metrics_addr {
+        let (m, p) = (metrics.clone(), provisioner.clone());
+        tokio::spawn(async move {
+            if let Err(e) = lazy_image_csi_common::serve_metrics(addr, Arc::new(move || render_metrics(&m, &p))).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     let incoming = lazy_image_csi_common::listen(&socket)?;
     tracing::info!(socket = %socket.display(), kube = client.is_some(), "starting lazy-image CSI controller");
 

@@ -187,6 +187,11 @@ impl Provisioner {
         Ok(())
     }
 
+    /// How many volumes are known.
+    pub fn count(&self) -> usize {
+        lock(&self.volumes).len()
+    }
+
     /// A volume made here, if it is known.
     pub fn get(&self, volume_id: &str) -> Option<Volume> {
         lock(&self.volumes).get(volume_id).map(|r| r.volume.clone())

@@ -7,7 +7,7 @@
 //! one, never mix them). Status is written only when it changes.
 
 use crate::cluster::Cluster;
-use crate::crd::{LazyImage, LazyImageStatus};
+use crate::crd::LazyImage;
 use crate::error::{ControllerError, Kind};
 use crate::origin::Origin;
 use kube::api::{Api, Patch, PatchParams};
@@ -159,7 +159,7 @@ pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{LazyImageSpec, WarmPolicy};
+    use crate::crd::{LazyImageSpec, LazyImageStatus, WarmPolicy};
     use crate::origin::Origin;
     use http::{Request, Response};
     use kube::client::Body;
@@ -182,7 +182,10 @@ mod tests {
 
     /// A kube client over a mocked API: every request is recorded and answered by `answer`
     /// (a code of 0: never answered).
-    fn mock_api(answer: Answer) -> (kube::Client, Arc<Mutex<Vec<(String, String, serde_json::Value)>>>) {
+    /// The requests a mocked API saw: (method, path, JSON body).
+    type Seen = Arc<Mutex<Vec<(String, String, serde_json::Value)>>>;
+
+    fn mock_api(answer: Answer) -> (kube::Client, Seen) {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();

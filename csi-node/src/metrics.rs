@@ -3,10 +3,6 @@
 //! and the fetch latency histogram. Read from the engine's counters at scrape time.
 
 use crate::volumes::Volumes;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use lazy_image_engine::stats::LATENCY_BUCKETS_MS;
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -62,26 +58,5 @@ fn escape(s: &str) -> String {
 
 /// Serves `/metrics` on `addr` until the process ends.
 pub async fn serve(addr: SocketAddr, volumes: Arc<Volumes>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving metrics at /metrics");
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let volumes = volumes.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let volumes = volumes.clone();
-                async move {
-                    let resp = if req.uri().path() == "/metrics" {
-                        Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(render(&volumes))))
-                    } else {
-                        Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"not found\n")))
-                    };
-                    resp.map_err(std::io::Error::other)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
+    lazy_image_csi_common::serve_metrics(addr, Arc::new(move || render(&volumes))).await
 }
