@@ -16,10 +16,13 @@ pub trait Cluster: Send + Sync + 'static {
     async fn lazy_image(&self, name: &str) -> Result<Option<LazyImage>>;
     /// The data of Secret `namespace/name`, as strings.
     async fn secret(&self, namespace: &str, name: &str) -> Result<HashMap<String, String>>;
+    /// Records a Normal event on claim `namespace/name` (best effort: never fails the caller).
+    async fn note_on_claim(&self, namespace: &str, name: &str, reason: &str, note: &str);
 }
 
 pub struct KubeCluster {
     pub client: kube::Client,
+    pub recorder: kube::runtime::events::Recorder,
 }
 
 #[async_trait::async_trait]
@@ -45,6 +48,21 @@ impl Cluster for KubeCluster {
         }
         Ok(out)
     }
+
+    async fn note_on_claim(&self, namespace: &str, name: &str, reason: &str, note: &str) {
+        use kube::runtime::events::{Event, EventType};
+        let claim = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("PersistentVolumeClaim".into()),
+            namespace: Some(namespace.into()),
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        let ev = Event { type_: EventType::Normal, reason: reason.into(), note: Some(note.into()), action: "Provision".into(), secondary: None };
+        if let Err(e) = self.recorder.publish(&ev, &claim).await {
+            tracing::warn!(claim = %format!("{namespace}/{name}"), error = %e, "cannot record an event on the claim");
+        }
+    }
 }
 
 /// No Kubernetes API (run outside a cluster): only StorageClass parameters name images.
@@ -65,4 +83,5 @@ impl Cluster for NoCluster {
     async fn secret(&self, namespace: &str, name: &str) -> Result<HashMap<String, String>> {
         Err(no_api(&format!("reading Secret {namespace}/{name}")))
     }
+    async fn note_on_claim(&self, _namespace: &str, _name: &str, _reason: &str, _note: &str) {}
 }

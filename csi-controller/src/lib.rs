@@ -70,15 +70,15 @@ async fn serve(args: Args, socket: std::path::PathBuf) -> Result<(), AnyError> {
             }
         }
     };
+    let reporter = kube::runtime::events::Reporter { controller: "lazy-image-csi-controller".into(), instance: Some(args.identity.clone()) };
     let cluster: Arc<dyn Cluster> = match &client {
-        Some(c) => Arc::new(KubeCluster { client: c.clone() }),
+        Some(c) => Arc::new(KubeCluster { client: c.clone(), recorder: kube::runtime::events::Recorder::new(c.clone(), reporter.clone()) }),
         None => Arc::new(NoCluster),
     };
     let origin: Arc<dyn origin::Origin> = Arc::new(origin::HttpOrigin { timeout: std::time::Duration::from_secs(args.probe_timeout_s) });
     let provisioner = Arc::new(provision::Provisioner::new(cluster.clone(), origin.clone()));
     let metrics = Arc::new(reconcile::Metrics::default());
     if let Some(client) = client.clone() {
-        let reporter = kube::runtime::events::Reporter { controller: "lazy-image-csi-controller".into(), instance: Some(args.identity.clone()) };
         let ctx = Arc::new(reconcile::Context {
             recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
             client: client.clone(),

@@ -115,6 +115,10 @@ impl Provisioner {
         }
         let volume = Volume { volume_id: a.name.clone(), capacity_bytes: size, context: attrs };
         tracing::info!(volume = %a.name, url = %spec.url, size, "volume provisioned");
+        if let (Some(ns), Some(claim)) = (a.parameters.get(PVC_NAMESPACE), a.parameters.get(PVC_NAME)) {
+            let note = format!("volume {} serves {} ({size} bytes), fetched lazily on the nodes that mount it", a.name, spec.url);
+            self.cluster.note_on_claim(ns, claim, "ImageResolved", &note).await;
+        }
         lock(&self.volumes).insert(a.name.clone(), Recorded { args, volume: volume.clone() });
         Ok(volume)
     }
@@ -241,6 +245,7 @@ mod tests {
         async fn secret(&self, _: &str, _: &str) -> Result<HashMap<String, String>> {
             Ok(HashMap::from([("bearerToken".to_string(), "t".to_string())]))
         }
+        async fn note_on_claim(&self, _: &str, _: &str, _: &str, _: &str) {}
     }
 
     struct FakeOrigin;

@@ -17,7 +17,6 @@ use lazy_image_serve::Faults;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
@@ -26,30 +25,39 @@ use tonic::Code;
 const BIN: &str = env!("CARGO_BIN_EXE_lazy-image-csi-controller");
 const IMAGE_SIZE: usize = 3 << 20;
 
-/// Serves GET of the objects in `objects` (path -> JSON), 404 with a Kubernetes Status for the
-/// rest, and counts requests.
-async fn fake_api(objects: HashMap<String, serde_json::Value>) -> (u16, Arc<std::sync::atomic::AtomicU64>) {
+/// Events posted to the fake API: (namespace path, body).
+type Posted = Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// Serves GET of the objects in `objects` (path -> JSON) and takes POSTed events (kept in the
+/// returned list); 404 with a Kubernetes Status for the rest.
+async fn fake_api(objects: HashMap<String, serde_json::Value>) -> (u16, Posted) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let objects = Arc::new(objects);
-    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let c = count.clone();
+    let posted: Posted = Arc::default();
+    let p = posted.clone();
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = listener.accept().await else { return };
-            let (objects, c) = (objects.clone(), c.clone());
+            let (objects, p) = (objects.clone(), p.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    c.fetch_add(1, Ordering::SeqCst);
-                    let found = (req.method() == hyper::Method::GET).then(|| objects.get(req.uri().path()).cloned()).flatten();
+                    let (objects, p) = (objects.clone(), p.clone());
                     async move {
-                        let (status, body) = match found {
-                            Some(v) => (200, v),
-                            None => (
-                                404,
-                                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-                            ),
+                        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                        let body = http_body_util::BodyExt::collect(req.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let found = match method {
+                            hyper::Method::GET => objects.get(&path).cloned().map(|v| (200, v)),
+                            hyper::Method::POST if path.ends_with("/events") => {
+                                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                                p.lock().unwrap().push((path, v.clone()));
+                                Some((201, v))
+                            }
+                            _ => None,
                         };
+                        let (status, body) = found.unwrap_or_else(|| {
+                            (404, serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}))
+                        });
                         Ok::<_, std::convert::Infallible>(
                             Response::builder()
                                 .status(status)
@@ -63,7 +71,7 @@ async fn fake_api(objects: HashMap<String, serde_json::Value>) -> (u16, Arc<std:
             });
         }
     });
-    (port, count)
+    (port, posted)
 }
 
 struct Harness {
@@ -71,6 +79,7 @@ struct Harness {
     controller: Option<Child>,
     server: lazy_image_serve::ServerHandle,
     faults: Arc<Faults>,
+    events: Posted,
 }
 
 impl Drop for Harness {
@@ -108,7 +117,7 @@ impl Harness {
                 serde_json::json!({"apiVersion": "lazy-image.csi.dev/v1alpha1", "kind": "LazyImage", "metadata": {"name": "model"}, "spec": {"url": url, "format": "erofs"}}),
             ),
         ]);
-        let (port, _) = fake_api(objects).await;
+        let (port, events) = fake_api(objects).await;
         let kubeconfig = tmp.path().join("kubeconfig");
         std::fs::write(
             &kubeconfig,
@@ -127,7 +136,7 @@ impl Harness {
             .stderr(log)
             .spawn()
             .unwrap();
-        let h = Harness { tmp, controller: Some(child), server, faults };
+        let h = Harness { tmp, controller: Some(child), server, faults, events };
         let t = Instant::now();
         loop {
             assert!(t.elapsed() < Duration::from_secs(30), "controller did not answer:\n{}", h.log());
@@ -237,6 +246,18 @@ async fn provisions_from_class_and_claim() {
     };
     assert_eq!(ctx("pvc-claim-image").await.get("format").map(String::as_str), Some("erofs"), "the LazyImage's attributes");
     assert_eq!(ctx("pvc-claim-url").await.get("prefetch").map(String::as_str), Some("true"), "the class's defaults");
+
+    // The claim is told which image its volume serves.
+    let t = Instant::now();
+    loop {
+        let ev = h.events.lock().unwrap().clone();
+        let on = |claim: &str| ev.iter().any(|(path, e)| path.contains("/namespaces/team/") && e["regarding"]["name"] == claim && e["reason"] == "ImageResolved");
+        if on("by-url") && on("by-image") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no ImageResolved events on the claims: {ev:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     let list = c.list_volumes(csi::ListVolumesRequest { max_entries: 3, starting_token: String::new() }).await.unwrap().into_inner();
     assert_eq!(list.entries.len(), 3);
