@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the demo and the tests need. Idempotent; skips apt when all are present.
-#   install-deps.sh          build + host tests (FUSE+loop, nginx, mkfs tools)
+#   install-deps.sh          build + host tests (FUSE+loop, nginx, mkfs tools) + the images
+#                            (umoci, skopeo, busybox and kmod for the node image)
 #   install-deps.sh vm       also the ublk VM harness: qemu, busybox, and bookworm-backports
 #                            (whose linux-image-6.12 has ublk_drv)
 #   install-deps.sh bench    also the benchmark peers (qemu-storage-daemon's curl driver, nbdkit)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-PKGS=(nginx e2fsprogs erofs-utils squashfs-tools fuse3 util-linux curl python3 libclang-dev)
+PKGS=(nginx e2fsprogs erofs-utils squashfs-tools fuse3 util-linux curl python3 libclang-dev umoci skopeo busybox-static kmod binutils)
 BACKPORTS=()
 need_backports=false
 for group in "$@"; do

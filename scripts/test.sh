@@ -8,7 +8,8 @@ bash scripts/install-deps.sh vm
 uring=/sys/module/fuse/parameters/enable_uring
 if [ -w "$uring" ]; then echo Y > "$uring"; fi
 cargo test --workspace
-# The Helm chart, rendered and checked offline.
+# The Helm chart, rendered and checked offline; the images it names, built and started.
 bash scripts/chart-check.sh
+bash scripts/images.sh --test
 # The ublk tests need a kernel with ublk: they run in a VM (Debian's 6.12 kernel under qemu).
 bash tests/e2e/vm/run.sh

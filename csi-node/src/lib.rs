@@ -39,7 +39,15 @@ fn fd_holder_client(args: &Args) -> Result<Option<fd_holder::HolderClient>, AnyE
 }
 
 pub fn run(args: Args) -> Result<(), AnyError> {
-    let backend = Backend::resolve(args.backend.parse()?)?;
+    let choice: lazy_image_attach::BackendChoice = args.backend.parse()?;
+    let backend = Backend::resolve(choice)?;
+    if choice == lazy_image_attach::BackendChoice::Auto && backend == Backend::Fuse {
+        tracing::warn!(
+            "ublk is not available ({} is missing: the kernel needs Linux 6.0+ with ublk_drv loaded): \
+             volumes use FUSE + loop, and a plugin restart keeps them only through the fd holder",
+            lazy_image_attach::ublk::CONTROL_PATH
+        );
+    }
     let socket = config::socket_path(&args.endpoint)?;
     if args.node_id.is_empty() {
         return Err("--node-id (or NODE_NAME) must not be empty".into());
