@@ -11,6 +11,10 @@ pub struct Args {
     /// Seconds a probe of an image's origin may take.
     #[arg(long, default_value_t = 30)]
     pub probe_timeout_s: u64,
+    /// Bring the cluster's LazyImage CRD up to this build's at start (server-side apply): Helm
+    /// never upgrades a chart's CRDs.
+    #[arg(long)]
+    pub manage_crd: bool,
     /// Run without a Kubernetes API even if one is configured (StorageClass `url` only).
     #[arg(long)]
     pub no_kube: bool,

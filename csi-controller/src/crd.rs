@@ -176,6 +176,20 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&LazyImage::crd())
 }
 
+/// Applies this build's CRD to the cluster (server-side apply, as the field manager
+/// `lazy-image-csi-controller`): Helm installs `crds/` once and never upgrades it, so the
+/// controller of a newer chart brings its CRD up to date itself.
+pub async fn apply_crd(client: kube::Client) -> Result<(), kube::Error> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    use kube::CustomResourceExt;
+    let api: Api<CustomResourceDefinition> = Api::all(client);
+    let crd = LazyImage::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    api.patch(&name, &PatchParams::apply("lazy-image-csi-controller").force(), &Patch::Apply(&crd)).await?;
+    Ok(())
+}
+
 /// Where the chart keeps the generated CRD (relative to the repository root).
 pub const CRD_PATH: &str = "deploy/helm/lazy-image/crds/lazyimages.lazy-image.csi.dev.yaml";
 
@@ -199,6 +213,31 @@ mod tests {
         assert_eq!(crd.spec.scope, "Cluster");
         let cols: Vec<String> = crd.spec.versions[0].additional_printer_columns.iter().flatten().map(|c| c.name.clone()).collect();
         assert_eq!(cols, ["URL", "SIZE", "WARM", "READY", "AGE"]);
+    }
+
+    /// The CRD goes to the API as a forced server-side apply of exactly the generated object.
+    #[tokio::test]
+    async fn the_crd_is_applied_server_side() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("one request");
+            let (parts, body) = req.into_parts();
+            let bytes = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+            send.send_response(Response::builder().status(200).body(Body::from(bytes.to_vec())).unwrap());
+            (parts, bytes)
+        });
+        apply_crd(kube::Client::new(svc, "default")).await.unwrap();
+        let (parts, bytes) = server.await.unwrap();
+        assert_eq!(parts.method, http::Method::PATCH);
+        assert_eq!(parts.uri.path(), "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/lazyimages.lazy-image.csi.dev");
+        let q = parts.uri.query().unwrap_or_default();
+        assert!(q.contains("fieldManager=lazy-image-csi-controller") && q.contains("force=true"), "{q}");
+        assert_eq!(parts.headers.get("content-type").unwrap(), "application/apply-patch+yaml");
+        let sent: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        use kube::CustomResourceExt;
+        assert_eq!(sent, serde_json::to_value(LazyImage::crd()).unwrap());
     }
 
     #[test]

@@ -78,6 +78,12 @@ async fn serve(args: Args, socket: std::path::PathBuf) -> Result<(), AnyError> {
     let origin: Arc<dyn origin::Origin> = Arc::new(origin::HttpOrigin { timeout: std::time::Duration::from_secs(args.probe_timeout_s) });
     let provisioner = Arc::new(provision::Provisioner::new(cluster.clone(), origin.clone()));
     let metrics = Arc::new(reconcile::Metrics::default());
+    if let (true, Some(c)) = (args.manage_crd, client.clone()) {
+        match crd::apply_crd(c).await {
+            Ok(()) => tracing::info!("LazyImage CRD applied"),
+            Err(e) => tracing::warn!(error = %e, "cannot apply the LazyImage CRD; the cluster keeps the one it has"),
+        }
+    }
     if let Some(client) = client.clone() {
         let ctx = Arc::new(reconcile::Context {
             recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),

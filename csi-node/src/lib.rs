@@ -38,16 +38,22 @@ fn fd_holder_client(args: &Args) -> Result<Option<fd_holder::HolderClient>, AnyE
     Ok(Some(fd_holder::HolderClient::new(socket, spawn)))
 }
 
+/// Records a Warning event on this node's Node object, when the plugin runs in a cluster (an
+/// in-cluster account or a kubeconfig); elsewhere the log line is all there is.
+async fn node_event(node: String, reason: &'static str, note: String) {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let Ok(client) = kube::Client::try_default().await else { return };
+    let reporter = Reporter { controller: "lazy-image-csi-node".into(), instance: Some(node.clone()) };
+    let reference = k8s_openapi::api::core::v1::ObjectReference { api_version: Some("v1".into()), kind: Some("Node".into()), name: Some(node), ..Default::default() };
+    let ev = Event { type_: EventType::Warning, reason: reason.into(), note: Some(note), action: "SelectBackend".into(), secondary: None };
+    if let Err(e) = Recorder::new(client, reporter).publish(&ev, &reference).await {
+        tracing::warn!(error = %e, "cannot record the event on the node");
+    }
+}
+
 pub fn run(args: Args) -> Result<(), AnyError> {
     let choice: lazy_image_attach::BackendChoice = args.backend.parse()?;
     let backend = Backend::resolve(choice)?;
-    if choice == lazy_image_attach::BackendChoice::Auto && backend == Backend::Fuse {
-        tracing::warn!(
-            "ublk is not available ({} is missing: the kernel needs Linux 6.0+ with ublk_drv loaded): \
-             volumes use FUSE + loop, and a plugin restart keeps them only through the fd holder",
-            lazy_image_attach::ublk::CONTROL_PATH
-        );
-    }
     let socket = config::socket_path(&args.endpoint)?;
     if args.node_id.is_empty() {
         return Err("--node-id (or NODE_NAME) must not be empty".into());
@@ -72,6 +78,15 @@ async fn serve(args: Args, backend: Backend, socket: std::path::PathBuf) -> Resu
         fd_holder: fd_holder_client(&args)?,
     })?;
     tracing::info!(backend = backend.name(), node_id = %args.node_id, "starting lazy-image CSI node plugin");
+    if backend == Backend::Fuse && args.backend == "auto" {
+        let why = format!(
+            "ublk is not available ({} is missing: the kernel needs Linux 6.0+ with ublk_drv loaded): volumes use FUSE + loop, \
+             and a plugin restart keeps them only through the fd holder",
+            lazy_image_attach::ublk::CONTROL_PATH
+        );
+        tracing::warn!("{why}");
+        tokio::spawn(node_event(args.node_id.clone(), "UblkUnavailable", why));
+    }
 
     let incoming = lazy_image_csi_common::listen(&socket)?;
 
