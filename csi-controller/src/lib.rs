@@ -9,6 +9,7 @@ pub mod crd;
 pub mod error;
 pub mod leader;
 pub mod origin;
+pub mod placement;
 pub mod provision;
 pub mod reconcile;
 pub mod service;
