@@ -3,6 +3,7 @@
 //! `:authority` fix every gRPC server on a Unix socket needs.
 
 pub mod attributes;
+pub mod reports;
 pub mod uds_authority;
 
 /// The CSI driver name.
