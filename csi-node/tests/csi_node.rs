@@ -750,17 +750,22 @@ async fn concurrent_call_on_one_volume_is_aborted() {
         return;
     }
     let h = Harness::new().await;
-    h.faults.delay_ms.store(700, Ordering::SeqCst); // every origin request takes 0.7 s
+    // The origin holds its answers: the first stage waits on it, inside its operation.
+    h.faults.hold.set(true);
     let req = h.stage_req("vol-c", &h.url("vol.img"));
     let mut n1 = h.node().await;
     let r1 = req.clone();
     let first = tokio::spawn(async move { n1.node_stage_volume(r1).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    while h.faults.hold.waiting() == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the first stage did not reach the origin");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut n2 = h.node().await;
     let second = n2.node_stage_volume(req.clone()).await;
     assert_eq!(code(second), Code::Aborted);
+    h.faults.hold.set(false);
     first.await.unwrap().unwrap();
-    h.faults.delay_ms.store(0, Ordering::SeqCst);
     n2.node_stage_volume(req).await.expect("the same call succeeds once the first is done");
     n2.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-c".into(), staging_target_path: h.staging("vol-c") }).await.unwrap();
     h.assert_clean();
