@@ -23,8 +23,9 @@ test_after=false
 REGISTRY=${LAZY_IMAGE_REGISTRY:-ghcr.io/lazy-image}
 VERSION=$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "lazy-image-csi-node"))')
 ARCH=$(dpkg --print-architecture)
-# The one build profile the tests use: nothing is built twice.
-cargo build -q -p lazy-image-csi-node -p lazy-image-csi-controller --bins
+# The binaries the test build makes (the same profile and features: after `cargo test
+# --workspace` this builds nothing).
+cargo test -q --workspace --no-run 2>/dev/null
 BIN=target/debug
 OUT=target/images
 rm -rf "$OUT" && mkdir -p "$OUT"
