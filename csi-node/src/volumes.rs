@@ -175,10 +175,10 @@ impl Volumes {
             v.set_sensitive(true);
             opts.headers.insert(http::header::AUTHORIZATION, v);
         }
-        let source = HttpSource::new(&spec.url, opts).map_err(|e| NodeError::engine(&what, &e))?;
-        let manifest = resolve_manifest(&spec.url, spec.manifest_url.as_deref(), spec.digest.as_deref())
+        let manifest = resolve_manifest(&spec.url, spec.manifest_url.as_deref(), spec.digest.as_deref(), &opts.headers)
             .await
             .map_err(|e| NodeError::engine(&what, &e))?;
+        let source = HttpSource::new(&spec.url, opts).map_err(|e| NodeError::engine(&what, &e))?;
         let mut cfg = ImageConfig::new(&self.cfg.cache_dir);
         cfg.cache_limit = self.cfg.cache_limit;
         if let Some(cs) = spec.chunk_size {

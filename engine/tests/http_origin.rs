@@ -224,3 +224,32 @@ async fn suite_nginx() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A pinned image's manifest comes from the same private origin as the image: it is fetched with
+/// the image's credentials (refused without them, and not retried then), and an origin that
+/// fails for a moment is tried again.
+#[tokio::test]
+async fn manifest_fetch_sends_credentials_and_retries() {
+    use http::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+    use lazy_image_engine::{resolve_manifest, Manifest};
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_image(dir.path(), 9);
+    let m = Manifest::build(&data[..], 64 << 10, |_| {}).unwrap();
+    std::fs::write(dir.path().join("image.img.manifest"), m.to_bytes()).unwrap();
+    let faults = Arc::new(Faults::new());
+    *faults.require_auth.lock().unwrap() = Some("Bearer s3cret".into());
+    let server = serve(dir.path(), Some(faults.clone())).await;
+    let url = server.url("image.img");
+    let digest = m.digest();
+
+    let e = resolve_manifest(&url, None, Some(&digest), &HeaderMap::new()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OriginStatus(401), "{}", e.report());
+    assert_eq!(faults.requests.load(SeqCst), 1, "a refusal is not retried");
+
+    faults.status_5xx.store(2, SeqCst);
+    let mut headers = HeaderMap::new();
+    headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"));
+    let got = resolve_manifest(&url, None, Some(&digest), &headers).await.unwrap().expect("a manifest");
+    assert_eq!(got.digest(), digest);
+    assert_eq!(faults.requests.load(SeqCst), 4, "two 503s, then the manifest");
+}

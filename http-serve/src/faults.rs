@@ -21,6 +21,8 @@ pub struct Faults {
     /// While on, requests wait before they are answered (an origin that stalls).
     pub hold: Hold,
     pub etag: Mutex<Option<String>>,
+    /// When set, requests without exactly this Authorization header get 401.
+    pub require_auth: Mutex<Option<String>>,
     pub requests: AtomicU64,
     /// The Range header of every request, in order (empty for none).
     pub ranges: Mutex<Vec<String>>,
@@ -108,7 +110,7 @@ impl Faults {
         self.ranges.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub(crate) async fn next_request(&self, range: Option<&str>) -> std::io::Result<Plan> {
+    pub(crate) async fn next_request(&self, range: Option<&str>, authorization: Option<&str>) -> std::io::Result<Plan> {
         self.requests.fetch_add(1, SeqCst);
         self.ranges.lock().unwrap_or_else(|p| p.into_inner()).push(range.unwrap_or_default().to_owned());
         self.hold.pass(range).await;
@@ -119,6 +121,10 @@ impl Faults {
         if take(&self.drop_connection) {
             // An error from the service makes hyper close the connection without an answer.
             return Err(std::io::Error::other("injected dropped connection"));
+        }
+        let wanted = self.require_auth.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if wanted.is_some_and(|w| authorization != Some(w.as_str())) {
+            return Ok(Plan { status: Some(StatusCode::UNAUTHORIZED), ..Plan::default() });
         }
         Ok(Plan {
             status: take(&self.status_5xx).then_some(StatusCode::SERVICE_UNAVAILABLE),

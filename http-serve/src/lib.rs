@@ -104,7 +104,10 @@ fn parse_range(v: Option<&HeaderValue>, size: u64) -> Result<Option<(u64, u64)>,
 
 async fn handle(req: Request<Incoming>, root: Arc<PathBuf>, faults: Option<Arc<Faults>>) -> Result<Response<Body>, std::io::Error> {
     let plan = match &faults {
-        Some(f) => f.next_request(req.headers().get(header::RANGE).and_then(|v| v.to_str().ok())).await?,
+        Some(f) => {
+            let h = |name| req.headers().get(name).and_then(|v: &http::HeaderValue| v.to_str().ok());
+            f.next_request(h(header::RANGE), h(header::AUTHORIZATION)).await?
+        }
         None => faults::Plan::default(),
     };
     if let Some(status) = plan.status {
