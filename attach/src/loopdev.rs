@@ -122,9 +122,8 @@ impl LoopDevice {
         Ok(claim)
     }
 
-    /// Attaches a local file read-only with buffered I/O: measured on a complete cache file,
-    /// direct I/O read sequentially at 0.4-0.8x of buffered (no readahead on the file
-    /// underneath), buffered at 0.9-1.1x of a plain loop device.
+    /// Attaches a local file read-only with buffered I/O: with direct I/O the file underneath
+    /// gets no readahead, and sequential reads of a complete cache file were much slower.
     pub(crate) fn attach_file_readonly(file: &Path) -> Result<LoopClaim, AttachError> {
         Self::attach(file, false)
     }
@@ -185,7 +184,7 @@ impl LoopDevice {
     /// The block layer's readahead (128 KiB by default) is what a sequential reader asks of us
     /// at a time; a larger window keeps the engine's parallel fetches busy. Requests are capped at
     /// the largest FUSE read: the loop device's own limit (1280 KiB) reached us as a 1 MiB read and
-    /// a 256 KiB one (cold sequential at 0 ms, paired: 706-770 -> 794-854 MiB/s).
+    /// a 256 KiB one.
     fn tune_queue(&self) {
         let Some(name) = self.path.file_name().and_then(|n| n.to_str()) else { return };
         let queue = format!("/sys/block/{name}/queue");

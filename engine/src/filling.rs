@@ -1,7 +1,6 @@
 //! A run's buffer while its bytes arrive: one fetch appends to it in order, and readers copy any
-//! part that has arrived without waiting for the rest. A reader of the first MiB of an 8 MiB
-//! read-ahead request waited for all eight: at 5 ms each way, the first 4 MiB of a cold file
-//! took 38-112 ms (median 54), most of it spent on bytes nobody wanted yet.
+//! part that has arrived without waiting for the rest: a reader of the first MiB of an 8 MiB
+//! read-ahead request otherwise waits for all eight.
 //!
 //! For a verified image each chunk is checked against the manifest as soon as it is whole, and
 //! readers see only the checked chunks before the first bad one.

@@ -39,8 +39,7 @@ const STARTUP_SPAN: u64 = 64 << 10;
 /// A read at least this large comes from the kernel's own read-ahead (the loop device asks in
 /// 1 MiB steps): the reader above is already known to be sequential, so the stream's window
 /// opens at its second read, `LARGE_READ_WINDOWS` reads wide. Grown from 512 KiB it left the
-/// origin idle for round trips at the start of every large file: a cold 512 MiB read at 5 ms
-/// each way took 680 -> 626 ms and 620 -> 564 ms (medians of 5, two runs); at 0 ms, 479 -> 463.
+/// origin idle for round trips at the start of every large file.
 const LARGE_READ: u64 = 256 << 10;
 const LARGE_READ_WINDOWS: u64 = 64;
 
@@ -77,9 +76,7 @@ pub struct ImageConfig {
     /// Requests issued ahead of sequential readers.
     pub readahead_fetches: usize,
     /// Largest single ranged request. The default, 8 MiB, with eight read-ahead requests keeps a
-    /// whole 64 MiB window in flight: against 4 MiB, a cold 512 MiB read at 5 ms each way took
-    /// 2-9% less time in four batches of 5-7 reads (medians 761 -> 696, 671 -> 613, 579 -> 570,
-    /// 667 -> 615-634 ms), and the same at 0 ms (521 vs 524 ms).
+    /// whole 64 MiB window in flight (chosen against 4 MiB, bench/README.md).
     pub max_request: u64,
     pub readahead_initial: u64,
     /// 0 disables readahead (for purely random access).
@@ -471,8 +468,8 @@ impl LazyImage {
     /// to `cache::DIRECT_ALIGN`, which then skip the page cache (the filesystem above the device
     /// caches what is read). Offered only while the cache is settled: every cache write is on
     /// disk and none is running. Otherwise a direct read would first wait for the writeback of
-    /// its range, or behind a write for the inode lock: beside a background fill, readers' p99
-    /// went from 9-11 ms to 23-430 ms. `None` also where the filesystem refuses `O_DIRECT`; call
+    /// its range, or behind a write for the inode lock, which beside a background fill cost
+    /// readers dearly. `None` also where the filesystem refuses `O_DIRECT`; call
     /// `direct_refused` if a read through it fails with EINVAL.
     pub fn cache_data_direct_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         let inner = &self.inner;
@@ -929,11 +926,8 @@ impl Inner {
                 // took the CPU from it (the wakee preempts), and the reader was answered after
                 // the write's system call. Started from a task queued behind the reader's own
                 // (the worker's next-task slot: no other thread woken), it comes after the answer.
-                // Cold random 4 KiB reads at 0 ms, 6 attaches each: p50 0.149 -> 0.138 ms
-                // (medians) back to back; 0.163-0.181 -> 0.150-0.167 ms each paired with a
-                // ranged GET. Read-ahead and fill runs end on tasks nobody is answered from, and
-                // a task in between only cost them (cold sequential at 5 ms: 1012-1075 MiB/s
-                // against 1056-1111, 4 pairs): their writes go straight to the thread.
+                // Read-ahead and fill runs end on tasks nobody is answered from, and a task in
+                // between only cost them: their writes go straight to the thread.
                 if matches!(kind, RunKind::Demand) && tokio::task::try_id().is_some() {
                     let rt = self.rt.clone();
                     self.rt.spawn(async move {
@@ -1127,7 +1121,7 @@ impl Inner {
         // was fetched ahead of it. The reach grows with the window and with the read's size: the
         // loop device sends several 1 MiB reads at once and they reach us slightly out of order,
         // which with a fixed 512 KiB reach started a new stream (and a small window) every time
-        // one overtook another (cold sequential at 5 ms each way: 351 -> 444 MiB/s, paired).
+        // one overtook another.
         let reach = |s: &Stream| slack.max(s.window).max(4 * (end - offset));
         let hit = streams
             .iter()
@@ -1151,8 +1145,7 @@ impl Inner {
         // large instead of one chunk per small read. At the full window, top up as soon as a
         // whole request fits: waiting for half a window let every request in flight end before
         // the next were claimed, and then all started together, leaving the origin idle for a
-        // round trip each time (traced at 5 ms: nothing in flight for 13-377 ms of a 1.1-2 s
-        // read, and 2-16 ms with the top-up outside slow spells).
+        // round trip each time.
         let ahead = s.frontier.saturating_sub(end);
         let top_up = s.window == self.cfg.readahead_max && ahead + self.cfg.max_request <= s.window;
         if s.window > 0 && ahead >= s.window / 2 && !top_up {

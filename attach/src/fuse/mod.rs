@@ -5,9 +5,7 @@
 //!   one queue per CPU, so a request is answered on the CPU that sent it without waking a
 //!   thread elsewhere, and cached reads go to the cache file through the same ring.
 //!
-//! Paired with a plain loop device in the benchmark, warm random 4 KiB reads: 0.61x with fuser
-//! (every read through the runtime), 0.74-0.76x over `/dev/fuse` with small hits answered on the
-//! session thread, 0.96-1.00x over io_uring in the latest runs (bench/README.md).
+//! How each transport compares with a plain loop device is in bench/README.md.
 //!
 //! Misses and large reads over `/dev/fuse` are answered when the data is there, by the engine's
 //! tokio runtime, so no transport thread waits on the network and many reads are in flight at
@@ -204,8 +202,7 @@ impl ImageFs {
     fn read<D: Deliver>(&self, offset: u64, size: usize, reply: Reply<D>) {
         let size = size.min(MAX_WRITE);
         // A small read whose chunks are all cached is answered on this thread: a hop to the
-        // runtime costs a thread wakeup, a large share of a warm 4 KiB read (paired with a plain
-        // loop device, warm random 0.65-0.70x -> 0.78-0.83x over /dev/fuse). Larger reads (the
+        // runtime costs a thread wakeup, a large share of a warm 4 KiB read. Larger reads (the
         // loop device's readahead) still go to the runtime: served one at a time here they
         // starved sequential reads of parallel disk reads.
         if size <= SYNC_HIT_MAX {
@@ -241,11 +238,9 @@ impl ImageFs {
                 }
             }
         };
-        // Started on this thread: a random reader's miss has its request out at once (cold
-        // random 4 KiB reads at 0 ms, p50 over a paired GET's: 1.33x -> 1.13x), and a
+        // Started on this thread: a random reader's miss has its request out at once, and a
         // sequential reader's read whose bytes have already arrived is copied and answered here,
-        // with no runtime worker woken and no wakeup of this thread to commit the answer (cold
-        // 512 MiB read at 5 ms each way, spot pairs: daemon CPU 0.80-0.84 -> 0.76-0.80 ms/MiB).
+        // with no runtime worker woken and no wakeup of this thread to commit the answer.
         eager::spawn(&self.rt, task);
     }
 

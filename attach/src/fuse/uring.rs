@@ -35,8 +35,8 @@ const DIRECT_READ_MAX: usize = 64 << 10;
 
 /// A warm random read's cache file read and its reader's next read come within this: a thread
 /// still on its CPU is kicked into its task work, where a sleeping one costs a wakeup of an idle
-/// CPU (on a VM, an exit to the host). Warm random reads 0.89x -> 0.96x of a plain loop device;
-/// longer polls (200 us: 0.69x) hold the CPU the reader wants. Measurements: bench/README.md.
+/// CPU (on a VM, an exit to the host); longer polls hold the CPU the reader wants
+/// (bench/README.md).
 const SPIN_DEFAULT_US: u64 = 50;
 
 /// A READ answered from the cache file through the ring, between its reads.
@@ -128,9 +128,8 @@ struct Queue {
     dev: Arc<File>,
     entries: Vec<Entry>,
     /// Every entry's payload, `MAX_WRITE` bytes each, in one mapping on huge pages where the
-    /// system allows. The kernel looks up each 4 KiB page of an answer to copy it out; with the
-    /// engine's run buffers on huge pages too, those lookups (`gup`) fell from 5.8% to 1.7% of
-    /// the daemon's CPU samples during a cold sequential read at 5 ms each way.
+    /// system allows: the kernel looks up each page of an answer to copy it out, and huge pages
+    /// make those lookups few.
     payloads: RawBuf,
     /// Commits (entry, commit id) made off the queue thread, for it to submit.
     pending: Mutex<Vec<(usize, u64)>>,
@@ -248,16 +247,15 @@ impl Queue {
     ///
     /// The answer's header is written first, for a read that fills the payload: the kernel then
     /// commits as soon as the read ends, in this thread's own task work, without waking it back
-    /// to user space to submit the commit (warm random 4 KiB reads paired with a plain loop
-    /// device, three sets of 4-6 attaches: 0.86-0.89x -> 0.90-0.93x). A read that ends short or
+    /// to user space to submit the commit. A read that ends short or
     /// fails posts its completion (success posts none) and cancels the commit; the thread then
     /// reads on or answers an error.
     ///
     /// Small aligned reads skip the page cache while the engine offers its direct descriptor
     /// (the cache is settled, see `cache_data_direct_fd`): the filesystem above the device
     /// caches what it reads, and a second copy of each 4 KiB block in the cache file's page
-    /// cache cost a page insertion per read (warm random reads, paired with a plain loop device:
-    /// 0.83x -> 0.89x). Large reads stay buffered for the kernel's readahead.
+    /// cache cost a page insertion per read. Large reads stay buffered for the kernel's
+    /// readahead.
     fn read_cache(&self, fs: &ImageFs, i: usize, r: &mut CacheRead) -> std::io::Result<()> {
         let (at, len) = (r.offset + r.done as u64, r.want - r.done);
         // The payload is page-aligned, so `done` aligned means the destination is too.
@@ -422,10 +420,7 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>, spin: std::time::
     // reader) the CPU is better left to the loop device's and the reader's threads, and a miss's
     // answer comes from the network, long after any spin. Nor is there a spin after answering
     // a miss: it held a CPU that the reader, the loop device's worker and the origin wanted,
-    // and cost more than it caught. Cold random 4 KiB reads at 0 ms, 6 alternating attaches
-    // each, with it and without: p50 0.183-0.202 -> 0.132-0.162 ms back to back, 0.224-0.236 ->
-    // 0.164-0.186 ms each paired with a ranged GET (whose own p50 fell from 0.207-0.229 to
-    // 0.164-0.177 ms: the spin slowed it too).
+    // and cost more than it caught (bench/README.md).
     let mut small_hits = false;
     loop {
         let mut caught = false;

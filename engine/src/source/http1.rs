@@ -27,9 +27,7 @@ const IDLE_REUSE: Duration = Duration::from_secs(4);
 /// `BODY_LOWAT` (lowered to what is left near its end): the reading thread then wakes for a
 /// quarter MiB at a time rather than for every few segments that arrive, with fewer `recv`
 /// calls and fewer window updates sent back. A reader waiting on the run's first bytes waits
-/// for that much more at most. Shorter bodies are read as they come. Cold 512 MiB reads at 5 ms
-/// each way, 8 alternating pairs: daemon CPU 0.72-0.82 -> 0.66-0.74 ms/MiB (lower in 7, equal
-/// in 1), 905-1011 -> 953-1084 MiB/s (faster in 7).
+/// for that much more at most. Shorter bodies are read as they come.
 const LOWAT_MIN_BODY: u64 = 1 << 20;
 const BODY_LOWAT: u64 = 256 << 10;
 
