@@ -43,29 +43,26 @@ pub fn place(policy: &WarmPolicy, nodes: &[NodeView], current: &BTreeSet<String>
         by_name.entry(n.name.as_str()).or_insert(n);
     }
     let want = policy.max_nodes.map_or(by_name.len(), |m| (m as usize).min(by_name.len()));
-    // Each domain's nodes, best first.
-    let mut domains: BTreeMap<&str, Vec<&NodeView>> = BTreeMap::new();
+    // Each domain's nodes, best first, and how many of them are taken.
+    let mut domains: BTreeMap<&str, (Vec<&NodeView>, usize)> = BTreeMap::new();
     for n in by_name.values() {
         let d = policy.spread_by.as_ref().and_then(|k| n.labels.get(k)).map_or("", String::as_str);
-        domains.entry(d).or_default().push(n);
+        domains.entry(d).or_default().0.push(n);
     }
     let rank = |n: &&NodeView| {
         let fill_millis = (n.fill.clamp(0.0, 1.0) * 1000.0).round() as u64;
         (!current.contains(&n.name), Reverse(fill_millis), Reverse(n.free_cache), n.name.clone())
     };
-    for list in domains.values_mut() {
+    for (list, _) in domains.values_mut() {
         list.sort_by_key(rank);
     }
-    let mut taken: BTreeMap<&str, usize> = domains.keys().map(|d| (*d, 0)).collect();
     let mut chosen = BTreeSet::new();
     while chosen.len() < want {
         // The domain with the fewest chosen nodes among those with nodes left; ties by name.
-        let Some(d) = taken.iter().filter(|(d, t)| **t < domains[**d].len()).min_by_key(|(d, t)| (**t, **d)).map(|(d, _)| *d) else {
-            break;
-        };
-        let t = taken.get_mut(d).expect("a known domain");
-        chosen.insert(domains[d][*t].name.clone());
-        *t += 1;
+        let next = domains.iter_mut().filter(|(_, (list, taken))| *taken < list.len()).min_by_key(|(d, (_, taken))| (*taken, **d));
+        let Some((_, (list, taken))) = next else { break };
+        chosen.insert(list[*taken].name.clone());
+        *taken += 1;
     }
     chosen
 }
