@@ -56,16 +56,21 @@ pub fn init_logging(level: &str, json: bool) {
     }
 }
 
-/// Resolves at SIGTERM or SIGINT.
-pub async fn shutdown_signal() -> std::io::Result<()> {
+/// Resolves at SIGTERM or SIGINT. Where signals cannot be caught, it logs why and never
+/// resolves: the server then runs until it is killed.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot wait for signals");
+            return std::future::pending().await;
+        }
+    };
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    Ok(())
 }
 
 /// What `/metrics` answers: the Prometheus text format, rendered at each scrape.

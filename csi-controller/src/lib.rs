@@ -111,10 +111,7 @@ async fn serve(args: Args, socket: std::path::PathBuf) -> Result<(), AnyError> {
     tracing::info!(socket = %socket.display(), kube = client.is_some(), "starting lazy-image CSI controller");
 
     let shutdown = async {
-        if let Err(e) = lazy_image_csi_common::shutdown_signal().await {
-            tracing::error!(error = %e, "cannot wait for signals");
-            std::future::pending::<()>().await;
-        }
+        lazy_image_csi_common::shutdown_signal().await;
         tracing::info!("shutting down");
     };
     tonic::transport::Server::builder()

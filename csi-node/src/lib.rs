@@ -119,10 +119,7 @@ async fn serve(args: Args, backend: Backend, socket: std::path::PathBuf) -> Resu
     });
 
     let shutdown = async {
-        if let Err(e) = lazy_image_csi_common::shutdown_signal().await {
-            tracing::error!(error = %e, "cannot wait for signals");
-            std::future::pending::<()>().await;
-        }
+        lazy_image_csi_common::shutdown_signal().await;
         tracing::info!("shutting down; staged volumes stay for the next plugin to take over");
     };
     tonic::transport::Server::builder()
