@@ -60,7 +60,11 @@ pub async fn reconcile(li: Arc<LazyImage>, ctx: Arc<Context>) -> Result<Action, 
     match tokio::time::timeout(API_TIMEOUT * 2, res).await {
         Ok(Ok(a)) => Ok(a),
         Ok(Err(e)) => Err(ControllerError::new(Kind::Unavailable, format!("LazyImage {name}: {e}"))),
-        Err(_) => Err(ControllerError::new(Kind::Unavailable, format!("LazyImage {name}: the API server did not answer in time"))),
+        // The bound covers the finalizer's patches, the origin probe and the status write.
+        Err(_) => Err(ControllerError::new(
+            Kind::Unavailable,
+            format!("LazyImage {name}: the reconcile did not finish within {} s (API server or origin)", (API_TIMEOUT * 2).as_secs()),
+        )),
     }
 }
 
