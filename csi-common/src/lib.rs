@@ -3,6 +3,8 @@
 //! `:authority` fix every gRPC server on a Unix socket needs.
 
 pub mod attributes;
+pub mod fake_api;
+pub mod node_cache;
 pub mod reports;
 pub mod uds_authority;
 

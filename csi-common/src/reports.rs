@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// One cached image on one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageReport {
     pub url: String,
@@ -34,19 +34,26 @@ impl ImageReport {
 }
 
 /// A node's report: its images by URL, and its cache room.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeReport {
+    /// The images the node caches, by URL.
+    #[serde(default)]
     pub images: BTreeMap<String, ImageReport>,
+    /// Cache room left: up to the cache limit, or the cache filesystem's free space.
+    #[serde(default)]
     pub cache_free_bytes: u64,
+    /// Warm orders the node cannot carry out, by LazyImage name: why.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed_orders: BTreeMap<String, String>,
 }
 
 impl NodeReport {
     /// What placement acts on: which images, their fill in tenths, whether in use, and the free
     /// cache room in GiB. Equal signatures: nothing worth a write.
-    fn signature(&self) -> (Vec<(&str, u64, bool)>, u64) {
+    fn signature(&self) -> (Vec<(&str, u64, bool)>, u64, Vec<&str>) {
         let images = self.images.iter().map(|(u, r)| (u.as_str(), r.fill_tenths(), r.volumes > 0)).collect();
-        (images, self.cache_free_bytes >> 30)
+        (images, self.cache_free_bytes >> 30, self.failed_orders.keys().map(String::as_str).collect())
     }
 }
 
@@ -146,7 +153,7 @@ mod tests {
 
     fn report(fill: u64, volumes: u32, last_read: Option<u64>) -> NodeReport {
         let img = ImageReport { url: "http://o/x".into(), size_bytes: 1000, cached_bytes: fill, volumes, last_read };
-        NodeReport { images: BTreeMap::from([("http://o/x".to_string(), img)]), cache_free_bytes: 50 << 30 }
+        NodeReport { images: BTreeMap::from([("http://o/x".to_string(), img)]), cache_free_bytes: 50 << 30, failed_orders: BTreeMap::new() }
     }
 
     #[test]

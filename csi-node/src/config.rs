@@ -53,6 +53,19 @@ pub struct Args {
     /// Topology key whose value is the node id (NodeGetInfo's accessible topology).
     #[arg(long, default_value = "lazy-image.csi.dev/node")]
     pub topology_key: String,
+    /// Cache reports and warm orders through this node's NodeCache resource: `auto` when the
+    /// plugin finds a Kubernetes API (an in-cluster account or a kubeconfig), `off` never.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+    pub cache_reports: String,
+    /// Seconds between two cache reports at least (changes within it go out together).
+    #[arg(long, default_value_t = 60)]
+    pub report_min_interval_s: u64,
+    /// Seconds between two cache reports at most, changed or not (the node's sign of life).
+    #[arg(long, default_value_t = 900)]
+    pub report_heartbeat_s: u64,
+    /// Seconds between two reads of this node's warm orders.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub orders_poll_s: u64,
     #[arg(long, default_value = "info")]
     pub log_level: String,
     #[arg(long)]

@@ -1,7 +1,8 @@
 //! lazy-image CSI node plugin (`lazy-image.csi.dev`): the per-host daemon kubelet calls over a
 //! Unix socket. `service` speaks CSI (Identity + Node), `volumes` does the work (stage, publish,
 //! re-adopt after a restart) on top of the engine and the attach backends (ublk, or FUSE + loop),
-//! `state` persists what a restarted plugin needs, `metrics` exports Prometheus counters.
+//! `state` persists what a restarted plugin needs, `metrics` exports Prometheus counters,
+//! `reporter` reads warm orders and reports the node's caches (only with a Kubernetes API).
 //!
 //! The process moves into a private mount namespace at start (a ublk server must never hold a
 //! mount of its own device); mounts kubelet must see are made from the namespace it started in.
@@ -12,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod fd_holder;
 pub mod metrics;
+pub mod reporter;
 pub mod service;
 pub mod spec;
 pub mod state;
@@ -117,6 +119,21 @@ async fn serve(args: Args, backend: Backend, socket: std::path::PathBuf) -> Resu
         tracing::info!("ready");
         v.retry_broken(std::time::Duration::from_secs(10)).await;
     });
+    if args.cache_reports == "auto" {
+        match kube::Client::try_default().await {
+            Ok(client) => {
+                let timing = reporter::Timing {
+                    policy: lazy_image_csi_common::reports::ReportPolicy {
+                        min_interval: std::time::Duration::from_secs(args.report_min_interval_s),
+                        heartbeat: std::time::Duration::from_secs(args.report_heartbeat_s),
+                    },
+                    poll: std::time::Duration::from_secs(args.orders_poll_s),
+                };
+                tokio::spawn(reporter::Reporter::new(client, &args.node_id, volumes.clone(), timing).run());
+            }
+            Err(e) => tracing::info!(error = %e, "no Kubernetes API: cache reports and warm orders are off"),
+        }
+    }
 
     let shutdown = async {
         lazy_image_csi_common::shutdown_signal().await;

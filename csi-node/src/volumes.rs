@@ -7,6 +7,8 @@
 //! the same volume while one runs fails with `Busy` at once. Each operation is idempotent: it
 //! checks what is already done before doing anything.
 
+pub mod warm;
+
 use crate::error::{NodeError, NodeErrorKind, NodeResult};
 use crate::spec::{Credentials, VolumeSpec};
 use crate::fd_holder::HolderClient;
@@ -104,6 +106,10 @@ pub struct Volumes {
     busy: Mutex<HashSet<String>>,
     live: Mutex<HashMap<String, Live>>,
     pool: tokio::sync::Mutex<ImagePool>,
+    /// Warm orders being carried out (see `warm`).
+    orders: tokio::sync::Mutex<warm::HeldOrders>,
+    /// Reads per image cache at the last report, and when they last changed (see `warm`).
+    reads_seen: Mutex<HashMap<PathBuf, (u64, u64)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -135,6 +141,8 @@ impl Volumes {
             busy: Mutex::new(HashSet::new()),
             live: Mutex::new(HashMap::new()),
             pool: tokio::sync::Mutex::new(ImagePool::default()),
+            orders: Default::default(),
+            reads_seen: Mutex::new(HashMap::new()),
         }))
     }
 

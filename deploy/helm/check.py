@@ -164,13 +164,14 @@ def main():
         CHART_APP_VERSION = chart.metadata["appVersion"]
         defaults = chart.values
         crds = chart.crds
-        # The chart's CRD is the one the controller's types generate.
+        # The chart's CRDs are the ones the Rust types generate.
         # Built by the test build (scripts/chart-check.sh makes sure).
         crdgen = os.path.join(REPO, "target", "debug", "lazy-image-crdgen")
-        generated = subprocess.run([crdgen], check=True, capture_output=True, text=True).stdout
-        in_chart = [c for c in crds if c["name"].endswith("lazyimages.lazy-image.csi.dev.yaml")]
-        if len(in_chart) != 1 or in_chart[0]["data"] != generated:
-            fail("the chart's LazyImage CRD differs from lazy-image-crdgen's output")
+        for plural in ("lazyimages", "nodecaches"):
+            generated = subprocess.run([crdgen, plural], check=True, capture_output=True, text=True).stdout
+            in_chart = [c for c in crds if c["name"].endswith(f"{plural}.lazy-image.csi.dev.yaml")]
+            if len(in_chart) != 1 or in_chart[0]["data"] != generated:
+                fail(f"the chart's {plural} CRD differs from `lazy-image-crdgen {plural}`")
         lint = helm.lint(CHART)
         if lint["errors"] or any(m["severity"] > 1 for m in lint["messages"]):
             fail(f"helm lint: {lint}")

@@ -550,6 +550,39 @@ async fn cache_limit_evicts_unused_images_and_caps_growth() {
     assert!(have * 4096 <= SIZE as u64 / 2 && have < total, "{have}/{total}");
 }
 
+#[tokio::test]
+async fn eviction_passes_pinned_caches_by() {
+    // Two unused caches, one pinned (a warm order): a third image that needs the room of both
+    // gets only the unpinned one's; once unpinned, the other goes too.
+    let dir = tempfile::tempdir().unwrap();
+    let mut dirs = Vec::new();
+    for seed in [40, 41] {
+        let data = pattern(SIZE, seed);
+        let mut cfg = config(dir.path());
+        cfg.manifest = Some(Manifest::build(&data[..], 4096, |_| {}).unwrap());
+        let img = LazyImage::open(Arc::new(FakeSource::new(data)), cfg).await.unwrap();
+        img.prefetch_all(4, |_, _| {}).await.unwrap();
+        dirs.push(img.cache_dir());
+        img.close().await.unwrap();
+    }
+    lazy_image_engine::cache::pin(&dirs[0]).unwrap();
+    let listed = lazy_image_engine::cache::list_images(dir.path()).unwrap();
+    assert_eq!(listed.iter().filter(|i| i.pinned).count(), 1);
+    let data = pattern(SIZE, 42);
+    let mut cfg = config(dir.path());
+    cfg.cache_limit = Some(SIZE as u64 + SIZE as u64 / 2);
+    cfg.manifest = Some(Manifest::build(&data[..], 4096, |_| {}).unwrap());
+    let img = LazyImage::open(Arc::new(FakeSource::new(data.clone())), cfg.clone()).await.unwrap();
+    assert!(dirs[0].exists(), "the pinned cache was evicted");
+    assert!(!dirs[1].exists(), "the unpinned, unused cache was kept");
+    img.close().await.unwrap();
+    lazy_image_engine::cache::unpin(&dirs[0]).unwrap();
+    lazy_image_engine::cache::unpin(&dirs[0]).unwrap(); // twice is fine
+    let img = LazyImage::open(Arc::new(FakeSource::new(data)), cfg).await.unwrap();
+    assert!(!dirs[0].exists(), "an unpinned cache is evicted like any other");
+    img.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_cache_disk_serves_right_bytes_and_says_so() {
     // The cache disk fills up mid-read: reads still return the image's bytes (from memory; the

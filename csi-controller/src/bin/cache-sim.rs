@@ -113,7 +113,7 @@ fn main() {
             }
             // Running for a while already: its last write (and so its next heartbeat) at a random
             // point of the last heartbeat period.
-            let report = NodeReport { images, cache_free_bytes: 200 * gib };
+            let report = NodeReport { images, cache_free_bytes: 200 * gib, ..NodeReport::default() };
             let written_at = -(rng.range(0, ReportPolicy::default().heartbeat.as_secs() - 1) as i64);
             Node { written: Some(report.clone()), report, written_at, filling: BTreeMap::new() }
         })

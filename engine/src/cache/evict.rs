@@ -1,4 +1,5 @@
-//! Node-wide cache accounting and eviction of whole images that no process has open.
+//! Node-wide cache accounting and eviction of whole images that no process has open and no
+//! one pinned (a warm order: the node was told to keep the image).
 
 use super::store::{try_lock, CacheHeader};
 use super::Bitmap;
@@ -20,6 +21,24 @@ pub struct CachedImage {
     pub last_used: SystemTime,
     /// Counters as last written by the process that had it open.
     pub stats: Option<StatsSnapshot>,
+    /// Kept whatever the cache needs: eviction passes it by.
+    pub pinned: bool,
+}
+
+/// The marker file of a pinned cache.
+const PIN_FILE: &str = "pinned";
+
+/// Pins the image cache in `dir`: eviction keeps it until `unpin`. Survives restarts.
+pub fn pin(dir: &Path) -> Result<()> {
+    std::fs::write(dir.join(PIN_FILE), b"").map_err(|e| Error::cache_io(format!("pinning {}", dir.display()), e))
+}
+
+/// Lets eviction drop the image cache in `dir` again (a cache never pinned is fine).
+pub fn unpin(dir: &Path) -> Result<()> {
+    match std::fs::remove_file(dir.join(PIN_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::cache_io(format!("unpinning {}", dir.display()), e)),
+        _ => Ok(()),
+    }
 }
 
 impl CachedImage {
@@ -59,6 +78,7 @@ pub fn list_images(root: &Path) -> Result<Vec<CachedImage>> {
             .and_then(|m| m.modified())
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let stats = std::fs::read(dir.join("stats.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let pinned = dir.join(PIN_FILE).exists();
         out.push(CachedImage {
             key: entry.file_name().to_string_lossy().into_owned(),
             disk_bytes: disk_usage(&dir),
@@ -67,6 +87,7 @@ pub fn list_images(root: &Path) -> Result<Vec<CachedImage>> {
             chunks_present,
             last_used,
             stats,
+            pinned,
         });
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -74,14 +95,14 @@ pub fn list_images(root: &Path) -> Result<Vec<CachedImage>> {
 }
 
 /// Deletes least-recently-used caches that nobody has open until at most `target` bytes are used
-/// under `root`, never touching `keep`. Returns the bytes still used afterwards by images other
+/// under `root`, never touching `keep` or a pinned cache. Returns the bytes still used afterwards by images other
 /// than `keep`.
 pub fn evict_unused(root: &Path, target: u64, keep: &str) -> Result<u64> {
     let mut images = list_images(root)?;
     images.sort_by_key(|i| i.last_used);
     let mut total: u64 = images.iter().map(|i| i.disk_bytes).sum();
     let mut others: u64 = images.iter().filter(|i| i.key != keep).map(|i| i.disk_bytes).sum();
-    for img in images.iter().filter(|i| i.key != keep) {
+    for img in images.iter().filter(|i| i.key != keep && !i.pinned) {
         if total <= target {
             break;
         }
