@@ -173,7 +173,16 @@ impl FakeApi {
                         m.remove("resourceVersion");
                     }
                 }
-                if *method == Method::PUT {
+                if let Value::Array(ops) = &patch {
+                    // A JSON patch (RFC 6902), as kube's finalizer helper sends.
+                    let mut next = obj.clone();
+                    for op in ops {
+                        if let Err(why) = json_patch_op(&mut next, op) {
+                            return status(422, "Invalid", format!("{obj_path}: {why}"));
+                        }
+                    }
+                    *obj = next;
+                } else if *method == Method::PUT {
                     let keep_status = obj.get("status").cloned();
                     let mut next = patch;
                     if let (false, Some(st)) = (sub, keep_status) {
@@ -194,6 +203,40 @@ impl FakeApi {
             },
             (m, _) => status(405, "MethodNotAllowed", format!("{m} {path}")),
         }
+    }
+}
+
+/// One RFC 6902 operation (test, add, replace, remove) on `doc`.
+fn json_patch_op(doc: &mut Value, op: &Value) -> Result<(), String> {
+    let path = op["path"].as_str().ok_or("an operation without a path")?;
+    let (parent, last) = path.rsplit_once('/').ok_or("a path without /")?;
+    let value = op.get("value").cloned().unwrap_or(Value::Null);
+    match op["op"].as_str() {
+        Some("test") => (doc.pointer(path) == Some(&value)).then_some(()).ok_or_else(|| format!("test of {path} failed")),
+        Some(kind @ ("add" | "replace" | "remove")) => {
+            let target = doc.pointer_mut(parent).ok_or_else(|| format!("no {parent}"))?;
+            match target {
+                Value::Object(m) => {
+                    if kind == "remove" {
+                        m.remove(last).map(|_| ()).ok_or_else(|| format!("no {path}"))
+                    } else {
+                        m.insert(last.to_string(), value);
+                        Ok(())
+                    }
+                }
+                Value::Array(a) => {
+                    let i = if last == "-" { a.len() } else { last.parse::<usize>().map_err(|_| format!("bad index in {path}"))? };
+                    match kind {
+                        "remove" if i < a.len() => Ok(drop(a.remove(i))),
+                        "replace" if i < a.len() => Ok(a[i] = value),
+                        "add" if i <= a.len() => Ok(a.insert(i, value)),
+                        _ => Err(format!("index out of range in {path}")),
+                    }
+                }
+                _ => Err(format!("{parent} is not a container")),
+            }
+        }
+        other => Err(format!("unsupported operation {other:?}")),
     }
 }
 

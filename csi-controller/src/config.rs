@@ -29,6 +29,18 @@ pub struct Args {
     /// Seconds a leader's lease lasts without renewal.
     #[arg(long, default_value_t = 15)]
     pub lease_duration_s: u64,
+    /// Seconds between two placement passes (warm orders, warm status, warm node labels).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub placement_every_s: u64,
+    /// Warm node labels (`warm.lazy-image.csi.dev/<image>`) per node at most; images by name.
+    #[arg(long, default_value_t = 16)]
+    pub warm_max_labels: usize,
+    /// Placement writes to the API server per second on average...
+    #[arg(long, default_value_t = 10.0)]
+    pub api_writes_per_s: f64,
+    /// ... and in a burst.
+    #[arg(long, default_value_t = 20.0)]
+    pub api_write_burst: f64,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,

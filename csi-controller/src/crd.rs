@@ -1,7 +1,8 @@
 //! The `LazyImage` resource (cluster-scoped, `lazy-image.csi.dev/v1alpha1`): an image the
 //! cluster knows by name. Claims and StorageClasses name it (`image: NAME`) instead of repeating
-//! its URL; the controller resolves it (size, validator) and reports it in status. The warm
-//! policy's fields are defined here; acting on them is the placement controller's.
+//! its URL; the controller resolves it (size, validator) and reports it in status. Its status
+//! has two writers, each patching only its own fields: the reconciler (size, validator,
+//! conditions) and the placement pass in `warm` (where the image is ordered and cached).
 
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -19,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
     printcolumn = r#"{"name":"URL","type":"string","jsonPath":".spec.url"}"#,
     printcolumn = r#"{"name":"SIZE","type":"integer","jsonPath":".status.size"}"#,
     printcolumn = r#"{"name":"WARM","type":"integer","jsonPath":".status.warmNodes"}"#,
+    printcolumn = r#"{"name":"ORDERED","type":"integer","jsonPath":".status.orderedNodes"}"#,
     printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.conditions[?(@.type==\"Resolved\")].status"}"#,
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -89,8 +91,15 @@ pub struct LazyImageStatus {
     /// Resolved, Warm, Degraded.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// Nodes that hold the whole image.
     #[serde(default)]
     pub warm_nodes: u32,
+    /// Nodes the warm policy has ordered to keep the image.
+    #[serde(default)]
+    pub ordered_nodes: u32,
+    /// Why the warm policy is not (fully) carried out, if it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_problem: Option<String>,
     /// Bytes cached over all nodes.
     #[serde(default)]
     pub cached_bytes: u64,
@@ -176,17 +185,18 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&LazyImage::crd())
 }
 
-/// Applies this build's CRD to the cluster (server-side apply, as the field manager
-/// `lazy-image-csi-controller`): Helm installs `crds/` once and never upgrades it, so the
-/// controller of a newer chart brings its CRD up to date itself.
+/// Applies this build's CRDs (LazyImage, NodeCache) to the cluster (server-side apply, as the
+/// field manager `lazy-image-csi-controller`): Helm installs `crds/` once and never upgrades
+/// it, so the controller of a newer chart brings its CRDs up to date itself.
 pub async fn apply_crd(client: kube::Client) -> Result<(), kube::Error> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::api::{Api, Patch, PatchParams};
     use kube::CustomResourceExt;
     let api: Api<CustomResourceDefinition> = Api::all(client);
-    let crd = LazyImage::crd();
-    let name = crd.metadata.name.clone().unwrap_or_default();
-    api.patch(&name, &PatchParams::apply("lazy-image-csi-controller").force(), &Patch::Apply(&crd)).await?;
+    for crd in [LazyImage::crd(), lazy_image_csi_common::node_cache::NodeCache::crd()] {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(&name, &PatchParams::apply("lazy-image-csi-controller").force(), &Patch::Apply(&crd)).await?;
+    }
     Ok(())
 }
 
@@ -212,32 +222,38 @@ mod tests {
         let crd = LazyImage::crd();
         assert_eq!(crd.spec.scope, "Cluster");
         let cols: Vec<String> = crd.spec.versions[0].additional_printer_columns.iter().flatten().map(|c| c.name.clone()).collect();
-        assert_eq!(cols, ["URL", "SIZE", "WARM", "READY", "AGE"]);
+        assert_eq!(cols, ["URL", "SIZE", "WARM", "ORDERED", "READY", "AGE"]);
     }
 
-    /// The CRD goes to the API as a forced server-side apply of exactly the generated object.
+    /// Each CRD goes to the API as a forced server-side apply of exactly the generated object.
     #[tokio::test]
     async fn the_crd_is_applied_server_side() {
         use http::{Request, Response};
         use kube::client::Body;
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let server = tokio::spawn(async move {
-            let (req, send) = handle.next_request().await.expect("one request");
-            let (parts, body) = req.into_parts();
-            let bytes = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
-            send.send_response(Response::builder().status(200).body(Body::from(bytes.to_vec())).unwrap());
-            (parts, bytes)
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                let (req, send) = handle.next_request().await.expect("a request per CRD");
+                let (parts, body) = req.into_parts();
+                let bytes = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+                send.send_response(Response::builder().status(200).body(Body::from(bytes.to_vec())).unwrap());
+                seen.push((parts, bytes));
+            }
+            seen
         });
         apply_crd(kube::Client::new(svc, "default")).await.unwrap();
-        let (parts, bytes) = server.await.unwrap();
-        assert_eq!(parts.method, http::Method::PATCH);
-        assert_eq!(parts.uri.path(), "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/lazyimages.lazy-image.csi.dev");
-        let q = parts.uri.query().unwrap_or_default();
-        assert!(q.contains("fieldManager=lazy-image-csi-controller") && q.contains("force=true"), "{q}");
-        assert_eq!(parts.headers.get("content-type").unwrap(), "application/apply-patch+yaml");
-        let sent: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         use kube::CustomResourceExt;
-        assert_eq!(sent, serde_json::to_value(LazyImage::crd()).unwrap());
+        let want = [("lazyimages", LazyImage::crd()), ("nodecaches", lazy_image_csi_common::node_cache::NodeCache::crd())];
+        for ((parts, bytes), (plural, crd)) in server.await.unwrap().into_iter().zip(want) {
+            assert_eq!(parts.method, http::Method::PATCH);
+            assert_eq!(parts.uri.path(), format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{plural}.lazy-image.csi.dev"));
+            let q = parts.uri.query().unwrap_or_default();
+            assert!(q.contains("fieldManager=lazy-image-csi-controller") && q.contains("force=true"), "{q}");
+            assert_eq!(parts.headers.get("content-type").unwrap(), "application/apply-patch+yaml");
+            let sent: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(sent, serde_json::to_value(crd).unwrap());
+        }
     }
 
     #[test]

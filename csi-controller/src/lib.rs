@@ -1,7 +1,8 @@
 //! lazy-image CSI controller (`lazy-image.csi.dev`): the cluster half. `service` speaks CSI
 //! (Identity + Controller) to the external-provisioner, `provision` decides volumes from
 //! StorageClass parameters and claim annotations, `crd` is the LazyImage resource, `cluster` and
-//! `origin` are what provisioning reads (the API server, the image's origin).
+//! `origin` are what provisioning reads (the API server, the image's origin), `placement` and
+//! `warm` keep images with a warm policy cached on chosen nodes (through NodeCache resources).
 
 pub mod cluster;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod placement;
 pub mod provision;
 pub mod reconcile;
 pub mod service;
+pub mod warm;
 
 use cluster::{Cluster, KubeCluster, NoCluster};
 use config::Args;
@@ -22,18 +24,24 @@ use std::sync::Arc;
 
 pub type AnyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Reconciles LazyImages while this replica leads, and stops as soon as it does not.
+/// Reconciles LazyImages and runs placement passes while this replica leads, and stops both as
+/// soon as it does not.
 async fn lead(ctx: Arc<reconcile::Context>, mut leading: tokio::sync::watch::Receiver<bool>) {
     loop {
         if leading.wait_for(|l| *l).await.is_err() {
             return;
         }
         tracing::info!("leading: reconciling LazyImages");
-        let mut lost = leading.clone();
-        reconcile::run(ctx.clone(), async move {
-            let _ = lost.wait_for(|l| !*l).await;
-        })
-        .await;
+        let lost = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|l| !*l).await;
+        };
+        let placing = ctx.placer.clone().map(|p| p.run(lost(leading.clone())));
+        let placing = async move {
+            if let Some(p) = placing {
+                p.await
+            }
+        };
+        tokio::join!(reconcile::run(ctx.clone(), lost(leading.clone())), placing);
         tracing::info!("no longer leading: stopped reconciling");
     }
 }
@@ -54,6 +62,9 @@ fn render_metrics(m: &reconcile::Metrics, p: &provision::Provisioner) -> String 
 }
 
 pub fn run(args: Args) -> Result<(), AnyError> {
+    if !(args.api_writes_per_s > 0.0 && args.api_write_burst >= 1.0) {
+        return Err(format!("--api-writes-per-s must be above 0 and --api-write-burst at least 1 (got {} and {})", args.api_writes_per_s, args.api_write_burst).into());
+    }
     let socket = lazy_image_csi_common::socket_path(&args.endpoint)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("csi-controller").build()?;
     rt.block_on(serve(args, socket))
@@ -81,13 +92,22 @@ async fn serve(args: Args, socket: std::path::PathBuf) -> Result<(), AnyError> {
     let metrics = Arc::new(reconcile::Metrics::default());
     if let (true, Some(c)) = (args.manage_crd, client.clone()) {
         match crd::apply_crd(c).await {
-            Ok(()) => tracing::info!("LazyImage CRD applied"),
-            Err(e) => tracing::warn!(error = %e, "cannot apply the LazyImage CRD; the cluster keeps the one it has"),
+            Ok(()) => tracing::info!("LazyImage and NodeCache CRDs applied"),
+            Err(e) => tracing::warn!(error = %e, "cannot apply the CRDs; the cluster keeps the ones it has"),
         }
     }
     if let Some(client) = client.clone() {
+        let warm = warm::WarmConfig {
+            max_labels: args.warm_max_labels,
+            writes_per_s: args.api_writes_per_s,
+            write_burst: args.api_write_burst,
+            every: std::time::Duration::from_secs(args.placement_every_s),
+        };
+        let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
+        let placer = Arc::new(warm::Placer::new(client.clone(), recorder.clone(), metrics.clone(), warm));
         let ctx = Arc::new(reconcile::Context {
-            recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
+            placer: Some(placer),
+            recorder,
             client: client.clone(),
             cluster,
             origin,

@@ -1,6 +1,6 @@
 //! The LazyImage reconciler: keeps each image resolved (its origin probed: size, validator) and
-//! says so in status conditions and Events. A finalizer holds deletion until the image's orders
-//! to nodes are withdrawn (the placement controller's; nothing to withdraw yet).
+//! says so in status conditions and Events. A finalizer holds deletion until a placement pass
+//! (`warm`) has withdrawn the image's orders to nodes and its node labels.
 //!
 //! Conditions: `Resolved` (the origin answers with the image), `Degraded` (the origin cannot be
 //! reached, or its image changed since the last probe: nodes then drop their caches of the old
@@ -42,6 +42,8 @@ pub struct Context {
     pub origin: Arc<dyn Origin>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// The placement pass (withdraws a deleted image's orders), if placement runs.
+    pub placer: Option<Arc<crate::warm::Placer>>,
 }
 
 pub async fn reconcile(li: Arc<LazyImage>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
@@ -52,7 +54,16 @@ pub async fn reconcile(li: Arc<LazyImage>, ctx: Arc<Context>) -> Result<Action, 
         match event {
             Finalizer::Apply(li) => apply(&li, &ctx, &api).await,
             Finalizer::Cleanup(li) => {
-                tracing::info!(image = %li.name_any(), "LazyImage deleted; nothing is ordered to nodes");
+                let name = li.name_any();
+                if let Some(placer) = &ctx.placer {
+                    // The pass withdraws a deleted image's orders and labels.
+                    let err = |e: String| ControllerError::new(Kind::Unavailable, e);
+                    placer.pass().await.map_err(err)?;
+                    if placer.still_ordered(&name).await.map_err(err)? {
+                        return Err(ControllerError::new(Kind::Unavailable, format!("LazyImage {name}: nodes are still ordered to keep it; retrying")));
+                    }
+                }
+                tracing::info!(image = %name, "LazyImage deleted; no node is ordered to keep it");
                 Ok(Action::await_change())
             }
         }
@@ -121,7 +132,10 @@ async fn apply(li: &LazyImage, ctx: &Context, api: &Api<LazyImage>) -> Result<Ac
         }
     };
     if status != old {
-        let patch = serde_json::json!({ "status": status });
+        // Only this reconciler's fields: the placement pass writes the others.
+        let patch = serde_json::json!({ "status": {
+            "size": status.size, "validator": status.validator, "conditions": status.conditions, "observedGeneration": status.observed_generation,
+        } });
         let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
         let write = api.patch_status(&name, &params, &patch);
         ctx.metrics.api_writes.fetch_add(1, Ordering::Relaxed);
@@ -255,6 +269,7 @@ mod tests {
             cluster: Arc::new(crate::cluster::NoCluster),
             origin: Arc::new(FakeOrigin(Mutex::new(origin))),
             metrics: Arc::new(Metrics::default()),
+            placer: None,
         })
     }
 

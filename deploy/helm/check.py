@@ -37,13 +37,36 @@ VARIATIONS = {
     "monitoring": {"monitoring": {"podMonitor": True, "dashboard": True}},
     "pinned-digests": {"image": {"node": {"digest": "sha256:" + "a" * 64}}, "storageClass": {"parameters": {"format": "erofs"}}},
     "no-fd-holder": {"node": {"fdHolder": False, "cacheLimitBytes": 10 << 30}},
+    "no-cache-reports": {"node": {"cacheReports": {"enabled": False}}},
 }
+# Our containers and the binaries they run: every flag the chart passes must be one of theirs.
+BINARIES = {"node-plugin": "lazy-image-csi-node", "controller": "lazy-image-csi-controller", "fd-holder": "lazy-image-fd-holder"}
+HELP = {}
+
+
+def flags_of(binary):
+    if binary not in HELP:
+        path = os.path.join(REPO, "target", "debug", binary)
+        HELP[binary] = subprocess.run([path, "--help"], check=True, capture_output=True, text=True).stdout
+    return HELP[binary]
+
+
+def rules_of(objs, role):
+    for o in objs:
+        if o["kind"] == "ClusterRole" and o["metadata"]["name"].endswith(role):
+            return o.get("rules", [])
+    return []
+
+
+def grants(rules, resource, verb):
+    return any(resource in r.get("resources", []) and verb in r.get("verbs", []) for r in rules)
 BAD_VALUES = {
     "a wrong type": {"controller": {"replicas": "two"}},
     "an unknown backend": {"node": {"backend": "nbd"}},
     "a negative cache size": {"node": {"cacheLimitBytes": -1}},
     "an unknown key": {"node": {"cacheLimit": 1}},
     "a malformed digest": {"image": {"controller": {"digest": "md5:1"}}},
+    "a zero write rate": {"controller": {"placement": {"writesPerSecond": 0}}},
 }
 
 failures = []
@@ -145,6 +168,27 @@ def check_invariants(name, values, objs):
         for c in ocs:
             if c["image"] not in wanted:
                 fail(f"{name}: {o['kind']} {c['name']} runs {c['image']}, which no image value names")
+    # Every flag our containers get is one their binary knows.
+    for o in objs:
+        _, ocs = containers(o)
+        for c in ocs:
+            if c["name"] in BINARIES:
+                known = flags_of(BINARIES[c["name"]])
+                for a in c.get("args", []):
+                    flag = a.split("=", 1)[0]
+                    if flag.startswith("--") and (flag + " ") not in known and (flag + "\n") not in known:
+                        fail(f"{name}: {c['name']} gets {flag}, which {BINARIES[c['name']]} does not know")
+    # Cache reports: the plugin's flag and its right to its NodeCache follow the value; the
+    # controller may always write orders and warm labels.
+    reports = values["node"]["cacheReports"]["enabled"]
+    if arg(plugin, "--cache-reports") != ("auto" if reports else "off"):
+        fail(f"{name}: node.cacheReports.enabled is {reports} but the plugin gets --cache-reports={arg(plugin, '--cache-reports')}")
+    node_rules = rules_of(objs, "-node")
+    if grants(node_rules, "nodecaches/status", "patch") != reports or grants(node_rules, "nodecaches", "create") != reports:
+        fail(f"{name}: the node plugin's right to its NodeCache does not follow node.cacheReports.enabled")
+    ctrl_rules = rules_of(objs, "-controller")
+    if not (grants(ctrl_rules, "nodecaches", "patch") and grants(ctrl_rules, "nodes", "patch")):
+        fail(f"{name}: the controller cannot write warm orders or warm node labels")
     # The controller: non-root, read-only root filesystem, the provisioner with extra metadata.
     for d in by_kind.get("Deployment", []):
         pspec, dcs = containers(d)
