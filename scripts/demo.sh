@@ -43,7 +43,7 @@ tail -n 3 "$WORK/mnt/models/vocab.txt"
 cmp "$WORK/mnt/models/vocab.txt" "$WORK/tree/models/vocab.txt" && echo "vocab.txt matches the source"
 
 "$BIN" umount "$WORK/mnt" --run-dir "$WORK/run"
-echo "== cache after reading a few files (kept for the next mount)"
+echo "== what the cache holds after reading a few files (a next mount would reuse it; the demo removes it at exit)"
 "$BIN" stat --cache-dir "$WORK/cache"
 ORIGIN=$("$BIN" stat --json --cache-dir "$WORK/cache" | python3 -c 'import json,sys; print(sum(i["stats"]["origin_bytes"] for i in json.load(sys.stdin)))')
 python3 - "$ORIGIN" "$IMAGE_SIZE" <<'EOF'

@@ -19,6 +19,7 @@ for group in "$@"; do
 done
 
 if $need_backports && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "install-deps: adding Debian's bookworm-backports to apt's sources (/etc/apt/sources.list.d/bookworm-backports.sources; it stays) for ${BACKPORTS[*]}"
     cat >/etc/apt/sources.list.d/bookworm-backports.sources <<'SRC'
 Types: deb
 URIs: http://deb.debian.org/debian

@@ -4,9 +4,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh vm
 # FUSE over io_uring (kernel 6.14+) is offered only when the fuse module's enable_uring is set:
-# set it so the FUSE tests cover that transport (the fuse-dev tests keep /dev/fuse covered).
+# set it so the FUSE tests cover that transport (the fuse-dev tests keep /dev/fuse covered), and
+# put it back as it was when the tests end.
 uring=/sys/module/fuse/parameters/enable_uring
-if [ -w "$uring" ]; then echo Y > "$uring"; fi
+if [ -w "$uring" ] && [ "$(cat "$uring")" != Y ]; then
+    was=$(cat "$uring")
+    echo "test.sh: turning on $uring for the FUSE-over-io_uring tests (set back to $was at exit)"
+    echo Y > "$uring"
+    trap 'echo "$was" > "$uring"' EXIT
+fi
 cargo test --workspace
 # The Helm chart, rendered and checked offline; the images it names, built and started.
 bash scripts/chart-check.sh

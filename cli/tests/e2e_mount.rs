@@ -114,9 +114,18 @@ fn fuse_cache_file_cut_short_is_eio_and_reads_go_on() {
     let all = whole(&file).unwrap();
     assert!(all == std::fs::read(env.p("tree/file0.bin")).unwrap(), "first read of the image's file");
 
-    // Read-ahead runs a reader has not copied whole stay in memory for 5 s (dropped at the next
-    // 1 s flush) and would answer meanwhile.
-    std::thread::sleep(Duration::from_secs(7));
+    // Read-ahead runs a reader has not copied whole stay in memory for a while and would answer
+    // meanwhile: wait until the daemon's stats (written at each flush) say memory holds none,
+    // in a snapshot taken after the whole image was read (no fetch, so no run, comes after).
+    let stats_path = cache_dir(&env.p("cache")).join("stats.json");
+    let read_before = std::fs::metadata(env.p("srv/m.img")).unwrap().len();
+    wait_for(
+        || {
+            let s: serde_json::Value = std::fs::read(&stats_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            s["bytes_read"].as_u64().is_some_and(|n| n >= read_before) && s["recent_bytes"] == 0
+        },
+        "read-ahead runs to leave memory",
+    );
     let data_path = cache_dir(&env.p("cache")).join("data");
     let saved = std::fs::read(&data_path).unwrap();
     let data = std::fs::OpenOptions::new().write(true).open(&data_path).unwrap();

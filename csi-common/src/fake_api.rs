@@ -227,11 +227,14 @@ fn json_patch_op(doc: &mut Value, op: &Value) -> Result<(), String> {
                 Value::Array(a) => {
                     let i = if last == "-" { a.len() } else { last.parse::<usize>().map_err(|_| format!("bad index in {path}"))? };
                     match kind {
-                        "remove" if i < a.len() => Ok(drop(a.remove(i))),
-                        "replace" if i < a.len() => Ok(a[i] = value),
-                        "add" if i <= a.len() => Ok(a.insert(i, value)),
-                        _ => Err(format!("index out of range in {path}")),
+                        "remove" if i < a.len() => {
+                            a.remove(i);
+                        }
+                        "replace" if i < a.len() => a[i] = value,
+                        "add" if i <= a.len() => a.insert(i, value),
+                        _ => return Err(format!("index out of range in {path}")),
                     }
+                    Ok(())
                 }
                 _ => Err(format!("{parent} is not a container")),
             }

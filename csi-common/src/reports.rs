@@ -51,6 +51,7 @@ pub struct NodeReport {
 impl NodeReport {
     /// What placement acts on: which images, their fill in tenths, whether in use, and the free
     /// cache room in GiB. Equal signatures: nothing worth a write.
+    #[allow(clippy::type_complexity)]
     fn signature(&self) -> (Vec<(&str, u64, bool)>, u64, Vec<&str>) {
         let images = self.images.iter().map(|(u, r)| (u.as_str(), r.fill_tenths(), r.volumes > 0)).collect();
         (images, self.cache_free_bytes >> 30, self.failed_orders.keys().map(String::as_str).collect())

@@ -196,7 +196,7 @@ pub fn plan(images: &[LazyImage], nodes: &[Node], caches: &[NodeCache], now: k8s
                 .map(|(node, r)| NodeEntry {
                     node,
                     cached_bytes: r.cached_bytes,
-                    fill_percent: if r.size_bytes == 0 { 100 } else { (r.cached_bytes.min(r.size_bytes) * 100 / r.size_bytes) as u32 },
+                    fill_percent: (r.cached_bytes.min(r.size_bytes) * 100).checked_div(r.size_bytes).map_or(100, |p| p as u32),
                     last_read: r.last_read.and_then(|t| k8s_openapi::jiff::Timestamp::from_second(t as i64).ok()).map(|t| t.to_string()),
                 })
                 .collect(),

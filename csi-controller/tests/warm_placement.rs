@@ -130,8 +130,8 @@ async fn orders_status_labels_loss_shrink_and_deletion() {
     report(&f, "b2", &[("model", SIZE)], 499 << 30, now);
     p.pass().await.unwrap();
     let key = format!("{LABEL_PREFIX}model");
-    assert_eq!(labels(&f, "a2"), [key.clone()]);
-    assert_eq!(labels(&f, "b2"), [key.clone()]);
+    assert_eq!(labels(&f, "a2"), std::slice::from_ref(&key));
+    assert_eq!(labels(&f, "b2"), std::slice::from_ref(&key));
     assert_eq!(status(&f, "model")["warmNodes"], 2);
     assert_eq!(status(&f, "model")["nodes"][0]["fillPercent"], 100);
 
@@ -148,7 +148,7 @@ async fn orders_status_labels_loss_shrink_and_deletion() {
     // The policy shrinks to one node.
     report(&f, "a1", &[("model", SIZE)], 1 << 30, now);
     p.pass().await.unwrap();
-    assert_eq!(labels(&f, "a1"), [key.clone()]);
+    assert_eq!(labels(&f, "a1"), std::slice::from_ref(&key));
     put_image(&f, "model", Some(1));
     p.pass().await.unwrap();
     assert_eq!(ordered(&f, "model"), ["a1"], "the warm one of those ordered stays");

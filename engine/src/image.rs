@@ -375,7 +375,7 @@ impl LazyImage {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.inner.stats.snapshot()
+        self.inner.stats_snapshot()
     }
 
     /// (chunks present, chunks total).
@@ -1060,6 +1060,12 @@ impl Inner {
         }
     }
 
+    fn stats_snapshot(&self) -> StatsSnapshot {
+        let mut s = self.stats.snapshot();
+        s.recent_bytes = lock(&self.recent).iter().map(|r| r.run.data.len() as u64).sum();
+        s
+    }
+
     /// Drops recent runs past `RECENT_TTL` (their reader went away).
     fn expire_recent(&self) {
         drop_expired(&mut lock(&self.recent));
@@ -1196,7 +1202,7 @@ impl Inner {
                     return Err(e);
                 }
             }
-            let stats = serde_json::to_vec_pretty(&me.stats.snapshot()).unwrap_or_default();
+            let stats = serde_json::to_vec_pretty(&me.stats_snapshot()).unwrap_or_default();
             me.store.write_stats(&stats).map(drop)
         })
         .await

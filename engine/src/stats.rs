@@ -41,6 +41,10 @@ pub struct StatsSnapshot {
     /// Counts per bucket of `LATENCY_BUCKETS_MS`, plus one overflow bucket.
     pub fetch_latency_buckets: Vec<u64>,
     pub fetch_latency_sum_us: u64,
+    /// Bytes of read-ahead runs held in memory for readers that have not copied them yet (a
+    /// gauge, as of the snapshot).
+    #[serde(default)]
+    pub recent_bytes: u64,
 }
 
 impl Stats {
@@ -91,6 +95,7 @@ impl Stats {
             readahead_chunks: self.readahead_chunks.load(Relaxed),
             fetch_latency_buckets: self.latency.iter().map(|b| b.load(Relaxed)).collect(),
             fetch_latency_sum_us: self.latency_sum_us.load(Relaxed),
+            recent_bytes: 0,
         }
     }
 }

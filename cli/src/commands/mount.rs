@@ -144,7 +144,7 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
     img.close().await.map_err(|e| anyhow::anyhow!(e.report()))?;
     run_state::remove(&a.run_dir, &mountpoint);
     eprintln!(
-        "lazy-image: unmounted {}; {} read, {} fetched from the origin in {} requests",
+        "lazy-image: stopped serving {}; {} read, {} fetched from the origin in {} requests",
         mountpoint.display(),
         human(s.bytes_read),
         human(s.origin_bytes),
@@ -172,10 +172,16 @@ fn recoverable(rec: &MountRecord, mountpoint: &Path, backend: Backend) -> Result
     if mounted_from.as_deref() != Some(ublk::block_device_path(id).as_path()) {
         return Ok(None);
     }
-    Ok(match ublk::device_state(id) {
-        Ok((DeviceState::Quiesced | DeviceState::FailIo, _)) => Some(Takeover::Ublk(id)),
-        _ => None,
-    })
+    // The kernel quiesces a device once its server's descriptors are closed, a moment after the
+    // server died: a restart right after a crash waits for that, briefly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match ublk::device_state(id) {
+            Ok((DeviceState::Quiesced | DeviceState::FailIo, _)) => return Ok(Some(Takeover::Ublk(id))),
+            Ok((DeviceState::Live, _)) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => return Ok(None),
+        }
+    }
 }
 
 pub async fn umount(a: UmountArgs) -> Result<()> {

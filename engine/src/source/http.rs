@@ -6,7 +6,6 @@
 use super::http1::{Answer, Http1};
 use super::{ImageInfo, RangeSink, RangeSource};
 use crate::error::{Error, ErrorKind, Result};
-use crate::filling::Filling;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE};
@@ -179,9 +178,9 @@ impl RangeSource for HttpSource {
     }
 
     async fn fetch(&self, offset: u64, len: u64, expect: &ImageInfo) -> Result<Bytes> {
-        let buf = Filling::new(len as usize, None);
-        self.fetch_to(offset, len, expect, &*buf).await?;
-        Ok(buf.bytes())
+        let buf = super::RangeBuf::new(len as usize);
+        self.fetch_to(offset, len, expect, &buf).await?;
+        Ok(buf.take())
     }
 
     async fn fetch_to(&self, offset: u64, len: u64, expect: &ImageInfo, sink: &dyn RangeSink) -> Result<()> {

@@ -259,7 +259,7 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::filling::Filling;
+    use crate::source::RangeBuf;
     use std::sync::Arc;
     use tokio::net::TcpListener;
 
@@ -332,13 +332,13 @@ mod tests {
         Http1::new(url, &HeaderMap::new(), 8, Duration::from_secs(5)).unwrap()
     }
 
-    async fn get(h: &Http1, first: u64, len: usize) -> (Result<Answer>, Arc<Filling>) {
-        let sink = Filling::new(len, None);
+    async fn get(h: &Http1, first: u64, len: usize) -> (Result<Answer>, RangeBuf) {
+        let sink = RangeBuf::new(len);
         let check = |status: StatusCode, _: &HeaderMap| match status {
             StatusCode::PARTIAL_CONTENT => Ok(()),
             s => Err(Error::new(ErrorKind::OriginStatus(s.as_u16()), "test")),
         };
-        let res = h.fetch_to(first, first + len as u64 - 1, &*sink, check, &|| "test".to_owned()).await;
+        let res = h.fetch_to(first, first + len as u64 - 1, &sink, check, &|| "test".to_owned()).await;
         (res, sink)
     }
 
@@ -352,10 +352,10 @@ mod tests {
         let h = client(&url);
         let (res, sink) = get(&h, 100, 300).await;
         assert!(matches!(res, Ok(Answer::Read)), "{:?}", res.err());
-        assert_eq!(&sink.bytes()[..], &body(100, 300)[..]);
+        assert_eq!(&sink.take()[..], &body(100, 300)[..]);
         let (res, sink) = get(&h, 0, 1000).await;
         assert!(matches!(res, Ok(Answer::Read)), "{:?}", res.err());
-        assert_eq!(&sink.bytes()[..], &body(0, 1000)[..]);
+        assert_eq!(&sink.take()[..], &body(0, 1000)[..]);
         assert_eq!(*lock(&seen), [(0, "bytes=100-399".to_owned()), (0, "bytes=0-999".to_owned())]);
     }
 
@@ -373,7 +373,7 @@ mod tests {
         for first in [0, 10, 20] {
             let (res, sink) = get(&h, first, 10).await;
             assert!(matches!(res, Ok(Answer::Read)), "{:?}", res.err());
-            assert_eq!(&sink.bytes()[..], &body(first, 10)[..]);
+            assert_eq!(&sink.take()[..], &body(first, 10)[..]);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let conns: Vec<usize> = lock(&seen).iter().map(|s| s.0).collect();
@@ -406,14 +406,14 @@ mod tests {
         let (res, sink) = get(&h, 0, 100).await;
         let e = res.err().expect("a body cut short");
         assert_eq!(e.kind(), ErrorKind::Transport, "{}", e.report());
-        assert_eq!(&sink.bytes()[..], &body(0, 40)[..], "what came before the cut is kept");
+        assert_eq!(&sink.take()[..], &body(0, 40)[..], "what came before the cut is kept");
         let (res, _) = get(&h, 0, 100).await;
         assert_eq!(res.err().map(|e| e.kind()), Some(ErrorKind::OriginStatus(503)), "the check judges the status");
     }
 
     /// A sink that counts the socket reads that brought bytes.
     struct CountingSink {
-        inner: Arc<Filling>,
+        inner: RangeBuf,
         reads: std::sync::atomic::AtomicUsize,
     }
 
@@ -444,20 +444,20 @@ mod tests {
         pieces.extend(a[head_end..].chunks(PIECE).map(<[u8]>::to_vec));
         let (url, seen) = server(vec![Script { pieces, close: false }, whole(0, 10, "", false)]).await;
         let h = client(&url);
-        let sink = CountingSink { inner: Filling::new(len, None), reads: Default::default() };
+        let sink = CountingSink { inner: RangeBuf::new(len), reads: Default::default() };
         let check = |status: StatusCode, _: &HeaderMap| {
             assert_eq!(status, StatusCode::PARTIAL_CONTENT);
             Ok(())
         };
         let res = h.fetch_to(0, len as u64 - 1, &sink, check, &|| "test".to_owned()).await;
         assert!(matches!(res, Ok(Answer::Read)), "{:?}", res.err());
-        assert_eq!(&sink.inner.bytes()[..], &body(0, len)[..]);
+        assert_eq!(&sink.inner.take()[..], &body(0, len)[..]);
         let reads = sink.reads.load(std::sync::atomic::Ordering::Relaxed);
         assert!(reads <= 12, "{reads} reads for 24 pieces: the low-water mark was not raised");
         // The same connection's next answer is short; a mark left raised would leave it unread.
         let (res, sink) = tokio::time::timeout(Duration::from_secs(5), get(&h, 0, 10)).await.expect("the next answer is read");
         assert!(matches!(res, Ok(Answer::Read)), "{:?}", res.err());
-        assert_eq!(&sink.bytes()[..], &body(0, 10)[..]);
+        assert_eq!(&sink.take()[..], &body(0, 10)[..]);
         assert_eq!(lock(&seen).iter().map(|s| s.0).collect::<Vec<_>>(), [0, 0], "one connection");
     }
 

@@ -14,9 +14,10 @@ pub use file::FileSource;
 pub use http::{HttpSource, HttpSourceOptions};
 pub use retry::{RetryPolicy, Retrying};
 
+
 use crate::error::{Error, ErrorKind, Result};
 use async_trait::async_trait;
-use bytes::{BufMut, Bytes};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 /// What a probe learns about an image; the validator fields pin the version we serve.
@@ -91,4 +92,72 @@ pub trait RangeSink: Send + Sync {
     /// None (nothing taken, `read` not called) if `max` more bytes do not fit; else what
     /// `read` returned, with the count of bytes it appended.
     fn push_from(&self, max: usize, read: &mut dyn FnMut(&mut dyn BufMut) -> std::io::Result<()>) -> Option<std::io::Result<usize>>;
+}
+
+/// A sink that collects one range in memory, for sources' `fetch` (the read path has its own
+/// sink, which readers wait on as it fills).
+pub struct RangeBuf {
+    buf: std::sync::Mutex<BytesMut>,
+    cap: usize,
+}
+
+impl RangeBuf {
+    /// Room for exactly `len` bytes.
+    pub fn new(len: usize) -> Self {
+        RangeBuf { buf: std::sync::Mutex::new(BytesMut::with_capacity(len)), cap: len }
+    }
+
+    /// What was taken so far (the sink is empty afterwards).
+    pub fn take(&self) -> Bytes {
+        std::mem::take(&mut *self.lock()).freeze()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BytesMut> {
+        self.buf.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl RangeSink for RangeBuf {
+    fn received(&self) -> u64 {
+        self.lock().len() as u64
+    }
+
+    fn push(&self, bytes: &[u8]) -> bool {
+        let mut buf = self.lock();
+        if buf.len() + bytes.len() > self.cap {
+            return false;
+        }
+        buf.extend_from_slice(bytes);
+        true
+    }
+
+    fn push_from(&self, max: usize, read: &mut dyn FnMut(&mut dyn BufMut) -> std::io::Result<()>) -> Option<std::io::Result<usize>> {
+        let mut buf = self.lock();
+        if buf.len() + max > self.cap {
+            return None;
+        }
+        let before = buf.len();
+        let res = read(&mut (&mut *buf).limit(max));
+        Some(res.map(|()| buf.len() - before))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_buf_takes_exactly_its_length() {
+        let b = RangeBuf::new(10);
+        assert!(b.push(b"abcd"));
+        assert!(!b.push(b"0123456789"), "past the end: nothing taken");
+        assert!(b.push_from(7, &mut |_| Ok(())).is_none(), "no room for 7 more");
+        let n = b.push_from(6, &mut |dst| {
+            dst.put_slice(b"efghij");
+            Ok(())
+        });
+        assert_eq!(n.map(|r| r.ok()), Some(Some(6)));
+        assert_eq!(b.received(), 10);
+        assert_eq!(&b.take()[..], b"abcdefghij");
+    }
 }
