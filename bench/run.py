@@ -265,23 +265,26 @@ class System:
 class Ours(System):
     name = "lazy-image"
 
-    def __init__(self, work, url, extra):
-        self.root = self.work = os.path.join(work, "ours")
-        self.url, self.extra = url, extra
-        self.mnt = os.path.join(work, "mnt")
-        self.cache = os.path.join(work, "cache")
+    def __init__(self, work, url, extra, bin=BIN, name=None):
+        tag = name or "ours"
+        self.root = self.work = os.path.join(work, tag)
+        self.url, self.extra, self.bin = url, extra, bin
+        if name:
+            self.name = name
+        self.mnt = os.path.join(work, tag + "-mnt")
+        self.cache = os.path.join(work, tag + "-cache")
         os.makedirs(self.mnt, exist_ok=True)
 
     def mount(self, keep_cache=False):
         if not keep_cache:
             sh("rm", "-rf", self.cache)
-        self.proc = subprocess.Popen([BIN, "mount", self.url, self.mnt, "--backend", "fuse", "--cache-dir", self.cache,
+        self.proc = subprocess.Popen([self.bin, "mount", self.url, self.mnt, "--backend", "fuse", "--cache-dir", self.cache,
                                       "--run-dir", os.path.join(self.work, "run")] + self.extra, stderr=subprocess.DEVNULL)
         wait_for(lambda: os.path.ismount(self.mnt), "lazy-image mount")
         return self.mnt
 
     def umount(self):
-        sh(BIN, "umount", self.mnt, "--run-dir", os.path.join(self.work, "run"), stderr=subprocess.DEVNULL)
+        sh(self.bin, "umount", self.mnt, "--run-dir", os.path.join(self.work, "run"), stderr=subprocess.DEVNULL)
         self.proc.wait()
 
     def mount_prefetching(self):
@@ -295,7 +298,7 @@ class Ours(System):
     def mount_complete(self):
         """Fetches what the cache lacks (`lazy-image warm`), then mounts: the loop device reads the
         complete cache file directly."""
-        sh(BIN, "warm", self.url, "--cache-dir", self.cache, stderr=subprocess.DEVNULL)
+        sh(self.bin, "warm", self.url, "--cache-dir", self.cache, stderr=subprocess.DEVNULL)
         return self.mount(keep_cache=True)
 
 
@@ -509,6 +512,8 @@ def main():
     ap.add_argument("--delay-ms", type=int, default=5)
     ap.add_argument("--chunk-size", default=None, help="lazy-image --chunk-size (default: the engine's)")
     ap.add_argument("--no-peers", action="store_true", help="only lazy-image and curl")
+    ap.add_argument("--compare-bin", default=None,
+                    help="another lazy-image binary (e.g. the build before a change), measured in the same run as 'before'")
     ap.add_argument("--repeats", type=int, default=3, help="passes of cold sequential, curl and each warm measurement; the median counts")
     ap.add_argument("--deadline-s", type=int, default=1200, help="a system still measuring after this is killed")
     ap.add_argument("--keep-page-reporting", action="store_true", help="leave the VM's free page reporting on (see PAGE_REPORTING)")
@@ -586,7 +591,10 @@ def main():
                 loop_umount(dev, mnt)
                 os.unlink(dl)
             run["curl_rate"], run["curl_rates"], run["curl_first_s"] = median(dl_rates), dl_rates, median(first)
-            systems = [Ours(work, url, ["--chunk-size", a.chunk_size] if a.chunk_size else [])]
+            extra = ["--chunk-size", a.chunk_size] if a.chunk_size else []
+            systems = [Ours(work, url, extra)]
+            if a.compare_bin:
+                systems.append(Ours(work, url, extra, bin=a.compare_bin, name="before"))
             if not a.no_peers:
                 systems += [QemuStorageDaemon(work, url, img_size), Nbdkit(work, url)]
             download = functools.partial(download_rate, url, dl, img_size)

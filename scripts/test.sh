@@ -13,6 +13,10 @@ if [ -w "$uring" ] && [ "$(cat "$uring")" != Y ]; then
     echo Y > "$uring"
     trap 'echo "$was" > "$uring"' EXIT
 fi
+# Style and lints first (rustfmt.toml; the workspace lints in Cargo.toml, warnings denied).
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+cargo fmt --check
+cargo clippy -q --workspace --all-targets -- -D warnings
 cargo test --workspace
 # The Helm chart, rendered and checked offline; the images it names, built and started.
 bash scripts/chart-check.sh

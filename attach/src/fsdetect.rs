@@ -83,7 +83,10 @@ impl FromStr for FsType {
 pub async fn detect(image: &LazyImage) -> Result<FsType, AttachError> {
     let head = image.read(0, 2048).await?;
     FsType::from_superblock(&head).ok_or_else(|| {
-        AttachError::new(AttachErrorKind::UnknownFormat, "the image is not an ext4, erofs or squashfs filesystem (no known superblock magic)")
+        AttachError::new(
+            AttachErrorKind::UnknownFormat,
+            "the image is not an ext4, erofs or squashfs filesystem (no known superblock magic)",
+        )
     })
 }
 

@@ -56,10 +56,9 @@ impl FromStr for BackendChoice {
             "auto" => Ok(BackendChoice::Auto),
             "ublk" => Ok(BackendChoice::Ublk),
             "fuse" => Ok(BackendChoice::Fuse),
-            other => Err(AttachError::new(
-                AttachErrorKind::InvalidInput,
-                format!("unknown backend {other:?}: expected auto, ublk or fuse"),
-            )),
+            other => {
+                Err(AttachError::new(AttachErrorKind::InvalidInput, format!("unknown backend {other:?}: expected auto, ublk or fuse")))
+            }
         }
     }
 }
@@ -98,7 +97,10 @@ impl Backend {
 enum Device {
     Ublk(UblkDevice),
     /// `fuse` is `None` when the loop device reads the complete cache file directly.
-    Loop { dev: LoopDevice, fuse: Option<FuseExport> },
+    Loop {
+        dev: LoopDevice,
+        fuse: Option<FuseExport>,
+    },
 }
 
 /// A mounted image. `detach` tears it down; dropping it without `detach` leaves it mounted on
@@ -129,7 +131,10 @@ impl Attachment {
             None => detect(&image).await?,
         };
         if !mountpoint.is_dir() {
-            return Err(AttachError::new(AttachErrorKind::InvalidInput, format!("mount point {} is not a directory", mountpoint.display())));
+            return Err(AttachError::new(
+                AttachErrorKind::InvalidInput,
+                format!("mount point {} is not a directory", mountpoint.display()),
+            ));
         }
         if is_mountpoint(mountpoint)? {
             return Err(AttachError::new(AttachErrorKind::Busy, format!("{} is already a mount point", mountpoint.display())));
@@ -320,7 +325,5 @@ fn loop_and_mount(
 /// Runs blocking device and mount work off the runtime threads (which may be serving the very
 /// device being mounted).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, AttachError> + Send + 'static) -> Result<T, AttachError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AttachError::new(AttachErrorKind::Io, format!("device task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| AttachError::new(AttachErrorKind::Io, format!("device task failed: {e}")))?
 }

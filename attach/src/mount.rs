@@ -39,7 +39,10 @@ pub fn bind_readonly(src: &Path, target: &Path) -> Result<(), AttachError> {
         // SAFETY: valid NUL-terminated paths; NULL fstype/data are allowed for a bind mount.
         let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
         if rc != 0 {
-            return Err(AttachError::os(format!("bind-mounting {} at {}", src.display(), target.display()), std::io::Error::last_os_error()));
+            return Err(AttachError::os(
+                format!("bind-mounting {} at {}", src.display(), target.display()),
+                std::io::Error::last_os_error(),
+            ));
         }
         // A bind mount takes its flags only from a remount.
         let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;

@@ -48,9 +48,7 @@ pub fn enter_private_mount_namespace(managed: &[&std::path::Path]) -> Result<(),
     // its devices) must not live and die with us.
     use std::os::unix::ffi::OsStrExt;
     let prefixes: Vec<Vec<u8>> = managed.iter().map(|p| p.as_os_str().as_bytes().to_vec()).collect();
-    let under = |mp: &[u8]| {
-        prefixes.iter().any(|p| mp.starts_with(p) && (mp.len() == p.len() || mp.get(p.len()) == Some(&b'/')))
-    };
+    let under = |mp: &[u8]| prefixes.iter().any(|p| mp.starts_with(p) && (mp.len() == p.len() || mp.get(p.len()) == Some(&b'/')));
     let mut copies = crate::mount::mounts_matching(|src, mp| src.starts_with(b"/dev/ublkb") || under(mp));
     // Deepest first, so stacked and nested mounts come off cleanly.
     copies.sort_by_key(|m| std::cmp::Reverse(m.len()));
@@ -77,6 +75,7 @@ pub fn in_host_namespace<T: Send>(f: impl FnOnce() -> Result<T, AttachError> + S
             if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
                 return Err(last_os("unsharing the filesystem context"));
             }
+            // SAFETY: as above.
             if unsafe { libc::setns(fd, libc::CLONE_NEWNS) } != 0 {
                 return Err(last_os("entering the host mount namespace"));
             }

@@ -21,10 +21,17 @@ pub struct MountRecord {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "backend", rename_all = "lowercase")]
 pub enum DeviceRecord {
-    Ublk { id: u32 },
-    Fuse { loop_device: PathBuf, fuse_dir: PathBuf },
+    Ublk {
+        id: u32,
+    },
+    Fuse {
+        loop_device: PathBuf,
+        fuse_dir: PathBuf,
+    },
     /// A loop device on the complete cache file: works with no daemon at all.
-    Loop { loop_device: PathBuf },
+    Loop {
+        loop_device: PathBuf,
+    },
 }
 
 pub fn record_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {

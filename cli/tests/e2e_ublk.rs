@@ -146,7 +146,11 @@ fn ublk_kill9_during_reads_then_restart() {
                     last.store(start.elapsed().as_millis() as u64, Ordering::SeqCst);
                 }
                 let got = hex::encode(h.finalize());
-                if got == want { Ok(()) } else { Err(format!("{path:?}: wrong bytes")) }
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{path:?}: wrong bytes"))
+                }
             })
         })
         .collect();

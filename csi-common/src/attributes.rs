@@ -79,7 +79,8 @@ impl VolumeSpec {
                 )));
             }
         }
-        let url = attrs.get("url").map(|s| s.trim()).filter(|s| !s.is_empty()).ok_or_else(|| invalid("volume attribute \"url\" is required"))?;
+        let url =
+            attrs.get("url").map(|s| s.trim()).filter(|s| !s.is_empty()).ok_or_else(|| invalid("volume attribute \"url\" is required"))?;
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(invalid(format!("volume attribute url {url:?} must be an http:// or https:// URL")));
         }
@@ -89,9 +90,7 @@ impl VolumeSpec {
         };
         let digest = match attrs.get("digest") {
             None => None,
-            Some(d) => Some(
-                manifest::parse_digest(d).map_err(|e| invalid(format!("volume attribute digest: {}", e.report())))?,
-            ),
+            Some(d) => Some(manifest::parse_digest(d).map_err(|e| invalid(format!("volume attribute digest: {}", e.report())))?),
         };
         let manifest_url = attrs.get("manifestUrl").cloned();
         if let Some(m) = &manifest_url {
@@ -175,7 +174,6 @@ pub fn check_volume_id(id: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,7 +184,13 @@ mod tests {
 
     #[test]
     fn attributes_are_checked_strictly() {
-        let s = VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x.img"), ("format", "erofs"), ("chunkSize", "64K"), ("csi.storage.k8s.io/pod.name", "p")])).unwrap();
+        let s = VolumeSpec::from_attributes(&attrs(&[
+            ("url", "http://h/x.img"),
+            ("format", "erofs"),
+            ("chunkSize", "64K"),
+            ("csi.storage.k8s.io/pod.name", "p"),
+        ]))
+        .unwrap();
         assert_eq!(s.format, Some(ImageFormat::Erofs));
         assert_eq!(s.chunk_size, Some(65536));
         assert!(VolumeSpec::from_attributes(&attrs(&[])).is_err());
@@ -199,7 +203,8 @@ mod tests {
         assert!(!VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x")])).unwrap().prefetch);
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("prefetch", "yes")])).is_err());
         let d = format!("sha256:{}", "a".repeat(64));
-        let s = VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("digest", &d.to_uppercase().replace("SHA256", "sha256"))])).unwrap();
+        let s = VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("digest", &d.to_uppercase().replace("SHA256", "sha256"))]))
+            .unwrap();
         assert_eq!(s.digest.as_deref(), Some(d.as_str()), "digests are normalised");
     }
 

@@ -28,7 +28,10 @@ pub struct FakeApi {
 }
 
 fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
-    (code, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": reason, "message": message, "code": code}))
+    (
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": reason, "message": message, "code": code}),
+    )
 }
 
 /// RFC 7386: `patch` merged into `target`, a null removing a key.
@@ -62,7 +65,10 @@ impl FakeApi {
                 let bytes = http_body_util::BodyExt::collect(body).await.map(|b| b.to_bytes()).unwrap_or_default();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                 let (code, out) = api.answer(&parts.method, parts.uri.path(), body);
-                let resp = Response::builder().status(code).header("content-type", "application/json").body(kube::client::Body::from(out.to_string().into_bytes()));
+                let resp = Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(out.to_string().into_bytes()));
                 resp.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             }
         });
@@ -117,8 +123,12 @@ impl FakeApi {
         match (method.clone(), collection) {
             (Method::GET, true) => {
                 let prefix = format!("{obj_path}/");
-                let items: Vec<Value> =
-                    s.objects.iter().filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/')).map(|(_, v)| v.clone()).collect();
+                let items: Vec<Value> = s
+                    .objects
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+                    .map(|(_, v)| v.clone())
+                    .collect();
                 (200, json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": s.version.to_string()}, "items": items}))
             }
             (Method::GET, false) => match s.objects.get(&obj_path) {
@@ -160,7 +170,11 @@ impl FakeApi {
                 let Some(obj) = s.objects.get_mut(&obj_path) else { return status(404, "NotFound", obj_path) };
                 let want_rv = body["metadata"]["resourceVersion"].as_str().map(str::to_string);
                 if want_rv.is_some() && want_rv.as_deref() != obj["metadata"]["resourceVersion"].as_str() {
-                    return status(409, "Conflict", format!("{obj_path}: the object has been modified; apply your changes to the latest version"));
+                    return status(
+                        409,
+                        "Conflict",
+                        format!("{obj_path}: the object has been modified; apply your changes to the latest version"),
+                    );
                 }
                 let mut patch = body;
                 if let Value::Object(p) = &mut patch {
@@ -264,7 +278,13 @@ mod tests {
         assert!(matches!(e, kube::Error::Api(ref s) if s.code == 409), "{e}");
         let got = api.get("n1").await.unwrap();
         // A status patch touches only status; a stale resourceVersion is refused.
-        api.patch_status("n1", &PatchParams::default(), &Patch::Merge(json!({"status": {"orders": 2}, "spec": {"warm": [{"image": "x", "attributes": {}}]}}))).await.unwrap();
+        api.patch_status(
+            "n1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"orders": 2}, "spec": {"warm": [{"image": "x", "attributes": {}}]}})),
+        )
+        .await
+        .unwrap();
         let now = api.get("n1").await.unwrap();
         assert_eq!(now.status.as_ref().map(|s| s.orders), Some(2));
         assert!(now.spec.warm.is_empty());

@@ -13,16 +13,12 @@ pub const DRIVER_NAME: &str = "lazy-image.csi.dev";
 
 /// The Unix socket path of an endpoint `unix:///a/b.sock` (or a plain absolute path).
 pub fn socket_path(endpoint: &str) -> Result<std::path::PathBuf, String> {
-    let p = endpoint
-        .strip_prefix("unix://")
-        .or_else(|| endpoint.strip_prefix("unix:"))
-        .unwrap_or(endpoint);
+    let p = endpoint.strip_prefix("unix://").or_else(|| endpoint.strip_prefix("unix:")).unwrap_or(endpoint);
     if !p.starts_with('/') {
         return Err(format!("endpoint {endpoint:?} must be unix:///absolute/path"));
     }
     Ok(std::path::PathBuf::from(p))
 }
-
 
 /// A client's connection as the gRPC server sees it: its header blocks through the
 /// `:authority` fix.
@@ -48,7 +44,8 @@ pub fn listen(path: &std::path::Path) -> Result<impl tokio_stream::Stream<Item =
 /// Logging for the binaries: `LAZY_IMAGE_LOG` (or `level`) filters, JSON lines with `json`,
 /// colours only on a terminal (in a pod, stderr is the container log).
 pub fn init_logging(level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LAZY_IMAGE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("LAZY_IMAGE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if json {
@@ -92,7 +89,9 @@ pub async fn serve_metrics(addr: std::net::SocketAddr, render: RenderMetrics) ->
                 let render = render.clone();
                 async move {
                     let resp = if req.uri().path() == "/metrics" {
-                        hyper::Response::builder().header("content-type", "text/plain; version=0.0.4").body(Full::new(Bytes::from(render())))
+                        hyper::Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(Full::new(Bytes::from(render())))
                     } else {
                         hyper::Response::builder().status(hyper::StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"not found\n")))
                     };

@@ -130,7 +130,11 @@ impl Pacer {
 
 /// An image's place in the cluster, from every node's report: how many nodes hold it whole, the
 /// bytes cached over all nodes, and the `max_entries` nodes holding the most of it.
-pub fn aggregate<'a>(url: &str, reports: impl IntoIterator<Item = (&'a str, &'a NodeReport)>, max_entries: usize) -> (u32, u64, Vec<(String, ImageReport)>) {
+pub fn aggregate<'a>(
+    url: &str,
+    reports: impl IntoIterator<Item = (&'a str, &'a NodeReport)>,
+    max_entries: usize,
+) -> (u32, u64, Vec<(String, ImageReport)>) {
     let mut warm = 0u32;
     let mut bytes = 0u64;
     let mut per_node: Vec<(String, ImageReport)> = Vec::new();

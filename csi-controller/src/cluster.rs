@@ -43,7 +43,8 @@ impl Cluster for KubeCluster {
         let s = api.get(name).await.map_err(|e| ControllerError::kube(&format!("reading Secret {namespace}/{name}"), &e))?;
         let mut out = HashMap::new();
         for (k, v) in s.data.unwrap_or_default() {
-            let v = String::from_utf8(v.0).map_err(|_| ControllerError::invalid(format!("Secret {namespace}/{name}: key {k} is not text")))?;
+            let v =
+                String::from_utf8(v.0).map_err(|_| ControllerError::invalid(format!("Secret {namespace}/{name}: key {k} is not text")))?;
             out.insert(k, v);
         }
         Ok(out)
@@ -58,7 +59,8 @@ impl Cluster for KubeCluster {
             name: Some(name.into()),
             ..Default::default()
         };
-        let ev = Event { type_: EventType::Normal, reason: reason.into(), note: Some(note.into()), action: "Provision".into(), secondary: None };
+        let ev =
+            Event { type_: EventType::Normal, reason: reason.into(), note: Some(note.into()), action: "Provision".into(), secondary: None };
         if let Err(e) = self.recorder.publish(&ev, &claim).await {
             tracing::warn!(claim = %format!("{namespace}/{name}"), error = %e, "cannot record an event on the claim");
         }
@@ -69,7 +71,10 @@ impl Cluster for KubeCluster {
 pub struct NoCluster;
 
 fn no_api(what: &str) -> ControllerError {
-    ControllerError::new(Kind::FailedPrecondition, format!("{what}: the controller runs without a Kubernetes API (no kubeconfig or in-cluster account)"))
+    ControllerError::new(
+        Kind::FailedPrecondition,
+        format!("{what}: the controller runs without a Kubernetes API (no kubeconfig or in-cluster account)"),
+    )
 }
 
 #[async_trait::async_trait]

@@ -3,7 +3,11 @@
 use clap::Parser;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "lazy-image-csi-controller", version, about = "lazy-image CSI controller (Identity + Controller) and LazyImage reconciler")]
+#[command(
+    name = "lazy-image-csi-controller",
+    version,
+    about = "lazy-image CSI controller (Identity + Controller) and LazyImage reconciler"
+)]
 pub struct Args {
     /// gRPC endpoint the external-provisioner calls: unix:///path/to.sock.
     #[arg(long, default_value = "unix:///csi/csi.sock")]

@@ -145,7 +145,9 @@ impl LazyImageSpec {
     /// The volume attributes the node plugin stages this image with.
     pub fn attributes(&self) -> HashMap<String, String> {
         let mut a = HashMap::from([("url".to_string(), self.url.clone())]);
-        for (k, v) in [("format", &self.format), ("digest", &self.digest), ("manifestUrl", &self.manifest_url), ("chunkSize", &self.chunk_size)] {
+        for (k, v) in
+            [("format", &self.format), ("digest", &self.digest), ("manifestUrl", &self.manifest_url), ("chunkSize", &self.chunk_size)]
+        {
             if let Some(v) = v {
                 a.insert(k.to_string(), v.clone());
             }

@@ -171,7 +171,8 @@ mod tests {
         let (ra, rb) = tokio::join!(a.try_acquire_or_renew(at(0)), b.try_acquire_or_renew(at(0)));
         assert!(ra.unwrap() ^ rb.unwrap(), "exactly one leads");
         // Make `a` the leader for what follows, whichever won the race.
-        let (first, second) = if store.lock().unwrap().lease.as_ref().unwrap()["spec"]["holderIdentity"] == "a" { (&a, &b) } else { (&b, &a) };
+        let (first, second) =
+            if store.lock().unwrap().lease.as_ref().unwrap()["spec"]["holderIdentity"] == "a" { (&a, &b) } else { (&b, &a) };
         for t in [5, 10, 15, 20] {
             assert!(first.try_acquire_or_renew(at(t)).await.unwrap(), "the holder renews at {t}");
             assert!(!second.try_acquire_or_renew(at(t)).await.unwrap(), "the other waits at {t}");

@@ -63,7 +63,11 @@ fn render_metrics(m: &reconcile::Metrics, p: &provision::Provisioner) -> String 
 
 pub fn run(args: Args) -> Result<(), AnyError> {
     if !(args.api_writes_per_s > 0.0 && args.api_write_burst >= 1.0) {
-        return Err(format!("--api-writes-per-s must be above 0 and --api-write-burst at least 1 (got {} and {})", args.api_writes_per_s, args.api_write_burst).into());
+        return Err(format!(
+            "--api-writes-per-s must be above 0 and --api-write-burst at least 1 (got {} and {})",
+            args.api_writes_per_s, args.api_write_burst
+        )
+        .into());
     }
     let socket = lazy_image_csi_common::socket_path(&args.endpoint)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("csi-controller").build()?;
@@ -82,7 +86,8 @@ async fn serve(args: Args, socket: std::path::PathBuf) -> Result<(), AnyError> {
             }
         }
     };
-    let reporter = kube::runtime::events::Reporter { controller: "lazy-image-csi-controller".into(), instance: Some(args.identity.clone()) };
+    let reporter =
+        kube::runtime::events::Reporter { controller: "lazy-image-csi-controller".into(), instance: Some(args.identity.clone()) };
     let cluster: Arc<dyn Cluster> = match &client {
         Some(c) => Arc::new(KubeCluster { client: c.clone(), recorder: kube::runtime::events::Recorder::new(c.clone(), reporter.clone()) }),
         None => Arc::new(NoCluster),

@@ -23,7 +23,8 @@ impl Origin for HttpOrigin {
         let what = format!("probing {url}");
         let mut opts = HttpSourceOptions::default();
         if let Some(c) = credentials {
-            let mut v = http::HeaderValue::from_str(&c.0).map_err(|_| ControllerError::invalid("credentials are not a valid header value"))?;
+            let mut v =
+                http::HeaderValue::from_str(&c.0).map_err(|_| ControllerError::invalid("credentials are not a valid header value"))?;
             v.set_sensitive(true);
             opts.headers.insert(http::header::AUTHORIZATION, v);
         }

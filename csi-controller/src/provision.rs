@@ -107,11 +107,17 @@ impl Provisioner {
         if a.required_bytes > size {
             return Err(ControllerError::new(
                 Kind::OutOfRange,
-                format!("the claim asks for {} bytes, and the image {} holds {size}: ask for {size} bytes or less", a.required_bytes, spec.url),
+                format!(
+                    "the claim asks for {} bytes, and the image {} holds {size}: ask for {size} bytes or less",
+                    a.required_bytes, spec.url
+                ),
             ));
         }
         if a.limit_bytes != 0 && a.limit_bytes < size {
-            return Err(ControllerError::new(Kind::OutOfRange, format!("the image {} holds {size} bytes, over the limit of {} bytes", spec.url, a.limit_bytes)));
+            return Err(ControllerError::new(
+                Kind::OutOfRange,
+                format!("the image {} holds {size} bytes, over the limit of {} bytes", spec.url, a.limit_bytes),
+            ));
         }
         let volume = Volume { volume_id: a.name.clone(), capacity_bytes: size, context: attrs };
         tracing::info!(volume = %a.name, url = %spec.url, size, "volume provisioned");
@@ -126,7 +132,8 @@ impl Provisioner {
     /// The attributes of the image the call names (StorageClass or claim), and credentials to
     /// probe it with.
     async fn resolve(&self, a: &CreateArgs) -> Result<(HashMap<String, String>, Option<Credentials>)> {
-        let mut attrs: HashMap<String, String> = a.parameters.iter().filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut attrs: HashMap<String, String> =
+            a.parameters.iter().filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/")).map(|(k, v)| (k.clone(), v.clone())).collect();
         let class_names = attrs.contains_key("url") || attrs.contains_key(PARAM_IMAGE);
         let claim = match (a.parameters.get(PVC_NAMESPACE), a.parameters.get(PVC_NAME)) {
             (Some(ns), Some(name)) if !class_names => {
@@ -161,7 +168,11 @@ impl Provisioner {
         }
         let mut creds = Credentials::from_secrets(&a.secrets)?;
         if let Some(name) = image {
-            let li = self.cluster.lazy_image(&name).await?.ok_or_else(|| ControllerError::new(Kind::NotFound, format!("LazyImage {name} does not exist")))?;
+            let li = self
+                .cluster
+                .lazy_image(&name)
+                .await?
+                .ok_or_else(|| ControllerError::new(Kind::NotFound, format!("LazyImage {name} does not exist")))?;
             for (k, v) in li.spec.attributes() {
                 match attrs.get(&k) {
                     Some(mine) if *mine != v => {

@@ -60,7 +60,10 @@ pub async fn reconcile(li: Arc<LazyImage>, ctx: Arc<Context>) -> Result<Action, 
                     let err = |e: String| ControllerError::new(Kind::Unavailable, e);
                     placer.pass().await.map_err(err)?;
                     if placer.still_ordered(&name).await.map_err(err)? {
-                        return Err(ControllerError::new(Kind::Unavailable, format!("LazyImage {name}: nodes are still ordered to keep it; retrying")));
+                        return Err(ControllerError::new(
+                            Kind::Unavailable,
+                            format!("LazyImage {name}: nodes are still ordered to keep it; retrying"),
+                        ));
                     }
                 }
                 tracing::info!(image = %name, "LazyImage deleted; no node is ordered to keep it");
@@ -111,9 +114,19 @@ async fn apply(li: &LazyImage, ctx: &Context, api: &Api<LazyImage>) -> Result<Ac
             let changed = old.size.is_some() && (old.size != Some(info.size) || old.validator != validator);
             status.size = Some(info.size);
             status.validator = validator.clone();
-            status.set_condition("Resolved", true, "Probed", &format!("{} bytes, validator {}", info.size, validator.as_deref().unwrap_or("none")), generation, &now);
+            status.set_condition(
+                "Resolved",
+                true,
+                "Probed",
+                &format!("{} bytes, validator {}", info.size, validator.as_deref().unwrap_or("none")),
+                generation,
+                &now,
+            );
             let event = if changed {
-                let msg = format!("the image at the origin changed ({:?} {:?} -> {} {:?}); nodes discard their caches of the old one", old.size, old.validator, info.size, validator);
+                let msg = format!(
+                    "the image at the origin changed ({:?} {:?} -> {} {:?}); nodes discard their caches of the old one",
+                    old.size, old.validator, info.size, validator
+                );
                 status.set_condition("Degraded", true, "OriginChanged", &msg, generation, &now);
                 Some((EventType::Warning, "OriginChanged", msg))
             } else {
@@ -142,7 +155,9 @@ async fn apply(li: &LazyImage, ctx: &Context, api: &Api<LazyImage>) -> Result<Ac
         match tokio::time::timeout(API_TIMEOUT, write).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(ControllerError::kube(&format!("writing the status of LazyImage {name}"), &e)),
-            Err(_) => return Err(ControllerError::new(Kind::Unavailable, format!("writing the status of LazyImage {name}: no answer in time"))),
+            Err(_) => {
+                return Err(ControllerError::new(Kind::Unavailable, format!("writing the status of LazyImage {name}: no answer in time")))
+            }
         }
     }
     if let Some((type_, reason, note)) = event {
@@ -252,13 +267,7 @@ mod tests {
 
     fn ok_answer(li: &LazyImage) -> Answer {
         let obj = serde_json::to_value(li).unwrap();
-        Box::new(move |_m, path, _b| {
-            if path.contains("/events") {
-                (201, serde_json::json!({}))
-            } else {
-                (200, obj.clone())
-            }
-        })
+        Box::new(move |_m, path, _b| if path.contains("/events") { (201, serde_json::json!({})) } else { (200, obj.clone()) })
     }
 
     fn ctx(client: kube::Client, origin: Result<ImageInfo, String>) -> Arc<Context> {
@@ -379,7 +388,10 @@ mod tests {
             let obj = serde_json::to_value(&li).unwrap();
             let (client, seen) = mock_api(Box::new(move |_m, path, _b| {
                 if path.ends_with("/status") {
-                    (code, serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": code, "message": "the object has been modified"}))
+                    (
+                        code,
+                        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": code, "message": "the object has been modified"}),
+                    )
                 } else {
                     (200, obj.clone())
                 }

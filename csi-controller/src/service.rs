@@ -17,7 +17,11 @@ pub struct Identity;
 #[tonic::async_trait]
 impl csi::identity_server::Identity for Identity {
     async fn get_plugin_info(&self, _r: Request<csi::GetPluginInfoRequest>) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
-        Ok(Response::new(csi::GetPluginInfoResponse { name: DRIVER_NAME.into(), vendor_version: env!("CARGO_PKG_VERSION").into(), manifest: HashMap::new() }))
+        Ok(Response::new(csi::GetPluginInfoResponse {
+            name: DRIVER_NAME.into(),
+            vendor_version: env!("CARGO_PKG_VERSION").into(),
+            manifest: HashMap::new(),
+        }))
     }
 
     async fn get_plugin_capabilities(
@@ -48,7 +52,9 @@ fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<()> {
         match &cap.access_type {
             Some(AccessType::Mount(_)) => {}
             Some(AccessType::Block(_)) => {
-                return Err(ControllerError::invalid("lazy-image volumes are filesystems: the claim must ask for volumeMode Filesystem, not Block"))
+                return Err(ControllerError::invalid(
+                    "lazy-image volumes are filesystems: the claim must ask for volumeMode Filesystem, not Block",
+                ))
             }
             None => return Err(ControllerError::invalid("a volume capability has neither mount nor block access")),
         }
@@ -95,7 +101,9 @@ impl csi::controller_server::Controller for Controller {
             }
             check_capabilities(&r.volume_capabilities)?;
             if r.volume_content_source.is_some() {
-                return Err(ControllerError::invalid("lazy-image volumes cannot be made from a snapshot or another volume: their content is the image"));
+                return Err(ControllerError::invalid(
+                    "lazy-image volumes cannot be made from a snapshot or another volume: their content is the image",
+                ));
             }
             let range = r.capacity_range.unwrap_or_default();
             let args = CreateArgs {
@@ -132,7 +140,10 @@ impl csi::controller_server::Controller for Controller {
                 (Some(v), _) => v.context,
                 (None, false) => r.volume_context.clone(),
                 (None, true) => {
-                    return Err(ControllerError::new(crate::error::Kind::NotFound, format!("volume {} is not known to this controller", r.volume_id)))
+                    return Err(ControllerError::new(
+                        crate::error::Kind::NotFound,
+                        format!("volume {} is not known to this controller", r.volume_id),
+                    ))
                 }
             };
             lazy_image_csi_common::attributes::VolumeSpec::from_attributes(&context)?;
@@ -157,7 +168,8 @@ impl csi::controller_server::Controller for Controller {
     async fn list_volumes(&self, r: Request<csi::ListVolumesRequest>) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let r = r.into_inner();
         let run = || {
-            let max = usize::try_from(r.max_entries).map_err(|_| ControllerError::invalid(format!("max_entries {} is negative", r.max_entries)))?;
+            let max = usize::try_from(r.max_entries)
+                .map_err(|_| ControllerError::invalid(format!("max_entries {} is negative", r.max_entries)))?;
             let (page, next) = self.provisioner.list(&r.starting_token, max)?;
             let entries = page.into_iter().map(|v| csi::list_volumes_response::Entry { volume: Some(to_csi(v)), status: None }).collect();
             Ok(csi::ListVolumesResponse { entries, next_token: next.unwrap_or_default() })

@@ -61,7 +61,13 @@ pub struct WarmStatus {
 impl WarmStatus {
     fn of(li: &LazyImage) -> Self {
         let s = li.status.clone().unwrap_or_default();
-        WarmStatus { ordered_nodes: s.ordered_nodes, warm_nodes: s.warm_nodes, cached_bytes: s.cached_bytes, nodes: s.nodes, warm_problem: s.warm_problem }
+        WarmStatus {
+            ordered_nodes: s.ordered_nodes,
+            warm_nodes: s.warm_nodes,
+            cached_bytes: s.cached_bytes,
+            nodes: s.nodes,
+            warm_problem: s.warm_problem,
+        }
     }
 }
 
@@ -96,7 +102,8 @@ pub fn label_key(name: &str) -> Option<String> {
 
 fn node_ready(n: &Node) -> bool {
     let schedulable = !n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
-    let ready = n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let ready =
+        n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     schedulable && ready && n.metadata.deletion_timestamp.is_none()
 }
 
@@ -130,7 +137,8 @@ pub fn plan(images: &[LazyImage], nodes: &[Node], caches: &[NodeCache], now: k8s
         let deleting = li.metadata.deletion_timestamp.is_some();
         let mut problem = None;
         let wanted = policy.mode == WarmMode::Nodes && !deleting;
-        let current: BTreeSet<String> = caches.iter().filter(|c| c.spec.warm.iter().any(|o| o.image == name)).map(|c| c.name_any()).collect();
+        let current: BTreeSet<String> =
+            caches.iter().filter(|c| c.spec.warm.iter().any(|o| o.image == name)).map(|c| c.name_any()).collect();
         let next = if !wanted {
             BTreeSet::new()
         } else if li.spec.credentials_secret_ref.is_some() {
@@ -143,7 +151,13 @@ pub fn plan(images: &[LazyImage], nodes: &[Node], caches: &[NodeCache], now: k8s
                 .filter_map(|c| {
                     let n = nodes_by.get(&c.name_any())?;
                     let r = reports.get(&c.name_any()).copied().unwrap_or(&empty);
-                    let fill = r.images.get(&li.spec.url).map_or(0.0, |i| if i.size_bytes == 0 { 1.0 } else { i.cached_bytes as f64 / i.size_bytes as f64 });
+                    let fill = r.images.get(&li.spec.url).map_or(0.0, |i| {
+                        if i.size_bytes == 0 {
+                            1.0
+                        } else {
+                            i.cached_bytes as f64 / i.size_bytes as f64
+                        }
+                    });
                     Some(NodeView { name: c.name_any(), labels: n.labels().clone(), ready: true, fill, free_cache: r.cache_free_bytes })
                 })
                 .collect();
@@ -174,14 +188,18 @@ pub fn plan(images: &[LazyImage], nodes: &[Node], caches: &[NodeCache], now: k8s
             }
         }
         let (warm, bytes, top) = aggregate(&li.spec.url, reports.iter().map(|(n, r)| (n.as_str(), *r)), MAX_NODE_ENTRIES);
-        let whole: BTreeSet<&str> = top.iter().filter(|(_, r)| r.size_bytes > 0 && r.cached_bytes >= r.size_bytes).map(|(n, _)| n.as_str()).collect();
+        let whole: BTreeSet<&str> =
+            top.iter().filter(|(_, r)| r.size_bytes > 0 && r.cached_bytes >= r.size_bytes).map(|(n, _)| n.as_str()).collect();
         if wanted && problem.is_none() && label_key(&name).is_none() {
             problem = Some("the name is longer than 63 characters: no warm node label".into());
         }
         if wanted {
             for node in &next {
                 let is_whole = whole.contains(node.as_str())
-                    || reports.get(node).and_then(|r| r.images.get(&li.spec.url)).is_some_and(|r| r.size_bytes > 0 && r.cached_bytes >= r.size_bytes);
+                    || reports
+                        .get(node)
+                        .and_then(|r| r.images.get(&li.spec.url))
+                        .is_some_and(|r| r.size_bytes > 0 && r.cached_bytes >= r.size_bytes);
                 if is_whole {
                     warm_labels.entry(node.clone()).or_default().push(name.clone());
                 }
@@ -331,7 +349,13 @@ impl Placer {
             if !drop.is_empty() {
                 note.push(format!("withdrawn from {}", list(drop)));
             }
-            let ev = Event { type_: EventType::Normal, reason: "WarmOrders".into(), note: Some(note.join("; ")), action: "Place".into(), secondary: None };
+            let ev = Event {
+                type_: EventType::Normal,
+                reason: "WarmOrders".into(),
+                note: Some(note.join("; ")),
+                action: "Place".into(),
+                secondary: None,
+            };
             let reference = li.object_ref(&());
             let recorder = &self.recorder;
             let what = format!("recording the orders of LazyImage {name}");
@@ -360,7 +384,8 @@ impl Placer {
 
     /// Whether any node is still ordered to keep image `name`.
     pub async fn still_ordered(&self, name: &str) -> Result<bool, String> {
-        let caches = bounded("listing NodeCaches".into(), Api::<NodeCache>::all(self.client.clone()).list(&ListParams::default())).await?.items;
+        let caches =
+            bounded("listing NodeCaches".into(), Api::<NodeCache>::all(self.client.clone()).list(&ListParams::default())).await?.items;
         Ok(caches.iter().any(|c| c.spec.warm.iter().any(|o| o.image == name)))
     }
 

@@ -173,7 +173,10 @@ impl Harness {
 }
 
 fn cap(mode: Mode) -> csi::VolumeCapability {
-    csi::VolumeCapability { access_type: Some(AccessType::Mount(MountVolume::default())), access_mode: Some(AccessMode { mode: mode as i32 }) }
+    csi::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
 }
 
 /// CreateVolume as the external-provisioner sends it for a ReadOnlyMany claim of `size` bytes
@@ -209,7 +212,14 @@ async fn identity_and_capabilities() {
     assert!(caps.capabilities.iter().any(|c| matches!(&c.r#type, Some(P::Service(s)) if s.r#type == S::ControllerService as i32)));
     let caps = h.client().await.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
     use csi::controller_service_capability::{rpc::Type, Type as C};
-    let types: Vec<i32> = caps.capabilities.iter().filter_map(|c| match &c.r#type { Some(C::Rpc(r)) => Some(r.r#type), _ => None }).collect();
+    let types: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(C::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        })
+        .collect();
     assert_eq!(types, vec![Type::CreateDeleteVolume as i32, Type::ListVolumes as i32], "no ControllerPublish: attachRequired is false");
 }
 
@@ -234,7 +244,8 @@ async fn provisions_from_class_and_claim() {
             assert_eq!(v.volume_id, *name);
             assert_eq!(v.capacity_bytes, IMAGE_SIZE as i64, "{name}: capacity is the image's size");
             assert_eq!(v.volume_context.get("url"), Some(&url), "{name}");
-            lazy_image_csi_common::attributes::VolumeSpec::from_attributes(&v.volume_context).unwrap_or_else(|e| panic!("{name}: the node plugin refuses {:?}: {e}", v.volume_context));
+            lazy_image_csi_common::attributes::VolumeSpec::from_attributes(&v.volume_context)
+                .unwrap_or_else(|e| panic!("{name}: the node plugin refuses {:?}: {e}", v.volume_context));
             assert!(first.as_ref().is_none_or(|f| *f == v), "{name}: the same volume both times");
             first = Some(v);
         }
@@ -251,7 +262,10 @@ async fn provisions_from_class_and_claim() {
     let t = Instant::now();
     loop {
         let ev = h.events.lock().unwrap().clone();
-        let on = |claim: &str| ev.iter().any(|(path, e)| path.contains("/namespaces/team/") && e["regarding"]["name"] == claim && e["reason"] == "ImageResolved");
+        let on = |claim: &str| {
+            ev.iter()
+                .any(|(path, e)| path.contains("/namespaces/team/") && e["regarding"]["name"] == claim && e["reason"] == "ImageResolved")
+        };
         if on("by-url") && on("by-image") {
             break;
         }
@@ -309,9 +323,24 @@ async fn bad_input_matrix() {
     let cases: Vec<(&str, csi::CreateVolumeRequest, Code, &str)> = vec![
         ("no name", with(&|r| r.name.clear()), Code::InvalidArgument, "name"),
         ("no capabilities", with(&|r| r.volume_capabilities.clear()), Code::InvalidArgument, "volume_capabilities"),
-        ("ReadWriteOnce claim", with(&|r| r.volume_capabilities = vec![cap(Mode::SingleNodeWriter)]), Code::InvalidArgument, "ReadOnlyMany"),
-        ("ReadWriteMany claim", with(&|r| r.volume_capabilities = vec![cap(Mode::MultiNodeMultiWriter)]), Code::InvalidArgument, "ReadOnlyMany"),
-        ("ReadWriteOncePod claim", with(&|r| r.volume_capabilities = vec![cap(Mode::SingleNodeSingleWriter)]), Code::InvalidArgument, "ReadOnlyMany"),
+        (
+            "ReadWriteOnce claim",
+            with(&|r| r.volume_capabilities = vec![cap(Mode::SingleNodeWriter)]),
+            Code::InvalidArgument,
+            "ReadOnlyMany",
+        ),
+        (
+            "ReadWriteMany claim",
+            with(&|r| r.volume_capabilities = vec![cap(Mode::MultiNodeMultiWriter)]),
+            Code::InvalidArgument,
+            "ReadOnlyMany",
+        ),
+        (
+            "ReadWriteOncePod claim",
+            with(&|r| r.volume_capabilities = vec![cap(Mode::SingleNodeSingleWriter)]),
+            Code::InvalidArgument,
+            "ReadOnlyMany",
+        ),
         (
             "block volume",
             with(&|r| {
@@ -323,25 +352,67 @@ async fn bad_input_matrix() {
             Code::InvalidArgument,
             "Filesystem",
         ),
-        ("claim larger than the image", with(&|r| r.capacity_range = Some(csi::CapacityRange { required_bytes: IMAGE_SIZE as i64 + 1, limit_bytes: 0 })), Code::OutOfRange, "3145728"),
-        ("limit below the image", with(&|r| r.capacity_range = Some(csi::CapacityRange { required_bytes: 0, limit_bytes: 1 << 20 })), Code::OutOfRange, "limit"),
-        ("negative size", with(&|r| r.capacity_range = Some(csi::CapacityRange { required_bytes: -1, limit_bytes: 0 })), Code::InvalidArgument, "negative"),
+        (
+            "claim larger than the image",
+            with(&|r| r.capacity_range = Some(csi::CapacityRange { required_bytes: IMAGE_SIZE as i64 + 1, limit_bytes: 0 })),
+            Code::OutOfRange,
+            "3145728",
+        ),
+        (
+            "limit below the image",
+            with(&|r| r.capacity_range = Some(csi::CapacityRange { required_bytes: 0, limit_bytes: 1 << 20 })),
+            Code::OutOfRange,
+            "limit",
+        ),
+        (
+            "negative size",
+            with(&|r| r.capacity_range = Some(csi::CapacityRange { required_bytes: -1, limit_bytes: 0 })),
+            Code::InvalidArgument,
+            "negative",
+        ),
         ("no image anywhere", create("pvc-bad", "bare", 0, &[]), Code::InvalidArgument, "lazy-image.csi.dev/url"),
-        ("class url and image", with(&|r| { r.parameters.insert("image".into(), "model".into()); }), Code::InvalidArgument, "keep one"),
-        ("unknown attribute", with(&|r| { r.parameters.insert("fromat".into(), "ext4".into()); }), Code::InvalidArgument, "fromat"),
+        (
+            "class url and image",
+            with(&|r| {
+                r.parameters.insert("image".into(), "model".into());
+            }),
+            Code::InvalidArgument,
+            "keep one",
+        ),
+        (
+            "unknown attribute",
+            with(&|r| {
+                r.parameters.insert("fromat".into(), "ext4".into());
+            }),
+            Code::InvalidArgument,
+            "fromat",
+        ),
         ("not an http url", create("pvc-bad", "bare", 0, &[("url", "ftp://127.0.0.1/x.img")]), Code::InvalidArgument, "http"),
         ("missing LazyImage", create("pvc-bad", "by-missing-image", 0, &[]), Code::NotFound, "nope"),
-        ("missing image at the origin", create("pvc-bad", "bare", 0, &[("url", &h.server.url("missing.img"))]), Code::NotFound, "missing.img"),
+        (
+            "missing image at the origin",
+            create("pvc-bad", "bare", 0, &[("url", &h.server.url("missing.img"))]),
+            Code::NotFound,
+            "missing.img",
+        ),
         ("unreachable origin", create("pvc-bad", "bare", 0, &[("url", "http://127.0.0.1:9/x.img")]), Code::Unavailable, "127.0.0.1:9"),
         ("missing claim", create("pvc-bad", "ghost", 0, &[]), Code::NotFound, "ghost"),
-        ("content source", with(&|r| r.volume_content_source = Some(csi::VolumeContentSource::default())), Code::InvalidArgument, "snapshot"),
+        (
+            "content source",
+            with(&|r| r.volume_content_source = Some(csi::VolumeContentSource::default())),
+            Code::InvalidArgument,
+            "snapshot",
+        ),
     ];
     for (what, req, want, says) in cases {
         let (got, msg) = code(c.create_volume(req).await);
         assert_eq!(got, want, "{what}: {msg}");
         assert!(msg.contains(says), "{what}: {msg:?} should mention {says:?}");
     }
-    assert!(c.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner().entries.is_empty(), "refused calls made nothing");
+    assert!(
+        c.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner().entries.is_empty(),
+        "refused calls made nothing"
+    );
     assert!(h.log().contains("request refused"), "refusals are logged");
 
     // A name taken with other parameters.
@@ -350,7 +421,9 @@ async fn bad_input_matrix() {
     assert_eq!(got, Code::AlreadyExists);
     let (got, _) = code(c.delete_volume(csi::DeleteVolumeRequest::default()).await);
     assert_eq!(got, Code::InvalidArgument);
-    let (got, _) = code(c.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest { volume_id: "ghost".into(), ..Default::default() }).await);
+    let (got, _) = code(
+        c.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest { volume_id: "ghost".into(), ..Default::default() }).await,
+    );
     assert_eq!(got, Code::NotFound);
     let (got, _) = code(c.list_volumes(csi::ListVolumesRequest { max_entries: 0, starting_token: "no-such-token".into() }).await);
     assert_eq!(got, Code::Aborted);

@@ -35,7 +35,9 @@ fn put_node(f: &FakeApi, name: &str, zone: &str) {
 /// reported at `at`; its orders kept as they are.
 fn report(f: &FakeApi, node: &str, images: &[(&str, u64)], free: u64, at: Timestamp) {
     let path = format!("{NC}/{node}");
-    let mut nc = f.get(&path).unwrap_or_else(|| json!({"apiVersion": "lazy-image.csi.dev/v1alpha1", "kind": "NodeCache", "metadata": {"name": node}, "spec": {"warm": []}}));
+    let mut nc = f.get(&path).unwrap_or_else(
+        || json!({"apiVersion": "lazy-image.csi.dev/v1alpha1", "kind": "NodeCache", "metadata": {"name": node}, "spec": {"warm": []}}),
+    );
     let imgs: BTreeMap<String, Value> =
         images.iter().map(|(i, c)| (url(i), json!({"url": url(i), "sizeBytes": SIZE, "cachedBytes": c, "volumes": 0}))).collect();
     nc["status"] = json!({"images": imgs, "cacheFreeBytes": free, "orders": 0, "reportedAt": at.to_string()});
@@ -52,7 +54,12 @@ fn put_image(f: &FakeApi, name: &str, max: Option<u32>) {
             manifest_url: None,
             chunk_size: None,
             credentials_secret_ref: None,
-            warm: WarmPolicy { mode: WarmMode::Nodes, node_selector: BTreeMap::from([("pool".into(), "gpu".into())]), max_nodes: max, spread_by: Some("topology.kubernetes.io/zone".into()) },
+            warm: WarmPolicy {
+                mode: WarmMode::Nodes,
+                node_selector: BTreeMap::from([("pool".into(), "gpu".into())]),
+                max_nodes: max,
+                spread_by: Some("topology.kubernetes.io/zone".into()),
+            },
         },
     );
     li.metadata.finalizers = Some(vec![FINALIZER.into()]);
@@ -90,7 +97,11 @@ struct NoOrigin;
 
 #[async_trait::async_trait]
 impl lazy_image_csi_controller::origin::Origin for NoOrigin {
-    async fn probe(&self, url: &str, _c: Option<&lazy_image_csi_common::attributes::Credentials>) -> lazy_image_csi_controller::error::Result<lazy_image_engine::ImageInfo> {
+    async fn probe(
+        &self,
+        url: &str,
+        _c: Option<&lazy_image_csi_common::attributes::Credentials>,
+    ) -> lazy_image_csi_controller::error::Result<lazy_image_engine::ImageInfo> {
         panic!("a deleted image's origin was probed: {url}");
     }
 }

@@ -75,7 +75,13 @@ fn connect(path: &Path) -> io::Result<OwnedFd> {
     for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
         // SAFETY: a valid timeval of the right size.
         unsafe {
-            libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, opt, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32)
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
         };
     }
     Ok(s)
@@ -176,7 +182,8 @@ impl HolderClient {
         let msg = serde_json::to_vec(req).map_err(io::Error::other)?;
         send(sock.as_fd(), &msg, fd)?;
         let (body, got) = recv(sock.as_fd())?;
-        let reply: Reply = serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("fd holder reply: {e}")))?;
+        let reply: Reply =
+            serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("fd holder reply: {e}")))?;
         if !reply.ok {
             return Err(io::Error::other(format!("fd holder: {}", reply.error.unwrap_or_default())));
         }

@@ -46,7 +46,12 @@ async fn node_event(node: String, reason: &'static str, note: String) {
     use kube::runtime::events::{Event, EventType, Recorder, Reporter};
     let Ok(client) = kube::Client::try_default().await else { return };
     let reporter = Reporter { controller: "lazy-image-csi-node".into(), instance: Some(node.clone()) };
-    let reference = k8s_openapi::api::core::v1::ObjectReference { api_version: Some("v1".into()), kind: Some("Node".into()), name: Some(node), ..Default::default() };
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node),
+        ..Default::default()
+    };
     let ev = Event { type_: EventType::Warning, reason: reason.into(), note: Some(note), action: "SelectBackend".into(), secondary: None };
     if let Err(e) = Recorder::new(client, reporter).publish(&ev, &reference).await {
         tracing::warn!(error = %e, "cannot record the event on the node");

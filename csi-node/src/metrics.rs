@@ -31,7 +31,10 @@ pub fn render(volumes: &Volumes) -> String {
             let _ = writeln!(out, "{name}{{{}}} {}", label(id, url), get(s));
         }
     }
-    let _ = writeln!(out, "# HELP lazy_image_cache_fill_ratio Share of the image present in the local cache.\n# TYPE lazy_image_cache_fill_ratio gauge");
+    let _ = writeln!(
+        out,
+        "# HELP lazy_image_cache_fill_ratio Share of the image present in the local cache.\n# TYPE lazy_image_cache_fill_ratio gauge"
+    );
     for (id, url, _, fill) in &rows {
         let _ = writeln!(out, "lazy_image_cache_fill_ratio{{{}}} {fill}", label(id, url));
     }

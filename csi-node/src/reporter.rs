@@ -52,7 +52,15 @@ async fn bounded<T>(what: &str, f: impl std::future::Future<Output = Result<T, k
 
 impl Reporter {
     pub fn new(client: kube::Client, node: &str, volumes: Arc<Volumes>, timing: Timing) -> Self {
-        Reporter { api: Api::all(client.clone()), nodes: Api::all(client), node: node.to_string(), volumes, timing, written: None, writes: 0 }
+        Reporter {
+            api: Api::all(client.clone()),
+            nodes: Api::all(client),
+            node: node.to_string(),
+            volumes,
+            timing,
+            written: None,
+            writes: 0,
+        }
     }
 
     /// This node's NodeCache, created (owned by the Node, so it goes with it) if there is none.
@@ -64,7 +72,13 @@ impl Reporter {
         match bounded("reading this Node", self.nodes.get_opt(&self.node)).await {
             Ok(Some(n)) => {
                 nc.metadata.owner_references = n.metadata.uid.map(|uid| {
-                    vec![OwnerReference { api_version: "v1".into(), kind: "Node".into(), name: self.node.clone(), uid, ..Default::default() }]
+                    vec![OwnerReference {
+                        api_version: "v1".into(),
+                        kind: "Node".into(),
+                        name: self.node.clone(),
+                        uid,
+                        ..Default::default()
+                    }]
                 })
             }
             Ok(None) => tracing::warn!(node = %self.node, "no Node of this name: the NodeCache will outlive it"),
@@ -109,7 +123,12 @@ impl Reporter {
                     patch["status"]["failedOrders"][k] = serde_json::Value::Null;
                 }
                 self.writes += 1;
-                match bounded("writing this node's cache report", self.api.patch_status(&self.node, &PatchParams::default(), &Patch::Merge(&patch))).await {
+                match bounded(
+                    "writing this node's cache report",
+                    self.api.patch_status(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
+                )
+                .await
+                {
                     Ok(_) => {
                         self.written = Some((report, Instant::now()));
                         self.timing.poll.min(self.timing.policy.min_interval.max(Duration::from_secs(1)))

@@ -136,7 +136,10 @@ impl csi::node_server::Node for Node {
     }
 
     /// MUST be idempotent: unstaging a volume that is not staged succeeds.
-    async fn node_unstage_volume(&self, r: Request<csi::NodeUnstageVolumeRequest>) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+    async fn node_unstage_volume(
+        &self,
+        r: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
         let r = r.into_inner();
         let run = async {
             spec::check_volume_id(&r.volume_id)?;
@@ -147,7 +150,10 @@ impl csi::node_server::Node for Node {
     }
 
     /// MUST be idempotent: publishing at a target already published succeeds.
-    async fn node_publish_volume(&self, r: Request<csi::NodePublishVolumeRequest>) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+    async fn node_publish_volume(
+        &self,
+        r: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let r = r.into_inner();
         let id = r.volume_id.clone();
         answer("NodePublishVolume", &id, self.publish(r).await.map(|()| csi::NodePublishVolumeResponse {}))
@@ -196,7 +202,10 @@ impl csi::node_server::Node for Node {
         answer("NodeGetVolumeStats", &r.volume_id, run())
     }
 
-    async fn node_expand_volume(&self, _r: Request<csi::NodeExpandVolumeRequest>) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+    async fn node_expand_volume(
+        &self,
+        _r: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         Err(Status::unimplemented("lazy-image volumes are read-only images and cannot be expanded"))
     }
 
@@ -204,7 +213,7 @@ impl csi::node_server::Node for Node {
         &self,
         _r: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        use csi::node_service_capability::{rpc::Type, Type as Cap, Rpc};
+        use csi::node_service_capability::{rpc::Type, Rpc, Type as Cap};
         let caps = [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition]
             .into_iter()
             .map(|t| csi::NodeServiceCapability { r#type: Some(Cap::Rpc(Rpc { r#type: t as i32 })) })

@@ -43,7 +43,8 @@ impl StateDir {
     pub fn open(root: &Path) -> NodeResult<Self> {
         let dir = root.join("volumes");
         std::fs::create_dir_all(&dir).map_err(|e| NodeError::internal(format!("creating {}: {e}", dir.display())))?;
-        std::fs::create_dir_all(root.join("ephemeral")).map_err(|e| NodeError::internal(format!("creating {}/ephemeral: {e}", root.display())))?;
+        std::fs::create_dir_all(root.join("ephemeral"))
+            .map_err(|e| NodeError::internal(format!("creating {}/ephemeral: {e}", root.display())))?;
         Ok(StateDir { dir })
     }
 

@@ -10,8 +10,8 @@
 pub mod warm;
 
 use crate::error::{NodeError, NodeErrorKind, NodeResult};
-use crate::spec::{Credentials, VolumeSpec};
 use crate::fd_holder::HolderClient;
+use crate::spec::{Credentials, VolumeSpec};
 use crate::state::{StateDir, VolumeRecord};
 use lazy_image_attach::ublk::{self, DeviceState};
 use lazy_image_attach::{Attachment, Backend, FsType, FuseSessionInfo, LoopDevice, UblkOptions};
@@ -89,9 +89,7 @@ impl Pooled {
         }
         let image = self.image.clone();
         self.filler = Some(tokio::spawn(async move {
-            let paused = |e: &lazy_image_engine::Error, pause: std::time::Duration| {
-                tracing::warn!(error = %e.report(), resume_in_s = pause.as_secs(), "background prefetch paused")
-            };
+            let paused = |e: &lazy_image_engine::Error, pause: std::time::Duration| tracing::warn!(error = %e.report(), resume_in_s = pause.as_secs(), "background prefetch paused");
             match image.fill_until_complete(&FillResume::default(), paused).await {
                 Ok(()) => tracing::info!(cache = %image.cache_dir().display(), "image complete in the cache"),
                 Err(e) => tracing::warn!(error = %e.report(), "background prefetch stopped"),
@@ -364,14 +362,23 @@ impl Volumes {
 
     /// NodePublishVolume: a read-only bind mount of the staged volume at `target`. An ephemeral
     /// volume is staged here first, from `ephemeral`'s spec.
-    pub async fn publish(&self, volume_id: &str, staging_path: Option<&Path>, target: &Path, ephemeral: Option<StageArgs>) -> NodeResult<()> {
+    pub async fn publish(
+        &self,
+        volume_id: &str,
+        staging_path: Option<&Path>,
+        target: &Path,
+        ephemeral: Option<StageArgs>,
+    ) -> NodeResult<()> {
         let _g = self.begin(volume_id)?;
         if let Some(a) = ephemeral {
             let known = lock(&self.live).get(volume_id).map(|l| l.rec.ephemeral);
             match known {
                 Some(true) => {}
                 Some(false) => {
-                    return Err(NodeError::new(NodeErrorKind::AlreadyExists, format!("volume {volume_id} is staged as a persistent volume")))
+                    return Err(NodeError::new(
+                        NodeErrorKind::AlreadyExists,
+                        format!("volume {volume_id} is staged as a persistent volume"),
+                    ))
                 }
                 None => self.stage_locked(a, true).await?,
             }
@@ -399,7 +406,10 @@ impl Volumes {
         };
         std::fs::create_dir_all(target).map_err(|e| NodeError::internal(format!("creating {}: {e}", target.display())))?;
         if lazy_image_attach::is_mountpoint(target).map_err(attach_err(volume_id))? {
-            return Err(NodeError::new(NodeErrorKind::FailedPrecondition, format!("target path {} already has something mounted", target.display())));
+            return Err(NodeError::new(
+                NodeErrorKind::FailedPrecondition,
+                format!("target path {} already has something mounted", target.display()),
+            ));
         }
         lazy_image_attach::bind_readonly(&staging, target).map_err(attach_err(volume_id))?;
         let rec = {
@@ -606,9 +616,11 @@ impl Volumes {
             self.release_image(image).await;
             return Err(NodeError::attach(&format!("volume {id}: cleaning up"), &e));
         }
-        std::fs::create_dir_all(&rec.staging_path).map_err(|e| NodeError::internal(format!("creating {}: {e}", rec.staging_path.display())))?;
+        std::fs::create_dir_all(&rec.staging_path)
+            .map_err(|e| NodeError::internal(format!("creating {}: {e}", rec.staging_path.display())))?;
         let (handover, work) = (self.cfg.fd_holder.is_some(), self.work_dir(id));
-        let att = Attachment::attach(image.image.clone(), &work, &rec.staging_path, Some(rec.fs), self.cfg.backend, &self.cfg.ublk, handover);
+        let att =
+            Attachment::attach(image.image.clone(), &work, &rec.staging_path, Some(rec.fs), self.cfg.backend, &self.cfg.ublk, handover);
         let att = match att.await {
             Ok(att) => att,
             Err(e) => {
@@ -674,7 +686,9 @@ impl Volumes {
         let holder = self.cfg.fd_holder.as_ref().ok_or_else(|| NodeError::internal("no fd holder is configured (--fd-holder off)"))?;
         let held = tokio::task::block_in_place(|| holder.get(id)).map_err(|e| NodeError::internal(format!("asking the fd holder: {e}")))?;
         let Some((meta, fd)) = held else {
-            return Err(NodeError::internal("the fd holder does not hold this volume's FUSE session (it was restarted, or the connection ended)"));
+            return Err(NodeError::internal(
+                "the fd holder does not hold this volume's FUSE session (it was restarted, or the connection ended)",
+            ));
         };
         if serde_json::from_str::<FuseSessionInfo>(&meta).ok() != Some(info) {
             return Err(NodeError::internal(format!("the fd holder's session {meta} is not the recorded one {info:?}")));

@@ -33,8 +33,11 @@ fn backend() -> &'static str {
 }
 
 fn prerequisites_met() -> bool {
-    let which = |c: &str| Command::new("sh").arg("-c").arg(format!("command -v {c}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-    let mut checks = vec![("root", unsafe { libc::geteuid() } == 0), ("mkfs.erofs", which("mkfs.erofs"))];
+    let which =
+        |c: &str| Command::new("sh").arg("-c").arg(format!("command -v {c}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut checks = vec![("root", root), ("mkfs.erofs", which("mkfs.erofs"))];
     match backend() {
         "ublk" => checks.push(("/dev/ublk-control", Path::new("/dev/ublk-control").exists())),
         _ => checks.push(("/dev/fuse", Path::new("/dev/fuse").exists())),
@@ -70,7 +73,8 @@ impl Drop for Harness {
         // Leave no mount behind even when a test failed half-way.
         if let Ok(out) = Command::new("findmnt").args(["-rn", "-o", "TARGET"]).output() {
             let root = self.tmp.path().to_string_lossy().to_string();
-            let mut mps: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with(&root)).map(String::from).collect();
+            let mut mps: Vec<String> =
+                String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with(&root)).map(String::from).collect();
             mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
             for m in mps {
                 let _ = Command::new("umount").arg("-l").arg(&m).status();
@@ -227,7 +231,8 @@ impl Harness {
 
     fn assert_clean(&self) {
         assert_eq!(self.our_mounts(), Vec::<String>::new(), "mounts left behind");
-        let left: Vec<_> = std::fs::read_dir(self.p("state/volumes")).map(|rd| rd.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        let left: Vec<_> =
+            std::fs::read_dir(self.p("state/volumes")).map(|rd| rd.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
         assert!(left.is_empty(), "volume state left behind: {left:?}");
         if backend() == "ublk" {
             let t = Instant::now();
@@ -283,7 +288,14 @@ async fn identity_capabilities_and_info() {
     let mut node = h.node().await;
     let caps = node.node_get_capabilities(csi::NodeGetCapabilitiesRequest {}).await.unwrap().into_inner();
     use csi::node_service_capability::{rpc::Type, Type as Cap};
-    let types: Vec<i32> = caps.capabilities.iter().filter_map(|c| match &c.r#type { Some(Cap::Rpc(r)) => Some(r.r#type), _ => None }).collect();
+    let types: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(Cap::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        })
+        .collect();
     for t in [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition] {
         assert!(types.contains(&(t as i32)), "missing {t:?}");
     }
@@ -316,7 +328,11 @@ async fn lifecycle_each_call_twice_two_pods() {
 
     for path in [h.target("pod-a", "vol-1"), h.staging("vol-1")] {
         let st = node
-            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "vol-1".into(), volume_path: path.clone(), ..Default::default() })
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: "vol-1".into(),
+                volume_path: path.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -328,7 +344,8 @@ async fn lifecycle_each_call_twice_two_pods() {
 
     // The metrics endpoint reports the volume's origin traffic.
     let body = http_get(h.metrics_port, "/metrics").await;
-    let line = body.lines().find(|l| l.starts_with("lazy_image_origin_bytes_total{volume_id=\"vol-1\"")).unwrap_or_else(|| panic!("{body}"));
+    let line =
+        body.lines().find(|l| l.starts_with("lazy_image_origin_bytes_total{volume_id=\"vol-1\"")).unwrap_or_else(|| panic!("{body}"));
     let bytes: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(bytes > 24 << 20, "{line}");
     assert!(body.contains("lazy_image_fetch_duration_seconds_bucket{volume_id=\"vol-1\""), "{body}");
@@ -409,7 +426,11 @@ mod kubelet {
             // csi_attacher.go MountDevice makes the parent and writes vol_data.json into it;
             // the globalmount directory itself is the driver's to make.
             std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("vol_data.json"), format!("{{\"driverName\":\"lazy-image.csi.dev\",\"volumeHandle\":\"{}\"}}", pv.handle)).unwrap();
+            std::fs::write(
+                dir.join("vol_data.json"),
+                format!("{{\"driverName\":\"lazy-image.csi.dev\",\"volumeHandle\":\"{}\"}}", pv.handle),
+            )
+            .unwrap();
             dir.join("globalmount").display().to_string()
         }
 
@@ -447,7 +468,13 @@ mod kubelet {
         /// csi-<sha256(pod uid + volume name)> (makeVolumeHandle), no staging path, the access
         /// mode is always ReadWriteOnce, so SINGLE_NODE_WRITER (csi_mounter.go), and `readonly`
         /// is the volume's `readOnly`.
-        pub fn kubelet_inline_publish(&self, pod: &str, volume: &str, read_only: bool, attributes: &[(&str, &str)]) -> csi::NodePublishVolumeRequest {
+        pub fn kubelet_inline_publish(
+            &self,
+            pod: &str,
+            volume: &str,
+            read_only: bool,
+            attributes: &[(&str, &str)],
+        ) -> csi::NodePublishVolumeRequest {
             let handle = format!("csi-{}", hex::encode(Sha256::digest(format!("uid-{pod}{volume}").as_bytes())));
             let mut ctx: HashMap<String, String> = attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
             ctx.extend(pod_info(pod, true));
@@ -504,7 +531,10 @@ struct BareIdentity;
 
 #[tonic::async_trait]
 impl csi::identity_server::Identity for BareIdentity {
-    async fn get_plugin_info(&self, _r: tonic::Request<csi::GetPluginInfoRequest>) -> Result<tonic::Response<csi::GetPluginInfoResponse>, tonic::Status> {
+    async fn get_plugin_info(
+        &self,
+        _r: tonic::Request<csi::GetPluginInfoRequest>,
+    ) -> Result<tonic::Response<csi::GetPluginInfoResponse>, tonic::Status> {
         Ok(tonic::Response::new(csi::GetPluginInfoResponse { name: "bare".into(), ..Default::default() }))
     }
     async fn get_plugin_capabilities(
@@ -538,7 +568,8 @@ async fn kubelet_call_shapes_old_and_current() {
             .add_service(csi::identity_server::IdentityServer::new(BareIdentity))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
-    let bare = IdentityClient::new(h.kubelet_channel(Era::Old, bare_sock.clone()).await).get_plugin_info(csi::GetPluginInfoRequest {}).await;
+    let bare =
+        IdentityClient::new(h.kubelet_channel(Era::Old, bare_sock.clone()).await).get_plugin_info(csi::GetPluginInfoRequest {}).await;
     assert!(bare.is_err(), "a bare server refuses the socket path as authority: {bare:?}");
     let bare_ok = IdentityClient::new(h.kubelet_channel(Era::Current, bare_sock).await).get_plugin_info(csi::GetPluginInfoRequest {}).await;
     assert!(bare_ok.is_ok(), "{bare_ok:?}");
@@ -546,7 +577,8 @@ async fn kubelet_call_shapes_old_and_current() {
     for era in [Era::Old, Era::Current] {
         let ch = h.kubelet_channel(era, h.socket()).await;
         // node-driver-registrar and kubelet's registration: GetPluginInfo, NodeGetInfo.
-        let info = IdentityClient::new(ch.clone()).get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap_or_else(|e| panic!("{era:?}: {e}"));
+        let info =
+            IdentityClient::new(ch.clone()).get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap_or_else(|e| panic!("{era:?}: {e}"));
         assert_eq!(info.into_inner().name, "lazy-image.csi.dev");
         let mut node = NodeClient::new(ch);
         let ni = node.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner();
@@ -555,10 +587,28 @@ async fn kubelet_call_shapes_old_and_current() {
         let url = h.url("vol.img");
         let attrs = HashMap::from([("url".to_string(), url.clone())]);
         let pvs = [
-            Pv { name: "pv-rox", handle: "model-rox", first_access_mode: Mode::MultiNodeReaderOnly, read_only: true, attributes: attrs.clone() },
+            Pv {
+                name: "pv-rox",
+                handle: "model-rox",
+                first_access_mode: Mode::MultiNodeReaderOnly,
+                read_only: true,
+                attributes: attrs.clone(),
+            },
             // A ROX PV whose pod does not say readOnly: kubelet sends readonly false.
-            Pv { name: "pv-rox-rw", handle: "model-rox-rw", first_access_mode: Mode::MultiNodeReaderOnly, read_only: false, attributes: attrs.clone() },
-            Pv { name: "pv-rwo", handle: "model-rwo", first_access_mode: Mode::SingleNodeWriter, read_only: true, attributes: attrs.clone() },
+            Pv {
+                name: "pv-rox-rw",
+                handle: "model-rox-rw",
+                first_access_mode: Mode::MultiNodeReaderOnly,
+                read_only: false,
+                attributes: attrs.clone(),
+            },
+            Pv {
+                name: "pv-rwo",
+                handle: "model-rwo",
+                first_access_mode: Mode::SingleNodeWriter,
+                read_only: true,
+                attributes: attrs.clone(),
+            },
         ];
         for pv in &pvs {
             let what = format!("{era:?} {}", pv.name);
@@ -569,22 +619,37 @@ async fn kubelet_call_shapes_old_and_current() {
             let err = std::fs::write(Path::new(&publish.target_path).join("new"), b"x").unwrap_err();
             assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{what}: {err}");
             check_stats(&mut node, &publish.volume_id, &publish.target_path).await;
-            node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: publish.volume_id.clone(), target_path: publish.target_path.clone() })
-                .await
-                .unwrap();
-            node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: pv.handle.into(), staging_target_path: h.kubelet_staging(era, pv) })
-                .await
-                .unwrap();
+            node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: publish.volume_id.clone(),
+                target_path: publish.target_path.clone(),
+            })
+            .await
+            .unwrap();
+            node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: pv.handle.into(),
+                staging_target_path: h.kubelet_staging(era, pv),
+            })
+            .await
+            .unwrap();
         }
         // A RWO PV the pod would write to: refused at publish, saying what to change.
-        let rw = Pv { name: "pv-rwo-rw", handle: "model-rwo-rw", first_access_mode: Mode::SingleNodeWriter, read_only: false, attributes: attrs.clone() };
+        let rw = Pv {
+            name: "pv-rwo-rw",
+            handle: "model-rwo-rw",
+            first_access_mode: Mode::SingleNodeWriter,
+            read_only: false,
+            attributes: attrs.clone(),
+        };
         node.node_stage_volume(h.kubelet_stage(era, &rw)).await.unwrap();
         let e = node.node_publish_volume(h.kubelet_publish(era, &rw, "pod-1")).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e}");
         assert!(e.message().contains("SINGLE_NODE_WRITER") && e.message().contains("readOnly: true"), "{}", e.message());
-        node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: rw.handle.into(), staging_target_path: h.kubelet_staging(era, &rw) })
-            .await
-            .unwrap();
+        node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: rw.handle.into(),
+            staging_target_path: h.kubelet_staging(era, &rw),
+        })
+        .await
+        .unwrap();
 
         // An inline volume with readOnly: true, published and unpublished twice each.
         let inline = h.kubelet_inline_publish("pod-e", "model", true, &[("url", &url)]);
@@ -594,9 +659,12 @@ async fn kubelet_call_shapes_old_and_current() {
         h.check_files(&inline.target_path);
         check_stats(&mut node, &inline.volume_id, &inline.target_path).await;
         for _ in 0..2 {
-            node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: inline.volume_id.clone(), target_path: inline.target_path.clone() })
-                .await
-                .unwrap();
+            node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: inline.volume_id.clone(),
+                target_path: inline.target_path.clone(),
+            })
+            .await
+            .unwrap();
         }
         // An inline volume without readOnly asks for writes: refused, nothing left behind.
         let writable = h.kubelet_inline_publish("pod-w", "model", false, &[("url", &url)]);
@@ -612,7 +680,11 @@ async fn kubelet_call_shapes_old_and_current() {
 /// test runs in the namespace kubelet would), not the plugin's view or the host's disk.
 async fn check_stats(node: &mut NodeClient<Channel>, volume_id: &str, path: &str) {
     let st = node
-        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: volume_id.into(), volume_path: path.into(), ..Default::default() })
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: volume_id.into(),
+            volume_path: path.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -667,11 +739,33 @@ async fn bad_input_matrix() {
             }),
             Code::InvalidArgument,
         ),
-        ("unknown format", with(&|r| { r.volume_context.insert("format".into(), "xfs".into()); }), Code::InvalidArgument),
-        ("unknown attribute", with(&|r| { r.volume_context.insert("chunksize".into(), "64K".into()); }), Code::InvalidArgument),
-        ("bad digest", with(&|r| { r.volume_context.insert("digest".into(), "sha256:beef".into()); }), Code::InvalidArgument),
+        (
+            "unknown format",
+            with(&|r| {
+                r.volume_context.insert("format".into(), "xfs".into());
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown attribute",
+            with(&|r| {
+                r.volume_context.insert("chunksize".into(), "64K".into());
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "bad digest",
+            with(&|r| {
+                r.volume_context.insert("digest".into(), "sha256:beef".into());
+            }),
+            Code::InvalidArgument,
+        ),
         ("staging path outside the kubelet root", with(&|r| r.staging_target_path = "/tmp/elsewhere".into()), Code::InvalidArgument),
-        ("staging path escaping the kubelet root", with(&|r| r.staging_target_path = format!("{}/../../etc", h.staging("x"))), Code::InvalidArgument),
+        (
+            "staging path escaping the kubelet root",
+            with(&|r| r.staging_target_path = format!("{}/../../etc", h.staging("x"))),
+            Code::InvalidArgument,
+        ),
         ("relative staging path", with(&|r| r.staging_target_path = "kubelet/x".into()), Code::InvalidArgument),
         ("volume id with ..", with(&|r| r.volume_id = "..".into()), Code::InvalidArgument),
         ("volume id with /", with(&|r| r.volume_id = "a/../../b".into()), Code::InvalidArgument),
@@ -700,7 +794,13 @@ async fn bad_input_matrix() {
     assert_eq!(code(r), Code::InvalidArgument);
     let r = node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "v".into(), staging_target_path: String::new() }).await;
     assert_eq!(code(r), Code::InvalidArgument);
-    let r = node.node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "nope".into(), volume_path: h.target("p", "v"), ..Default::default() }).await;
+    let r = node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "nope".into(),
+            volume_path: h.target("p", "v"),
+            ..Default::default()
+        })
+        .await;
     assert_eq!(code(r), Code::NotFound);
     let r = node.node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "nope".into(), ..Default::default() }).await;
     assert_eq!(code(r), Code::InvalidArgument);
@@ -727,7 +827,9 @@ async fn bad_input_matrix() {
     let mut p = h.publish_req("vol-b", "p");
     p.staging_target_path = h.staging("other");
     assert_eq!(code(node.node_publish_volume(p).await), Code::FailedPrecondition);
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-b".into(), staging_target_path: h.staging("vol-b") }).await.unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-b".into(), staging_target_path: h.staging("vol-b") })
+        .await
+        .unwrap();
     h.assert_clean();
 }
 
@@ -767,7 +869,9 @@ async fn concurrent_call_on_one_volume_is_aborted() {
     h.faults.hold.set(false);
     first.await.unwrap().unwrap();
     n2.node_stage_volume(req).await.expect("the same call succeeds once the first is done");
-    n2.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-c".into(), staging_target_path: h.staging("vol-c") }).await.unwrap();
+    n2.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-c".into(), staging_target_path: h.staging("vol-c") })
+        .await
+        .unwrap();
     h.assert_clean();
 }
 
@@ -788,14 +892,20 @@ async fn condition_turns_abnormal_when_the_origin_changes() {
     let err = std::fs::read(Path::new(&target).join("data/big.bin")).expect_err("bytes of another image version must not be served");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     let st = node
-        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "vol-d".into(), volume_path: target.clone(), ..Default::default() })
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "vol-d".into(),
+            volume_path: target.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     let cond = st.volume_condition.unwrap();
     assert!(cond.abnormal && cond.message.contains("changed"), "{cond:?}");
     node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: "vol-d".into(), target_path: target }).await.unwrap();
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-d".into(), staging_target_path: h.staging("vol-d") }).await.unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-d".into(), staging_target_path: h.staging("vol-d") })
+        .await
+        .unwrap();
     h.assert_clean();
 }
 
@@ -819,14 +929,20 @@ async fn condition_reports_a_full_cache_disk() {
     let target = h.target("pod", "vol-f");
     assert!(std::fs::read(Path::new(&target).join("data/big.bin")).unwrap() == h.files["data/big.bin"], "wrong bytes");
     let st = node
-        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "vol-f".into(), volume_path: target.clone(), ..Default::default() })
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "vol-f".into(),
+            volume_path: target.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     let cond = st.volume_condition.unwrap();
     assert!(cond.abnormal && cond.message.contains("No space left"), "{cond:?}\n{}", h.log());
     node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: "vol-f".into(), target_path: target }).await.unwrap();
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-f".into(), staging_target_path: h.staging("vol-f") }).await.unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-f".into(), staging_target_path: h.staging("vol-f") })
+        .await
+        .unwrap();
     assert!(Command::new("umount").arg(h.p("cache")).status().unwrap().success(), "unmounting the test's tmpfs");
     h.assert_clean();
 }
@@ -896,7 +1012,15 @@ async fn restart_under_a_reading_container_loses_no_read() {
     let rootfs = h.p("container/rootfs/model");
     std::fs::create_dir_all(&rootfs).unwrap();
     let mut reader = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", r#"mount --bind -o ro "$1" "$2" && exec python3 -c "$3" "$2/data/big.bin""#, "sh"])
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            r#"mount --bind -o ro "$1" "$2" && exec python3 -c "$3" "$2/data/big.bin""#,
+            "sh",
+        ])
         .arg(&target)
         .arg(&rootfs)
         .arg(READER)
@@ -920,7 +1044,10 @@ async fn restart_under_a_reading_container_loses_no_read() {
     }
     // The reader blocks in the kernel once it reaches the held bytes; with FUSE, the request
     // it waits on is in the plugin's hands: the next plugin must have the kernel send it again.
-    let blocked = || std::fs::read_to_string(format!("/proc/{}/stat", reader.id())).is_ok_and(|st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('D')));
+    let blocked = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", reader.id()))
+            .is_ok_and(|st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('D')))
+    };
     let waiting = (backend() == "fuse").then(|| fuse_requests_waiting(&h.staging("vol-r")));
     let t = Instant::now();
     while !blocked() || waiting.as_ref().is_some_and(|w| w() == 0) {
@@ -960,7 +1087,11 @@ async fn restart_under_a_reading_container_loses_no_read() {
     let mut node = h.node().await;
     h.check_files(&target);
     let st = node
-        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "vol-r".into(), volume_path: target.clone(), ..Default::default() })
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "vol-r".into(),
+            volume_path: target.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -969,7 +1100,9 @@ async fn restart_under_a_reading_container_loses_no_read() {
     node.node_stage_volume(h.stage_req("vol-r", &h.url("vol.img"))).await.unwrap();
     node.node_publish_volume(h.publish_req("vol-r", "pod")).await.unwrap();
     node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: "vol-r".into(), target_path: target }).await.unwrap();
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-r".into(), staging_target_path: h.staging("vol-r") }).await.unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-r".into(), staging_target_path: h.staging("vol-r") })
+        .await
+        .unwrap();
     h.assert_clean();
 }
 
@@ -999,7 +1132,11 @@ fn monotonic_s() -> f64 {
 fn report(line: &str) {
     eprintln!("RESULT {line}");
     if let Some(path) = std::env::var_os("LAZY_IMAGE_RESULTS") {
-        let _ = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
     }
 }
 
@@ -1027,7 +1164,9 @@ async fn complete_image_is_staged_on_its_cache_file_and_survives_a_restart() {
         assert!(t.elapsed() < Duration::from_secs(60), "prefetch did not finish:\n{}", h.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-w".into(), staging_target_path: h.staging("vol-w") }).await.unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-w".into(), staging_target_path: h.staging("vol-w") })
+        .await
+        .unwrap();
 
     node.node_stage_volume(h.stage_req("vol-d", &h.url("vol.img"))).await.unwrap();
     node.node_publish_volume(h.publish_req("vol-d", "pod")).await.unwrap();
@@ -1056,7 +1195,9 @@ async fn complete_image_is_staged_on_its_cache_file_and_survives_a_restart() {
     node.node_stage_volume(h.stage_req("vol-d", &h.url("vol.img"))).await.unwrap();
     drop(open);
     node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: "vol-d".into(), target_path: target }).await.unwrap();
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-d".into(), staging_target_path: h.staging("vol-d") }).await.unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-d".into(), staging_target_path: h.staging("vol-d") })
+        .await
+        .unwrap();
     h.assert_clean();
 }
 

@@ -94,7 +94,10 @@ fn cache_dirs(s: &Setup) -> Vec<(String, bool, u64, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_fill_pin_and_release_and_reports_follow_the_policy() {
     let s = setup().await;
-    let eager = Timing { policy: ReportPolicy { min_interval: Duration::ZERO, heartbeat: Duration::from_secs(3600) }, poll: Duration::from_secs(1) };
+    let eager = Timing {
+        policy: ReportPolicy { min_interval: Duration::ZERO, heartbeat: Duration::from_secs(3600) },
+        poll: Duration::from_secs(1),
+    };
     let mut r = Reporter::new(s.fake.client(), "n1", s.volumes.clone(), eager);
 
     // First round: the NodeCache is made, owned by its Node, and the first report written.
@@ -143,7 +146,10 @@ async fn orders_fill_pin_and_release_and_reports_follow_the_policy() {
     assert!(status(&s)["images"].get(&a).is_none());
 
     // With a long minimum interval, a change waits: no write, and the next round comes soon.
-    let slow = Timing { policy: ReportPolicy { min_interval: Duration::from_secs(3600), heartbeat: Duration::from_secs(7200) }, poll: Duration::from_secs(5) };
+    let slow = Timing {
+        policy: ReportPolicy { min_interval: Duration::from_secs(3600), heartbeat: Duration::from_secs(7200) },
+        poll: Duration::from_secs(5),
+    };
     let mut r2 = Reporter::new(s.fake.client(), "n1", s.volumes.clone(), slow);
     r2.tick().await;
     assert_eq!(r2.writes, 1, "the first report of a new reporter");

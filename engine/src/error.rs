@@ -101,11 +101,7 @@ impl Error {
         Error { kind, context: context.into(), source: None }
     }
 
-    pub fn with_source(
-        kind: ErrorKind,
-        context: impl Into<String>,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Self {
+    pub fn with_source(kind: ErrorKind, context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Error { kind, context: context.into(), source: Some(Arc::new(source)) }
     }
 
@@ -124,8 +120,7 @@ impl Error {
     /// Full sentence including the chain of causes, for logs and CLI output.
     pub fn report(&self) -> String {
         let mut s = self.to_string();
-        let mut cur: Option<&(dyn std::error::Error + 'static)> =
-            self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static));
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static));
         while let Some(e) = cur {
             s.push_str(": ");
             s.push_str(&e.to_string());

@@ -52,7 +52,6 @@ pub(crate) struct Filling {
     min_need: AtomicUsize,
 }
 
-
 impl Filling {
     pub(crate) fn new(len: usize, check: Option<ChunkCheck>) -> Arc<Self> {
         Arc::new(Filling {
@@ -209,8 +208,7 @@ impl RangeSink for Filling {
     }
 
     fn push(&self, bytes: &[u8]) -> bool {
-        self.append(|buf| (buf.len() + bytes.len() <= self.len && buf.extend_from_slice(bytes)).then_some(()))
-            .is_some()
+        self.append(|buf| (buf.len() + bytes.len() <= self.len && buf.extend_from_slice(bytes)).then_some(())).is_some()
     }
 
     fn push_from(&self, max: usize, read: &mut dyn FnMut(&mut dyn BufMut) -> io::Result<()>) -> Option<io::Result<usize>> {

@@ -310,13 +310,7 @@ impl LazyImage {
         let manifest_digest = cfg.manifest.as_ref().map(Manifest::digest);
         let url = source.describe();
         let key = cache_key(&url, manifest_digest.as_deref());
-        let header = CacheHeader {
-            format_version: CACHE_FORMAT_VERSION,
-            url,
-            info: info.clone(),
-            chunk_size,
-            manifest_digest,
-        };
+        let header = CacheHeader { format_version: CACHE_FORMAT_VERSION, url, info: info.clone(), chunk_size, manifest_digest };
         let budget = match cfg.cache_limit {
             Some(limit) => {
                 let others = evict_unused(&cfg.cache_root, limit.saturating_sub(info.size), &key)?;
@@ -477,7 +471,11 @@ impl LazyImage {
             let st = lock(&inner.state);
             st.written == st.synced && inner.writes_pending.load(Ordering::SeqCst) == 0
         };
-        if settled { inner.store.data_direct_fd() } else { None }
+        if settled {
+            inner.store.data_direct_fd()
+        } else {
+            None
+        }
     }
 
     pub fn direct_refused(&self) {
@@ -703,8 +701,7 @@ impl Inner {
                     claim_from.get_or_insert(c);
                     plan.push(Slot::Cache); // replaced below once the run exists
                 }
-                let run_ends = claim_from.is_some()
-                    && (c == c1 || st.present.get(c + 1) || st.inflight.contains_key(&(c + 1)));
+                let run_ends = claim_from.is_some() && (c == c1 || st.present.get(c + 1) || st.inflight.contains_key(&(c + 1)));
                 if run_ends {
                     if let Some(first) = claim_from.take() {
                         let (a, b) = if first == c0 && c == c1 { self.widen_startup_miss(&st, first, c + 1) } else { (first, c + 1) };
@@ -970,10 +967,7 @@ impl Inner {
 
     async fn fetch_verified(&self, first: u64, end: u64, readahead: bool, fill: &Arc<Filling>, served: Arc<AtomicUsize>) -> Result<Run> {
         let slots = if readahead { &self.readahead_slots } else { &self.demand_slots };
-        let _permit = slots
-            .acquire()
-            .await
-            .map_err(|e| Error::with_source(ErrorKind::CacheIo, "fetch slots closed", e))?;
+        let _permit = slots.acquire().await.map_err(|e| Error::with_source(ErrorKind::CacheIo, "fetch slots closed", e))?;
         let offset = first * self.chunk_size;
         let len = self.chunk_range(end - 1).1 - offset;
         self.fetch_into(offset, len, fill).await?;
@@ -1129,9 +1123,7 @@ impl Inner {
         // which with a fixed 512 KiB reach started a new stream (and a small window) every time
         // one overtook another.
         let reach = |s: &Stream| slack.max(s.window).max(4 * (end - offset));
-        let hit = streams
-            .iter()
-            .position(|s| offset + reach(s) >= s.next && offset <= s.frontier.max(s.next) + reach(s));
+        let hit = streams.iter().position(|s| offset + reach(s) >= s.next && offset <= s.frontier.max(s.next) + reach(s));
         let Some(i) = hit else {
             if streams.len() == STREAMS {
                 streams.pop();

@@ -25,7 +25,12 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// `image_url` + `.manifest` when a digest is pinned; with `pinned`, its digest must match.
 /// `headers` go with the request (the image's credentials: a private origin keeps its manifest
 /// as private as its image).
-pub async fn resolve_manifest(image_url: &str, manifest: Option<&str>, pinned: Option<&str>, headers: &http::HeaderMap) -> Result<Option<Manifest>> {
+pub async fn resolve_manifest(
+    image_url: &str,
+    manifest: Option<&str>,
+    pinned: Option<&str>,
+    headers: &http::HeaderMap,
+) -> Result<Option<Manifest>> {
     let loc = match (manifest, pinned) {
         (Some(m), _) => m.to_string(),
         (None, Some(_)) => format!("{image_url}.manifest"),

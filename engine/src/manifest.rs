@@ -25,9 +25,9 @@ pub fn digest_string(bytes: &[u8]) -> String {
 
 /// Checks that a user-given digest looks like `sha256:<64 hex>` and normalises it to lower case.
 pub fn parse_digest(s: &str) -> Result<String> {
-    let hexpart = s.strip_prefix("sha256:").ok_or_else(|| {
-        Error::new(ErrorKind::InvalidInput, format!("digest {s:?} must start with \"sha256:\""))
-    })?;
+    let hexpart = s
+        .strip_prefix("sha256:")
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, format!("digest {s:?} must start with \"sha256:\"")))?;
     if hexpart.len() != 64 || !hexpart.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(Error::new(ErrorKind::InvalidInput, format!("digest {s:?} must be sha256: and 64 hex digits")));
     }
@@ -44,9 +44,7 @@ impl Manifest {
         loop {
             let mut filled = 0;
             while filled < buf.len() {
-                let n = reader
-                    .read(&mut buf[filled..])
-                    .map_err(|e| Error::with_source(ErrorKind::CacheIo, "reading the image", e))?;
+                let n = reader.read(&mut buf[filled..]).map_err(|e| Error::with_source(ErrorKind::CacheIo, "reading the image", e))?;
                 if n == 0 {
                     break;
                 }
@@ -82,8 +80,8 @@ impl Manifest {
                 return Err(Error::new(ErrorKind::Integrity, format!("manifest digest is {got}, expected {want}")));
             }
         }
-        let m: Manifest = serde_json::from_slice(bytes)
-            .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "parsing the manifest", e))?;
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| Error::with_source(ErrorKind::InvalidInput, "parsing the manifest", e))?;
         if m.format != MANIFEST_FORMAT {
             return Err(Error::new(ErrorKind::InvalidInput, format!("manifest format {:?} is not {MANIFEST_FORMAT:?}", m.format)));
         }
@@ -103,19 +101,14 @@ impl Manifest {
 
     /// True when `data` is chunk `index`'s exact bytes.
     pub fn verify(&self, index: u64, data: &[u8]) -> bool {
-        self.chunks
-            .get(index as usize)
-            .is_some_and(|want| hex::encode(Sha256::digest(data)) == *want)
+        self.chunks.get(index as usize).is_some_and(|want| hex::encode(Sha256::digest(data)) == *want)
     }
 }
 
 /// Chunk sizes are powers of two between 4 KiB and 16 MiB so chunks align with device blocks.
 pub fn check_chunk_size(cs: u64) -> Result<()> {
     if !(4096..=16 << 20).contains(&cs) || !cs.is_power_of_two() {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!("chunk size {cs} must be a power of two between 4096 and 16777216"),
-        ));
+        return Err(Error::new(ErrorKind::InvalidInput, format!("chunk size {cs} must be a power of two between 4096 and 16777216")));
     }
     Ok(())
 }

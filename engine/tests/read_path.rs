@@ -3,11 +3,11 @@
 mod common;
 
 use common::{config, open, pattern};
-use lazy_image_engine::{ErrorKind, FakeSource, FileSource, ImageConfig, LazyImage, Manifest};
 use lazy_image_engine::source::Fault;
+use lazy_image_engine::{ErrorKind, FakeSource, FileSource, ImageConfig, LazyImage, Manifest};
 use proptest::prelude::*;
-use std::sync::Arc;
 use rand::{Rng, SeedableRng};
+use std::sync::Arc;
 
 const SIZE: usize = 1 << 20;
 
@@ -34,7 +34,12 @@ async fn concurrent_misses_on_one_chunk_fetch_once() {
     cfg.readahead_max = 0;
     let img = LazyImage::open(src.clone(), cfg).await.unwrap();
     let before = src.fetch_count();
-    let tasks: Vec<_> = (0..16).map(|i| { let img = img.clone(); tokio::spawn(async move { img.read(500_000 + i, 100).await }) }).collect();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let img = img.clone();
+            tokio::spawn(async move { img.read(500_000 + i, 100).await })
+        })
+        .collect();
     for t in tasks {
         t.await.unwrap().unwrap();
     }
@@ -369,7 +374,12 @@ async fn overlapping_flushes_all_succeed() {
     let img = open(src, dir.path()).await;
     for round in 0..30u64 {
         img.read(round * 16384, 100).await.unwrap();
-        let flushes: Vec<_> = (0..8).map(|_| { let img = img.clone(); tokio::spawn(async move { img.flush().await }) }).collect();
+        let flushes: Vec<_> = (0..8)
+            .map(|_| {
+                let img = img.clone();
+                tokio::spawn(async move { img.flush().await })
+            })
+            .collect();
         for f in flushes {
             f.await.unwrap().unwrap_or_else(|e| panic!("round {round}: {}", e.report()));
         }
@@ -404,7 +414,10 @@ async fn background_fill_completes_the_image_beside_readers() {
     src.inject(Fault::Delay(std::time::Duration::from_millis(2)));
     let dir = tempfile::tempdir().unwrap();
     let img = open(src.clone(), dir.path()).await;
-    let filler = { let img = img.clone(); tokio::spawn(async move { img.fill_in_background().await }) };
+    let filler = {
+        let img = img.clone();
+        tokio::spawn(async move { img.fill_in_background().await })
+    };
     // Readers meanwhile get exactly the image's bytes, wherever the fill is.
     let mut rng = rand::rngs::StdRng::seed_from_u64(19);
     for _ in 0..200 {

@@ -51,9 +51,7 @@ pub async fn spawn(root: impl Into<PathBuf>, addr: SocketAddr, faults: Option<Ar
             let faults = faults.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| handle(req, root.clone(), faults.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });

@@ -314,7 +314,8 @@ impl FuseExport {
             err.kind = AttachErrorKind::Unsupported;
             err
         };
-        let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").map_err(|e| unsupported("opening /dev/fuse".into(), e))?;
+        let dev =
+            std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").map_err(|e| unsupported("opening /dev/fuse".into(), e))?;
         let dev = Arc::new(dev);
         mount_fuse(&dev, dir).map_err(|e| unsupported(format!("mounting FUSE at {} (is /dev/fuse available?)", dir.display()), e))?;
         let started = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());

@@ -12,8 +12,8 @@
 use super::abi::{self, InHeader};
 use super::{Deliver, ImageFs, Reply, MAX_WRITE, SPIN_ENV};
 use crate::lock;
-use lazy_image_engine::cache::{advise_huge, direct_layout, DIRECT_ALIGN, HUGE_PAGE};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use lazy_image_engine::cache::{advise_huge, direct_layout, DIRECT_ALIGN, HUGE_PAGE};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -143,6 +143,7 @@ struct Queue {
 // SAFETY: entries' buffers are reached through raw pointers only, by one party at a time (see
 // `Entry`); the ring is used by the queue thread only.
 unsafe impl Send for Queue {}
+// SAFETY: as for Send: the shared parts are used as said there.
 unsafe impl Sync for Queue {}
 
 impl Queue {
@@ -165,8 +166,19 @@ impl Queue {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        // SAFETY: `fd` is a new eventfd, owned by nothing else.
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Queue { qid, ring, dev, entries, payloads, pending: Mutex::new(Vec::new()), wake, wake_buf: RawBuf::zeroed(8), thread: OnceLock::new() })
+        Ok(Queue {
+            qid,
+            ring,
+            dev,
+            entries,
+            payloads,
+            pending: Mutex::new(Vec::new()),
+            wake,
+            wake_buf: RawBuf::zeroed(8),
+            thread: OnceLock::new(),
+        })
     }
 
     /// A FUSE ring command for entry `i`.
@@ -183,6 +195,7 @@ impl Queue {
         // SAFETY: Entry128 is the 128-byte `io_uring_sqe`; `len` is the u32 at byte 24.
         let mut raw: [u8; 128] = unsafe { std::mem::transmute(e) };
         raw[24..28].copy_from_slice(&2u32.to_le_bytes());
+        // SAFETY: the same 128 bytes back as an Entry128, with `len` set.
         unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
     }
 
@@ -196,6 +209,7 @@ impl Queue {
         // SAFETY: only the queue thread touches the submission queue; the buffers an entry
         // points to live as long as the queue.
         let mut sq = unsafe { self.ring.submission_shared() };
+        // SAFETY: every entry's buffers live as long as the queue (see above).
         unsafe { sq.push_multiple(es) }.map_err(|_| std::io::Error::other("FUSE ring submission queue full"))?;
         sq.sync();
         Ok(())

@@ -120,19 +120,14 @@ pub fn device_state(id: u32) -> Result<(DeviceState, i32), AttachError> {
 /// True when device `id` was created by lazy-image (libublk records the target name in the
 /// server's JSON under /run/ublksrvd); other software's devices are never touched.
 pub fn is_ours(id: u32) -> bool {
-    exists(id)
-        && UblkCtrl::new_simple(id as i32)
-        .and_then(|c| c.get_target_type_from_json())
-        .is_ok_and(|t| t == TARGET_NAME)
+    exists(id) && UblkCtrl::new_simple(id as i32).and_then(|c| c.get_target_type_from_json()).is_ok_and(|t| t == TARGET_NAME)
 }
 
 /// Ids of every ublk device on this host.
 pub fn list_devices() -> Vec<u32> {
     let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
         .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("ublkc")).and_then(|n| n.parse().ok()))
-                .collect()
+            rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("ublkc")).and_then(|n| n.parse().ok())).collect()
         })
         .unwrap_or_default();
     ids.sort_unstable();
@@ -161,7 +156,11 @@ pub fn delete_device(id: u32) -> Result<(), AttachError> {
         Ok(_) => Ok(()),
         Err(e) => {
             let err = ublk_err(format!("deleting ublk device {id}"), e);
-            if err.kind == AttachErrorKind::NotFound { Ok(()) } else { Err(err) }
+            if err.kind == AttachErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(err)
+            }
         }
     }
 }

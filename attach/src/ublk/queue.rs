@@ -95,9 +95,8 @@ async fn read_cache(ctx: &QueueContext, offset: u64, dst: &mut [u8]) -> Result<(
     let mut done = read_nowait(fd, offset, dst);
     while done < dst.len() {
         let rest = &mut dst[done..];
-        let sqe = io_uring::opcode::Read::new(io_uring::types::Fd(fd), rest.as_mut_ptr(), rest.len() as u32)
-            .offset(offset + done as u64)
-            .build();
+        let sqe =
+            io_uring::opcode::Read::new(io_uring::types::Fd(fd), rest.as_mut_ptr(), rest.len() as u32).offset(offset + done as u64).build();
         match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
             Ok(r) if r > 0 => done += r as usize,
             Ok(0) => {

@@ -9,7 +9,7 @@ mod warm;
 use crate::args::{Cli, Command, ImageArgs};
 use anyhow::{bail, Context, Result};
 use lazy_image_attach::Backend;
-use lazy_image_engine::{resolve_manifest, manifest::parse_digest, FileSource, HttpSource, ImageConfig, LazyImage, RangeSource};
+use lazy_image_engine::{manifest::parse_digest, resolve_manifest, FileSource, HttpSource, ImageConfig, LazyImage, RangeSource};
 use std::sync::Arc;
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -61,7 +61,9 @@ pub(crate) async fn open_image(a: &ImageArgs) -> Result<LazyImage> {
         Arc::new(FileSource::new(path))
     };
     let digest = a.digest.as_deref().map(parse_digest).transpose().map_err(|e| anyhow::anyhow!(e.report()))?;
-    let manifest = resolve_manifest(&a.url, a.manifest.as_deref(), digest.as_deref(), &http::HeaderMap::new()).await.map_err(|e| anyhow::anyhow!(e.report()))?;
+    let manifest = resolve_manifest(&a.url, a.manifest.as_deref(), digest.as_deref(), &http::HeaderMap::new())
+        .await
+        .map_err(|e| anyhow::anyhow!(e.report()))?;
     let mut cfg = ImageConfig::new(&a.cache.cache_dir);
     cfg.cache_limit = a.cache.cache_limit;
     if let Some(cs) = a.chunk_size {

@@ -19,10 +19,7 @@ pub fn ublk_options(a: &UblkArgs) -> UblkOptions {
 }
 
 pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
-    let mountpoint = a
-        .mountpoint
-        .canonicalize()
-        .with_context(|| format!("mount point {}", a.mountpoint.display()))?;
+    let mountpoint = a.mountpoint.canonicalize().with_context(|| format!("mount point {}", a.mountpoint.display()))?;
     let fs: Option<FsType> = match a.format.as_str() {
         "auto" => None,
         f => Some(f.parse()?),
@@ -61,9 +58,17 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
         }
         Some((Takeover::Loop(dev), fs)) => {
             let att = Attachment::adopt_direct_loop(&img, &dev, &mountpoint, fs).with_context(|| {
-                format!("{} is left over from a daemon that died; run `lazy-image umount {}` first", mountpoint.display(), mountpoint.display())
+                format!(
+                    "{} is left over from a daemon that died; run `lazy-image umount {}` first",
+                    mountpoint.display(),
+                    mountpoint.display()
+                )
             })?;
-            eprintln!("lazy-image: adopted {} (reads the complete cache; its daemon had died); {} stays mounted", dev.display(), mountpoint.display());
+            eprintln!(
+                "lazy-image: adopted {} (reads the complete cache; its daemon had died); {} stays mounted",
+                dev.display(),
+                mountpoint.display()
+            );
             att
         }
         None => {

@@ -16,12 +16,10 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_lazy-image");
 /// True when the tools these tests need are here. In CI a missing one fails the test instead of
 /// skipping it silently.
 pub fn prerequisites_met(extra: &[(&'static str, bool)]) -> bool {
-    let mut checks = vec![
-        ("root", unsafe { libc::geteuid() } == 0),
-        ("mkfs.ext4", which("mkfs.ext4")),
-        ("mkfs.erofs", which("mkfs.erofs")),
-        ("mksquashfs", which("mksquashfs")),
-    ];
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut checks =
+        vec![("root", root), ("mkfs.ext4", which("mkfs.ext4")), ("mkfs.erofs", which("mkfs.erofs")), ("mksquashfs", which("mksquashfs"))];
     checks.extend_from_slice(extra);
     let missing: Vec<&str> = checks.into_iter().filter(|(_, ok)| !ok).map(|(n, _)| n).collect();
     if missing.is_empty() {

@@ -137,7 +137,10 @@ fn main() {
                 writes.add(t);
                 let n = &mut nodes[ordered];
                 let size = a.warm_gib * gib;
-                n.report.images.insert(warm_url.clone(), ImageReport { url: warm_url.clone(), size_bytes: size, cached_bytes: 0, volumes: 0, last_read: None });
+                n.report.images.insert(
+                    warm_url.clone(),
+                    ImageReport { url: warm_url.clone(), size_bytes: size, cached_bytes: 0, volumes: 0, last_read: None },
+                );
                 n.filling.insert(warm_url.clone(), rng.range(a.fill_min_mbs, a.fill_max_mbs) << 20);
                 ordered += 1;
             }
@@ -174,7 +177,9 @@ fn main() {
                 }
                 let i = rng.range(0, a.images as u64 - 1) as usize;
                 let size = rng.range(1, 40) * gib;
-                n.report.images.insert(url(i), ImageReport { url: url(i), size_bytes: size, cached_bytes: 0, volumes: 1, last_read: Some(t) });
+                n.report
+                    .images
+                    .insert(url(i), ImageReport { url: url(i), size_bytes: size, cached_bytes: 0, volumes: 1, last_read: Some(t) });
                 n.filling.insert(url(i), rng.range(a.fill_min_mbs, a.fill_max_mbs) << 20);
             }
             let since = Duration::from_secs((t as i64 - n.written_at).max(0) as u64);
@@ -185,7 +190,8 @@ fn main() {
             }
         }
         // The controller's status writes: per image, when due and a minute after the last.
-        let due: Vec<String> = status_due.iter().filter(|(u, _)| status_written.get(*u).is_none_or(|w| t >= w + 60)).map(|(u, _)| u.clone()).collect();
+        let due: Vec<String> =
+            status_due.iter().filter(|(u, _)| status_written.get(*u).is_none_or(|w| t >= w + 60)).map(|(u, _)| u.clone()).collect();
         for u in due {
             if pacer.take(now).is_err() {
                 break;
@@ -199,8 +205,16 @@ fn main() {
         }
     }
     let settle = 900.min(a.steady_s / 2);
-    println!("simulated {} nodes x {} images ({} per node), report policy: min interval {} s, heartbeat {} s; controller pacing {}/s, burst {}",
-        a.nodes, a.images, a.per_node, policy.min_interval.as_secs(), policy.heartbeat.as_secs(), a.controller_rate, a.controller_burst);
+    println!(
+        "simulated {} nodes x {} images ({} per node), report policy: min interval {} s, heartbeat {} s; controller pacing {}/s, burst {}",
+        a.nodes,
+        a.images,
+        a.per_node,
+        policy.min_interval.as_secs(),
+        policy.heartbeat.as_secs(),
+        a.controller_rate,
+        a.controller_burst
+    );
     println!(
         "steady state ({} s after {} s to settle): {:.2} writes/s mean, {:.2} writes/s in the busiest minute (goal: under 5)",
         a.steady_s - settle,

@@ -89,6 +89,7 @@ pub struct PooledBuf {
 
 // SAFETY: plain bytes owned by this value alone; `&` gives only reads of the filled part.
 unsafe impl Send for PooledBuf {}
+// SAFETY: as for Send: shared references only read.
 unsafe impl Sync for PooledBuf {}
 
 impl PooledBuf {

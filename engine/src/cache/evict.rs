@@ -44,14 +44,16 @@ pub fn unpin(dir: &Path) -> Result<()> {
 impl CachedImage {
     pub fn fill_ratio(&self) -> f64 {
         let total = self.header.chunks();
-        if total == 0 { 0.0 } else { self.chunks_present as f64 / total as f64 }
+        if total == 0 {
+            0.0
+        } else {
+            self.chunks_present as f64 / total as f64
+        }
     }
 }
 
 fn disk_usage(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum())
-        .unwrap_or(0)
+    std::fs::read_dir(dir).map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()).unwrap_or(0)
 }
 
 /// Lists the image caches under `root`, skipping directories that are not caches.
@@ -64,19 +66,12 @@ pub fn list_images(root: &Path) -> Result<Vec<CachedImage>> {
     let mut out = Vec::new();
     for entry in rd.flatten() {
         let dir = entry.path();
-        let Some(header) = std::fs::read(dir.join("header.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<CacheHeader>(&b).ok())
-        else {
+        let Some(header) = std::fs::read(dir.join("header.json")).ok().and_then(|b| serde_json::from_slice::<CacheHeader>(&b).ok()) else {
             continue;
         };
-        let chunks_present = std::fs::read(dir.join("bitmap"))
-            .ok()
-            .and_then(|b| Bitmap::from_bytes(b, header.chunks()))
-            .map_or(0, |b| b.count_ones());
-        let last_used = std::fs::metadata(dir.join("lock"))
-            .and_then(|m| m.modified())
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let chunks_present =
+            std::fs::read(dir.join("bitmap")).ok().and_then(|b| Bitmap::from_bytes(b, header.chunks())).map_or(0, |b| b.count_ones());
+        let last_used = std::fs::metadata(dir.join("lock")).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
         let stats = std::fs::read(dir.join("stats.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
         let pinned = dir.join(PIN_FILE).exists();
         out.push(CachedImage {
@@ -114,8 +109,7 @@ pub fn evict_unused(root: &Path, target: u64, keep: &str) -> Result<u64> {
         tracing::info!(key = %img.key, bytes = img.disk_bytes, "evicting cached image");
         // Header first: a half-removed directory is then no longer a cache anyone would reuse.
         let _ = std::fs::remove_file(img.dir.join("header.json"));
-        std::fs::remove_dir_all(&img.dir)
-            .map_err(|e| Error::cache_io(format!("evicting {}", img.dir.display()), e))?;
+        std::fs::remove_dir_all(&img.dir).map_err(|e| Error::cache_io(format!("evicting {}", img.dir.display()), e))?;
         total -= img.disk_bytes;
         others -= img.disk_bytes;
     }

@@ -15,6 +15,6 @@ mod evict;
 mod store;
 
 pub use bitmap::Bitmap;
-pub use buf_pool::{advise_huge, direct_layout, HUGE_PAGE, trim_all as trim_all_buffers, trim_idle as trim_idle_buffers, PooledBuf};
+pub use buf_pool::{advise_huge, direct_layout, trim_all as trim_all_buffers, trim_idle as trim_idle_buffers, PooledBuf, HUGE_PAGE};
 pub use evict::{evict_unused, list_images, pin, unpin, CachedImage};
 pub use store::{cache_key, CacheHeader, CacheStore, CACHE_FORMAT_VERSION, DATA_FILE, DIRECT_ALIGN};

@@ -30,13 +30,10 @@ impl CacheHeader {
     /// Old bytes may be served for this header only if they are provably the same image: same
     /// size and chunking, and either the same pinned manifest or the same origin validator.
     pub fn can_reuse(&self, old: &CacheHeader) -> bool {
-        let same_shape = self.format_version == old.format_version
-            && self.info.size == old.info.size
-            && self.chunk_size == old.chunk_size;
+        let same_shape = self.format_version == old.format_version && self.info.size == old.info.size && self.chunk_size == old.chunk_size;
         let same_pin = self.manifest_digest.is_some() && self.manifest_digest == old.manifest_digest;
-        let same_validator = self.info.has_validator()
-            && self.info.etag == old.info.etag
-            && self.info.last_modified == old.info.last_modified;
+        let same_validator =
+            self.info.has_validator() && self.info.etag == old.info.etag && self.info.last_modified == old.info.last_modified;
         same_shape && (same_pin || same_validator)
     }
 
@@ -85,7 +82,11 @@ fn io(dir: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
 pub(super) fn try_lock(f: &File) -> std::io::Result<()> {
     // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 pub(super) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
@@ -131,15 +132,17 @@ impl CacheStore {
             .open(dir.join("bitmap"))
             .map_err(io(&dir, "opening the bitmap file"))?;
 
-        let old: Option<CacheHeader> = std::fs::read(dir.join("header.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let old: Option<CacheHeader> = std::fs::read(dir.join("header.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
         let chunks = header.chunks();
         let reused = match &old {
             Some(old) if header.can_reuse(old) => {
                 let mut bytes = vec![0u8; Bitmap::byte_len(chunks)];
                 let ok = bitmap_file.read_exact_at(&mut bytes, 0).is_ok();
-                if ok { Bitmap::from_bytes(bytes, chunks) } else { None }
+                if ok {
+                    Bitmap::from_bytes(bytes, chunks)
+                } else {
+                    None
+                }
             }
             _ => None,
         };
@@ -244,11 +247,7 @@ impl CacheStore {
         let len = buf.len() as u64;
         // Reserve before writing so concurrent writers cannot overshoot the budget together.
         let budget = self.budget.unwrap_or(u64::MAX);
-        if self
-            .used
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| (u + len <= budget).then_some(u + len))
-            .is_err()
-        {
+        if self.used.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| (u + len <= budget).then_some(u + len)).is_err() {
             return Ok(false);
         }
         self.write_data(buf, offset, direct).map_err(|e| {
@@ -314,7 +313,8 @@ mod tests {
 
     fn store(dir: &Path, size: u64) -> CacheStore {
         let info = ImageInfo { size, etag: Some("\"e\"".into()), last_modified: None };
-        let header = CacheHeader { format_version: CACHE_FORMAT_VERSION, url: "http://x/i".into(), info, chunk_size: CHUNK, manifest_digest: None };
+        let header =
+            CacheHeader { format_version: CACHE_FORMAT_VERSION, url: "http://x/i".into(), info, chunk_size: CHUNK, manifest_digest: None };
         CacheStore::open(dir, "k", header, None).unwrap().0
     }
 
@@ -384,6 +384,7 @@ mod tests {
         let err = std::io::Error::last_os_error();
         // SAFETY: CHUNK initialized bytes at `dst`, read before it is freed.
         let got = unsafe { std::slice::from_raw_parts(dst, CHUNK as usize) }.to_vec();
+        // SAFETY: allocated above with this layout, freed once.
         unsafe { std::alloc::dealloc(dst, layout) };
         assert_eq!(n, CHUNK as isize, "{err}");
         assert_eq!(got, chunk);

@@ -71,11 +71,7 @@ impl FakeSource {
     }
 
     fn info(&self) -> ImageInfo {
-        ImageInfo {
-            size: lock(&self.data).len() as u64,
-            etag: Some(lock(&self.etag).clone()),
-            last_modified: None,
-        }
+        ImageInfo { size: lock(&self.data).len() as u64, etag: Some(lock(&self.etag).clone()), last_modified: None }
     }
 }
 

@@ -18,24 +18,13 @@ impl FileSource {
 
     fn info(&self) -> Result<ImageInfo> {
         let md = std::fs::metadata(&self.path).map_err(|e| {
-            let kind = if e.kind() == std::io::ErrorKind::NotFound {
-                ErrorKind::NotFound
-            } else {
-                ErrorKind::Transport
-            };
+            let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Transport };
             Error::with_source(kind, format!("image file {}", self.path.display()), e)
         })?;
         if !md.is_file() {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("{} is not a regular file", self.path.display()),
-            ));
+            return Err(Error::new(ErrorKind::InvalidInput, format!("{} is not a regular file", self.path.display())));
         }
-        Ok(ImageInfo {
-            size: md.len(),
-            etag: Some(format!("{:x}-{:x}-{:x}", md.ino(), md.mtime(), md.mtime_nsec())),
-            last_modified: None,
-        })
+        Ok(ImageInfo { size: md.len(), etag: Some(format!("{:x}-{:x}-{:x}", md.ino(), md.mtime(), md.mtime_nsec())), last_modified: None })
     }
 }
 
@@ -54,16 +43,10 @@ impl RangeSource for FileSource {
         let now = self.info()?;
         expect.check_same(&now, &self.describe())?;
         tokio::task::spawn_blocking(move || {
-            let f = std::fs::File::open(&path)
-                .map_err(|e| Error::with_source(ErrorKind::Transport, path.display().to_string(), e))?;
+            let f = std::fs::File::open(&path).map_err(|e| Error::with_source(ErrorKind::Transport, path.display().to_string(), e))?;
             let mut buf = vec![0u8; len as usize];
-            f.read_exact_at(&mut buf, offset).map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Protocol,
-                    format!("{} at offset {offset} length {len}", path.display()),
-                    e,
-                )
-            })?;
+            f.read_exact_at(&mut buf, offset)
+                .map_err(|e| Error::with_source(ErrorKind::Protocol, format!("{} at offset {offset} length {len}", path.display()), e))?;
             Ok(Bytes::from(buf))
         })
         .await

@@ -52,13 +52,9 @@ pub struct HttpSource {
 
 impl HttpSource {
     pub fn new(url: &str, opts: HttpSourceOptions) -> Result<Self> {
-        let url = reqwest::Url::parse(url)
-            .map_err(|e| Error::with_source(ErrorKind::InvalidInput, format!("image URL {url:?}"), e))?;
+        let url = reqwest::Url::parse(url).map_err(|e| Error::with_source(ErrorKind::InvalidInput, format!("image URL {url:?}"), e))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("image URL {url}: scheme must be http or https"),
-            ));
+            return Err(Error::new(ErrorKind::InvalidInput, format!("image URL {url}: scheme must be http or https")));
         }
         let client = reqwest::Client::builder()
             .connect_timeout(opts.connect_timeout)
@@ -69,18 +65,8 @@ impl HttpSource {
             .no_gzip()
             .build()
             .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "building the HTTP client", e))?;
-        let http1 = opts
-            .own_http1
-            .then(|| Http1::new(&url, &opts.headers, opts.max_idle_per_host, opts.connect_timeout))
-            .flatten();
-        Ok(HttpSource {
-            url,
-            client,
-            headers: opts.headers,
-            request_timeout: opts.request_timeout,
-            http1,
-            http1_ok: AtomicBool::new(true),
-        })
+        let http1 = opts.own_http1.then(|| Http1::new(&url, &opts.headers, opts.max_idle_per_host, opts.connect_timeout)).flatten();
+        Ok(HttpSource { url, client, headers: opts.headers, request_timeout: opts.request_timeout, http1, http1_ok: AtomicBool::new(true) })
     }
 
     /// Our own HTTP/1.1 connections, while they serve this origin.
@@ -105,9 +91,7 @@ fn check_range_answer(status: StatusCode, headers: &HeaderMap, offset: u64, last
     let what = || format!("{source} bytes {offset}-{last}");
     match status {
         StatusCode::PARTIAL_CONTENT => {}
-        StatusCode::OK => {
-            return Err(Error::new(ErrorKind::RangeUnsupported, format!("{}: answered 200 to a Range request", what())))
-        }
+        StatusCode::OK => return Err(Error::new(ErrorKind::RangeUnsupported, format!("{}: answered 200 to a Range request", what()))),
         StatusCode::RANGE_NOT_SATISFIABLE | StatusCode::PRECONDITION_FAILED => {
             return Err(Error::new(ErrorKind::OriginChanged, format!("{}: HTTP {status}", what())))
         }
@@ -169,10 +153,9 @@ impl RangeSource for HttpSource {
                 ErrorKind::RangeUnsupported,
                 format!("{} answered 200 with the whole body to a Range request; refusing to download it", self.describe()),
             )),
-            StatusCode::RANGE_NOT_SATISFIABLE => Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("{} is empty (Content-Range {cr:?})", self.describe()),
-            )),
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                Err(Error::new(ErrorKind::InvalidInput, format!("{} is empty (Content-Range {cr:?})", self.describe())))
+            }
             s => Err(Error::new(ErrorKind::OriginStatus(s.as_u16()), self.describe())),
         }
     }
@@ -189,9 +172,10 @@ impl RangeSource for HttpSource {
         let what = || format!("{source} bytes {offset}-{last}");
         if let Some(http1) = self.http1() {
             let check = |status, headers: &HeaderMap| check_range_answer(status, headers, offset, last, expect, &source);
-            let answer = tokio::time::timeout(self.request_timeout, http1.fetch_to(offset, last, sink, check, &what))
-                .await
-                .map_err(|_| Error::new(ErrorKind::Transport, format!("{}: no whole answer within {:?}", what(), self.request_timeout)))??;
+            let answer =
+                tokio::time::timeout(self.request_timeout, http1.fetch_to(offset, last, sink, check, &what)).await.map_err(|_| {
+                    Error::new(ErrorKind::Transport, format!("{}: no whole answer within {:?}", what(), self.request_timeout))
+                })??;
             match answer {
                 Answer::Read => return Ok(()),
                 Answer::NotPlain => {
@@ -214,7 +198,9 @@ impl RangeSource for HttpSource {
                     got += part.len() as u64;
                 }
                 Ok(None) => break,
-                Err(e) => return Err(Error::with_source(ErrorKind::Transport, format!("{}: reading body at {got} of {len} bytes", what()), e)),
+                Err(e) => {
+                    return Err(Error::with_source(ErrorKind::Transport, format!("{}: reading body at {got} of {len} bytes", what()), e))
+                }
             }
         }
         if got != len {

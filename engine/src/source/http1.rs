@@ -131,12 +131,17 @@ impl Http1 {
                     let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| protocol("no status".into()))?;
                     let mut headers = HeaderMap::with_capacity(resp.headers.len());
                     for h in resp.headers.iter() {
-                        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| protocol(format!("bad header name {:?}", h.name)))?;
+                        let name =
+                            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| protocol(format!("bad header name {:?}", h.name)))?;
                         let value = HeaderValue::from_bytes(h.value).map_err(|_| protocol(format!("bad value of header {name}")))?;
                         headers.append(name, value);
                     }
                     let close = headers.get_all(CONNECTION).iter().any(|v| has_token(v, "close"));
-                    let keep = if resp.version == Some(1) { !close } else { headers.get_all(CONNECTION).iter().any(|v| has_token(v, "keep-alive")) };
+                    let keep = if resp.version == Some(1) {
+                        !close
+                    } else {
+                        headers.get_all(CONNECTION).iter().any(|v| has_token(v, "keep-alive"))
+                    };
                     break (status, headers, keep, n);
                 }
                 Err(e) => return Err(protocol(format!("malformed answer ({e})"))),
@@ -168,9 +173,7 @@ impl Http1 {
             let read = sink.push_from((len - got) as usize, &mut |room| conn.try_read_buf(&mut &mut *room).map(drop));
             match read {
                 None => return Err(protocol(format!("{len} bytes do not fit where they go"))),
-                Some(Ok(0)) => {
-                    return Err(Error::new(ErrorKind::Transport, format!("{}: body cut at {got} of {len} bytes", what())))
-                }
+                Some(Ok(0)) => return Err(Error::new(ErrorKind::Transport, format!("{}: body cut at {got} of {len} bytes", what()))),
                 Some(Ok(n)) => got += n as u64,
                 Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Some(Err(e)) => return Err(transport(&format!("reading body at {got} of {len} bytes"), e)),

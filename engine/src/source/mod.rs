@@ -14,7 +14,6 @@ pub use file::FileSource;
 pub use http::{HttpSource, HttpSourceOptions};
 pub use retry::{RetryPolicy, Retrying};
 
-
 use crate::error::{Error, ErrorKind, Result};
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -37,10 +36,7 @@ impl ImageInfo {
     /// Fails with `OriginChanged` unless `seen` describes the same image version as `self`.
     pub fn check_same(&self, seen: &ImageInfo, what: &str) -> Result<()> {
         let changed = |field: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
-            Err(Error::new(
-                ErrorKind::OriginChanged,
-                format!("{what}: {field} was {a:?} at probe, now {b:?}"),
-            ))
+            Err(Error::new(ErrorKind::OriginChanged, format!("{what}: {field} was {a:?} at probe, now {b:?}")))
         };
         if self.size != seen.size {
             return changed("size", &self.size, &seen.size);

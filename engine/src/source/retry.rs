@@ -26,11 +26,7 @@ impl RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy {
-            first_backoff: Self::FIRST_BACKOFF,
-            max_backoff: Self::MAX_BACKOFF,
-            deadline: Self::DEADLINE,
-        }
+        RetryPolicy { first_backoff: Self::FIRST_BACKOFF, max_backoff: Self::MAX_BACKOFF, deadline: Self::DEADLINE }
     }
 }
 
