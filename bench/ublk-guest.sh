@@ -17,11 +17,20 @@ OURS=$(findmnt -no SOURCE "$W/mnt")
 DATA=$(ls "$W"/cache/*/data)
 LOOP=$(losetup --find --show --read-only "$DATA")
 devs="ours=$OURS loop=$LOOP"
+# Another build of ours (LAZY_IMAGE_BENCH_BEFORE, e.g. the one before a change) on its own
+# cache, so both are measured in one boot.
+if [ -n "${LAZY_IMAGE_BENCH_BEFORE:-}" ] && [ -x "$LAZY_IMAGE_BENCH_BEFORE" ]; then
+    mkdir -p "$W/mnt2"
+    "$LAZY_IMAGE_BENCH_BEFORE" warm "$URL" --cache-dir "$W/cache2" 2>/dev/null
+    "$LAZY_IMAGE_BENCH_BEFORE" mount "$URL" "$W/mnt2" --backend ublk --cache-dir "$W/cache2" --run-dir "$W/run2" 2>"$W/mount2.log" &
+    for _ in $(seq 200); do mountpoint -q "$W/mnt2" && break; sleep 0.1; done
+    devs="$devs before=$(findmnt -no SOURCE "$W/mnt2")"
+fi
 if [ -n "${LAZY_IMAGE_BENCH_RUBLK:-}" ] && [ -x "$LAZY_IMAGE_BENCH_RUBLK" ]; then
     before=$(ls /dev | grep -c '^ublkb' || true)
     "$LAZY_IMAGE_BENCH_RUBLK" add loop -f "$DATA" --read-only >/dev/null 2>&1 || true
     for _ in $(seq 100); do [ "$(ls /dev | grep -c '^ublkb')" -gt "$before" ] && break; sleep 0.1; done
-    RDEV=/dev/$(ls -t /dev | grep '^ublkb' | grep -v "$(basename "$OURS")" | head -1)
+    RDEV=/dev/$(ls -t /dev | grep '^ublkb' | grep -v "$(basename "$OURS")" | grep -v "$(basename "$(findmnt -no SOURCE "$W/mnt2" 2>/dev/null || echo none)")" | head -1)
     [ -b "$RDEV" ] && devs="$devs rublk=$RDEV"
 fi
 echo "bench: devices $devs" >&2
@@ -46,17 +55,21 @@ r = {}
 for line in open(sys.argv[1]):
     dev, job, iops, bw = line.split()
     r[(dev, job)] = (float(iops), float(bw))
-devs = [d for d in ("ours", "loop", "rublk") if (d, "seq1m") in r]
+devs = [d for d in ("ours", "before", "loop", "rublk") if (d, "seq1m") in r]
 print("\nfio on a warm cache, in the TCG VM (absolute numbers are TCG's; compare the ratios)")
-print(f"{'job':14}" + "".join(f"{d:>14}" for d in devs) + f"{'ours/loop':>12}" + (f"{'rublk/loop':>12}{'ours/rublk':>12}" if "rublk" in devs else ""))
+print(f"{'job':14}" + "".join(f"{d:>14}" for d in devs) + f"{'ours/loop':>12}" + (f"{'rublk/loop':>12}{'ours/rublk':>12}" if "rublk" in devs else "")
+      + (f"{'ours/before':>12}" if "before" in devs else ""))
 for job, unit in (("seq1m", "MiB/s"), ("rand4k_qd1", "IOPS"), ("rand4k_qd32", "IOPS")):
     val = lambda d: r[(d, job)][1] / 2**20 if unit == "MiB/s" else r[(d, job)][0]
     line = f"{job + ' ' + unit:14}" + "".join(f"{val(d):>14.0f}" for d in devs) + f"{val('ours') / val('loop'):>11.2f}x"
     if "rublk" in devs:
         line += f"{val('rublk') / val('loop'):>11.2f}x{val('ours') / val('rublk'):>11.2f}x"
+    if "before" in devs:
+        line += f"{val('ours') / val('before'):>11.2f}x"
     print(line)
 PY
 losetup -d "$LOOP"
 # Only rublk's own device: `rublk del -a` would delete ours too.
 case $devs in *rublk=*) "$LAZY_IMAGE_BENCH_RUBLK" del -n "${RDEV#/dev/ublkb}" >/dev/null 2>&1 || true ;; esac
 "$B" umount "$W/mnt" --run-dir "$W/run" 2>/dev/null
+if mountpoint -q "$W/mnt2" 2>/dev/null; then "$LAZY_IMAGE_BENCH_BEFORE" umount "$W/mnt2" --run-dir "$W/run2" 2>/dev/null; fi

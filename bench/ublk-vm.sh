@@ -3,8 +3,11 @@
 # and rublk's loop target on it, in the test VM (this host has no ublk). TCG makes absolute
 # numbers meaningless: read the ratios, all measured in one boot.
 #   bash bench/ublk-vm.sh            (needs `cargo install rublk` for the rublk column)
+#   LAZY_IMAGE_BENCH_BEFORE=target/bench-before/lazy-image bash bench/ublk-vm.sh
+#                                    (also another build of ours, e.g. the one before a change;
+#                                    it must be under the repository, which the VM sees)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q --bin lazy-image
 RUBLK=$(command -v rublk || true)
-LAZY_IMAGE_BENCH_RUBLK=$RUBLK LAZY_IMAGE_VM_TIMEOUT=1800 bash tests/e2e/vm/run.sh bash bench/ublk-guest.sh
+LAZY_IMAGE_BENCH_BEFORE=${LAZY_IMAGE_BENCH_BEFORE:+$PWD/$LAZY_IMAGE_BENCH_BEFORE} LAZY_IMAGE_BENCH_RUBLK=$RUBLK LAZY_IMAGE_VM_TIMEOUT=1800 bash tests/e2e/vm/run.sh bash bench/ublk-guest.sh

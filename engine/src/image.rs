@@ -22,6 +22,7 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -279,6 +280,22 @@ struct Inner {
     rt: tokio::runtime::Handle,
 }
 
+/// How to serve a read without waiting, as `LazyImage::plan_read` decides it.
+#[derive(Debug)]
+pub enum ReadPlan<'a> {
+    /// Every byte was cached and is now in the caller's buffer: this many (fewer at the end of
+    /// the image, 0 past it).
+    Copied(usize),
+    /// Every byte is cached: read `len` bytes at `offset` of the cache's data file (byte `o` of
+    /// the image is at `o`), through `file`, or through `direct` (opened with `O_DIRECT`) for a
+    /// read aligned to `cache::DIRECT_ALIGN` where skipping the page cache pays (small reads:
+    /// the filesystem above the device caches them). A direct read failing with EINVAL: call
+    /// `direct_refused` and read through `file`.
+    File { file: BorrowedFd<'a>, direct: Option<BorrowedFd<'a>>, offset: u64, len: usize },
+    /// Some byte is not cached: `read_into` fetches it.
+    Miss,
+}
+
 /// A lazily fetched image. Cheap to clone; all clones share cache and counters.
 #[derive(Clone)]
 pub struct LazyImage {
@@ -407,77 +424,59 @@ impl LazyImage {
         r
     }
 
-    /// Copies the image's bytes at `offset` into `buf` when every chunk they cover is already
-    /// cached, without waiting on anything; returns how many bytes were copied (fewer at the end of
-    /// the image), or `None` when some chunk is missing and `read` must be used. Callable from any
-    /// thread: the FUSE thread serves warm reads this way without a hop to the async runtime.
-    pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
-        let Some(n) = self.claim_cached(offset, buf.len() as u64) else { return Ok(None) };
-        if let Err(e) = self.inner.read_present(&mut buf[..n as usize], offset) {
-            self.inner.stats.count_error();
-            return Err(e);
-        }
-        Ok(Some(n as usize))
-    }
-
-    /// For callers that read the cache file themselves (ublk queues submit the read to their
-    /// io_uring, so several run at once): when `[offset, offset + len)` is entirely cached,
-    /// counts the read, drives readahead like any read, and returns how many bytes to read from
-    /// `cache_data_fd()` at `offset` (fewer at the end of the image); `None` on a miss.
-    pub fn claim_cached(&self, offset: u64, len: u64) -> Option<u64> {
+    /// The one way a block backend serves a read (`buf.len()` bytes at `offset`) without
+    /// waiting: the engine decides, from what its cache holds, whether the bytes are already
+    /// copied (memory held them: read-ahead runs just written), are to be read from the cache
+    /// file (where, and whether a direct descriptor may be used), or are a miss for `read_into`.
+    /// A hit is counted and drives read-ahead here, as any read does. Callable from any thread.
+    pub fn plan_read(&self, offset: u64, buf: &mut [u8]) -> ReadPlan<'_> {
         let inner = &self.inner;
-        if offset >= inner.info.size || len == 0 {
-            return Some(0);
+        if offset >= inner.info.size || buf.is_empty() {
+            return ReadPlan::Copied(0);
         }
-        let end = offset.saturating_add(len).min(inner.info.size);
+        let end = offset.saturating_add(buf.len() as u64).min(inner.info.size);
         let (c0, c1) = (offset / inner.chunk_size, (end - 1) / inner.chunk_size);
-        {
+        let settled = {
             let st = lock(&inner.state);
             if !(c0..=c1).all(|c| st.present.get(c)) {
-                return None;
+                return ReadPlan::Miss;
             }
-        }
+            st.written == st.synced
+        };
         inner.stats.count_chunks(c1 - c0 + 1, 0);
         inner.stats.count_read(end - offset);
         if let Some((a, b)) = inner.readahead_range(offset, end) {
             inner.start_readahead(a, b);
         }
-        Some(end - offset)
+        let len = (end - offset) as usize;
+        if inner.copy_recent(offset, &mut buf[..len]) {
+            return ReadPlan::Copied(len);
+        }
+        // A direct descriptor only while the cache is settled: every cache write on disk and
+        // none running. Otherwise a direct read first waits for the writeback of its range, or
+        // behind a write for the inode lock, which beside a background fill cost readers dearly.
+        let direct = (settled && inner.writes_pending.load(Ordering::SeqCst) == 0).then(|| inner.store.data_direct_fd()).flatten();
+        ReadPlan::File { file: inner.store.data_fd(), direct, offset, len }
     }
 
-    /// For callers of `claim_cached` that read the cache file themselves: copies a claimed range
-    /// from memory instead when it was written moments ago around the page cache (read-ahead
-    /// runs), where the file would have to go to disk for it. False if memory lacks any of it.
-    pub fn copy_recent(&self, offset: u64, out: &mut [u8]) -> bool {
-        self.inner.copy_recent(offset, out)
-    }
-
-    /// The cache's data file: byte `o` of the image is at offset `o`. Only ranges that
-    /// `claim_cached` accepted hold the image's bytes.
-    pub fn cache_data_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.inner.store.data_fd()
-    }
-
-    /// The cache's data file opened with `O_DIRECT`, for small reads of claimed ranges aligned
-    /// to `cache::DIRECT_ALIGN`, which then skip the page cache (the filesystem above the device
-    /// caches what is read). Offered only while the cache is settled: every cache write is on
-    /// disk and none is running. Otherwise a direct read would first wait for the writeback of
-    /// its range, or behind a write for the inode lock, which beside a background fill cost
-    /// readers dearly. `None` also where the filesystem refuses `O_DIRECT`; call
-    /// `direct_refused` if a read through it fails with EINVAL.
-    pub fn cache_data_direct_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        let inner = &self.inner;
-        let settled = {
-            let st = lock(&inner.state);
-            st.written == st.synced && inner.writes_pending.load(Ordering::SeqCst) == 0
-        };
-        if settled {
-            inner.store.data_direct_fd()
-        } else {
-            None
+    /// A hit served on the caller's thread: `plan_read`, with the cache file read here. `None`
+    /// on a miss (use `read_into`).
+    pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
+        match self.plan_read(offset, buf) {
+            ReadPlan::Copied(n) => Ok(Some(n)),
+            ReadPlan::File { offset, len, .. } => match self.inner.store.read_at(&mut buf[..len], offset) {
+                Ok(()) => Ok(Some(len)),
+                Err(e) => {
+                    self.inner.stats.count_error();
+                    Err(e)
+                }
+            },
+            ReadPlan::Miss => Ok(None),
         }
     }
 
+    /// A direct descriptor of a `ReadPlan::File` failed a read with EINVAL (the filesystem
+    /// refuses direct I/O after all): plans offer none from now on.
     pub fn direct_refused(&self) {
         self.inner.store.direct_refused()
     }

@@ -10,7 +10,7 @@ pub mod source;
 pub mod stats;
 
 pub use error::{Error, ErrorKind, Result};
-pub use image::{Condition, FillResume, ImageConfig, LazyImage, DEFAULT_CHUNK_SIZE};
+pub use image::{Condition, FillResume, ImageConfig, LazyImage, ReadPlan, DEFAULT_CHUNK_SIZE};
 pub use manifest::Manifest;
 pub use source::{FakeSource, FileSource, HttpSource, ImageInfo, RangeSink, RangeSource};
 pub use stats::StatsSnapshot;

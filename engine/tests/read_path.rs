@@ -159,6 +159,11 @@ async fn cached_fast_path_serves_hits_and_keeps_readahead_going() {
     assert_eq!(img.read_cached_into(SIZE as u64 - 4096, &mut big).unwrap(), Some(4096));
 }
 
+/// Whether the engine's plan for a read at `off` serves it from memory (copied into `buf`).
+fn in_memory(img: &LazyImage, off: u64, buf: &mut [u8]) -> bool {
+    matches!(img.plan_read(off, buf), lazy_image_engine::ReadPlan::Copied(n) if n == buf.len())
+}
+
 /// Scattered reads, some landing near an earlier one by chance, must fetch only their own chunks.
 /// Read-ahead runs wait in memory for their reader (their bytes go around the page cache), and
 /// each leaves once its bytes were copied; a random miss is not kept.
@@ -178,20 +183,20 @@ async fn readahead_runs_wait_in_memory_for_their_reader() {
     let ahead = 4 * step;
     let mut buf = vec![0u8; 4096];
     let t = std::time::Instant::now();
-    while !img.copy_recent(ahead, &mut buf) {
+    while !in_memory(&img, ahead, &mut buf) {
         assert!(t.elapsed() < std::time::Duration::from_secs(5), "no read-ahead run kept");
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     assert_eq!(&buf[..], &data[ahead as usize..ahead as usize + 4096]);
-    assert!(!img.copy_recent(tail, &mut buf), "a demand miss stays in the cache file only");
+    assert!(!in_memory(&img, tail, &mut buf), "a demand miss stays in the cache file only");
     // Copy on through what memory holds: each run copied whole is dropped.
     let mut at = ahead + 4096;
-    while img.copy_recent(at, &mut buf) {
+    while in_memory(&img, at, &mut buf) {
         assert_eq!(&buf[..], &data[at as usize..at as usize + 4096]);
         at += 4096;
     }
     assert!(at > ahead + 4096, "the run holds more than its first page");
-    assert!(!img.copy_recent(ahead, &mut buf), "a run read whole is dropped");
+    assert!(!in_memory(&img, ahead, &mut buf), "a run read whole is dropped");
     // The cache file has the bytes all the same.
     assert_eq!(&img.read(ahead, at - ahead).await.unwrap()[..], &data[ahead as usize..at as usize]);
     img.close().await.unwrap();

@@ -14,6 +14,7 @@ use super::{Deliver, ImageFs, Reply, MAX_WRITE, SPIN_ENV};
 use crate::lock;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use lazy_image_engine::cache::{advise_huge, direct_layout, DIRECT_ALIGN, HUGE_PAGE};
+use lazy_image_engine::ReadPlan;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,7 +48,11 @@ struct CacheRead {
     offset: u64,
     want: usize,
     done: usize,
-    /// The read in flight goes through the cache's `O_DIRECT` descriptor.
+    /// The cache file, and its `O_DIRECT` descriptor if the plan offered one (as the engine's
+    /// plan gave them; the image outlives the queue).
+    fd: std::os::fd::RawFd,
+    direct_fd: Option<std::os::fd::RawFd>,
+    /// The read in flight goes through `direct_fd`.
     direct: bool,
 }
 
@@ -265,18 +270,17 @@ impl Queue {
     /// fails posts its completion (success posts none) and cancels the commit; the thread then
     /// reads on or answers an error.
     ///
-    /// Small aligned reads skip the page cache while the engine offers its direct descriptor
-    /// (the cache is settled, see `cache_data_direct_fd`): the filesystem above the device
-    /// caches what it reads, and a second copy of each 4 KiB block in the cache file's page
-    /// cache cost a page insertion per read. Large reads stay buffered for the kernel's
-    /// readahead.
-    fn read_cache(&self, fs: &ImageFs, i: usize, r: &mut CacheRead) -> std::io::Result<()> {
+    /// Small aligned reads skip the page cache when the plan offers a direct descriptor (see
+    /// `ReadPlan::File`): the filesystem above the device caches what it reads, and a second
+    /// copy of each 4 KiB block in the cache file's page cache cost a page insertion per read.
+    /// Large reads stay buffered for the kernel's readahead.
+    fn read_cache(&self, i: usize, r: &mut CacheRead) -> std::io::Result<()> {
         let (at, len) = (r.offset + r.done as u64, r.want - r.done);
         // The payload is page-aligned, so `done` aligned means the destination is too.
         let aligned = (at | len as u64 | r.done as u64) & (DIRECT_ALIGN as u64 - 1) == 0;
-        let direct = (r.want <= DIRECT_READ_MAX && aligned).then(|| fs.image.cache_data_direct_fd()).flatten();
+        let direct = r.direct_fd.filter(|_| r.want <= DIRECT_READ_MAX && aligned);
         r.direct = direct.is_some();
-        let fd = direct.unwrap_or_else(|| fs.image.cache_data_fd()).as_raw_fd();
+        let fd = direct.unwrap_or(r.fd);
         // SAFETY: the range is within the entry's payload (`want <= MAX_WRITE`).
         let dst = unsafe { self.payload(i).add(r.done) };
         let read = opcode::Read::new(types::Fd(fd), dst, (r.want - r.done) as u32)
@@ -478,9 +482,10 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>, spin: std::time::
                 if res == -libc::EINVAL && r.direct {
                     // The filesystem refused direct I/O after all: stop using it, read buffered.
                     fs.image.direct_refused();
+                    r.direct_fd = None;
                 }
                 let error = match res {
-                    n if n > 0 || (n == -libc::EINVAL && r.direct) => match q.read_cache(&fs, i, &mut r) {
+                    n if n > 0 || (n == -libc::EINVAL && r.direct) => match q.read_cache(i, &mut r) {
                         Ok(()) => {
                             reads[i] = Some(r);
                             continue;
@@ -537,22 +542,28 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>, spin: std::time::
             if let Some(h) = h.filter(|h| h.opcode == abi::READ && h.nodeid == super::FILE) {
                 let (offset, size) = (abi::u64_at(&arg, 8), (abi::u32_at(&arg, 16) as usize).min(MAX_WRITE));
                 large |= size > DIRECT_READ_MAX;
-                if let Some(n) = fs.image.claim_cached(offset, size as u64) {
-                    small |= size <= DIRECT_READ_MAX;
-                    let mut r = CacheRead { unique: h.unique, commit_id, offset, want: n as usize, done: 0, direct: false };
-                    // SAFETY: entry `i` is ours until its commit; `n` <= the request's size <= MAX_WRITE.
-                    let payload = unsafe { std::slice::from_raw_parts_mut(q.payload(i), r.want) };
-                    if r.want == 0 || fs.image.copy_recent(offset, payload) {
-                        q.commit(i, r.unique, r.commit_id, 0, r.want);
-                    } else if let Err(e) = q.read_cache(&fs, i, &mut r) {
-                        tracing::warn!(error = %e, "cache read not queued");
-                        q.commit(i, r.unique, r.commit_id, -libc::EIO, 0);
-                    } else {
-                        reads[i] = Some(r);
+                // SAFETY: entry `i` is ours until its commit; `size` <= MAX_WRITE, its payload's size.
+                let payload = unsafe { std::slice::from_raw_parts_mut(q.payload(i), size) };
+                match fs.image.plan_read(offset, payload) {
+                    ReadPlan::Copied(n) => {
+                        small |= size <= DIRECT_READ_MAX;
+                        q.commit(i, h.unique, commit_id, 0, n);
                     }
-                } else {
-                    let reply = Reply::new(RingReply { queue: q.clone(), entry: i, unique: h.unique, commit_id });
-                    fs.read_on_runtime(offset, size, reply);
+                    ReadPlan::File { file, direct, offset, len } => {
+                        small |= size <= DIRECT_READ_MAX;
+                        let (fd, direct_fd) = (file.as_raw_fd(), direct.map(|d| d.as_raw_fd()));
+                        let mut r = CacheRead { unique: h.unique, commit_id, offset, want: len, done: 0, fd, direct_fd, direct: false };
+                        if let Err(e) = q.read_cache(i, &mut r) {
+                            tracing::warn!(error = %e, "cache read not queued");
+                            q.commit(i, r.unique, r.commit_id, -libc::EIO, 0);
+                        } else {
+                            reads[i] = Some(r);
+                        }
+                    }
+                    ReadPlan::Miss => {
+                        let reply = Reply::new(RingReply { queue: q.clone(), entry: i, unique: h.unique, commit_id });
+                        fs.read_on_runtime(offset, size, reply);
+                    }
                 }
                 continue;
             }

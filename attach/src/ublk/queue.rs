@@ -5,7 +5,7 @@
 //! on a oneshot; the runtime writes an eventfd that this ring always has a read pending on, so a
 //! finished fetch wakes the ring.
 
-use lazy_image_engine::{Error as EngineError, LazyImage};
+use lazy_image_engine::{Error as EngineError, LazyImage, ReadPlan};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::uring_async::ublk_submit_sqe_async;
@@ -87,11 +87,10 @@ pub(super) fn serve_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
     }));
 }
 
-/// Reads a cached range (already claimed) from the cache file: straight away when the page
-/// cache has it (no extra trip around the ring), otherwise through this queue's ring so a disk
-/// read never stalls the other tags.
-async fn read_cache(ctx: &QueueContext, offset: u64, dst: &mut [u8]) -> Result<(), i32> {
-    let fd = ctx.image.cache_data_fd().as_raw_fd();
+/// Reads a planned range of the cache file (`fd`): straight away when the page cache has it (no
+/// extra trip around the ring), otherwise through this queue's ring so a disk read never stalls
+/// the other tags.
+async fn read_cache(fd: std::os::fd::RawFd, offset: u64, dst: &mut [u8]) -> Result<(), i32> {
     let mut done = read_nowait(fd, offset, dst);
     while done < dst.len() {
         let rest = &mut dst[done..];
@@ -183,13 +182,13 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], ctx: &QueueConte
     let Some(dst) = buf.get_mut(..len) else {
         return -libc::EINVAL;
     };
-    let n = match ctx.image.claim_cached(offset, len as u64) {
-        Some(n) if ctx.image.copy_recent(offset, &mut dst[..n as usize]) => n as usize,
-        Some(n) => match read_cache(ctx, offset, &mut dst[..n as usize]).await {
-            Ok(()) => n as usize,
+    let n = match ctx.image.plan_read(offset, dst) {
+        ReadPlan::Copied(n) => n,
+        ReadPlan::File { file, offset, len, .. } => match read_cache(file.as_raw_fd(), offset, &mut dst[..len]).await {
+            Ok(()) => len,
             Err(errno) => return errno,
         },
-        None => {
+        ReadPlan::Miss => {
             let (tx, rx) = futures::channel::oneshot::channel();
             let image = ctx.image.clone();
             let bell = bell.clone();
