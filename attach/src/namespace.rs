@@ -2,14 +2,34 @@
 //! namespace dies with it, the kernel unmounts, flushes to the device, and waits on the server
 //! that is exiting. So a ublk server moves itself into a private mount namespace at start
 //! (`/` recursively private, copies of ublk mounts detached) and makes the mounts its users see
-//! from short-lived threads that re-enter the namespace it came from.
+//! from short-lived threads that re-enter the namespace it came from, with the root and working
+//! directory the process had there (a caller under `chroot` gives paths that mean what they
+//! mean in its root, not in the namespace's).
 
 use crate::{AttachError, AttachErrorKind};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 
-static HOST: OnceLock<OwnedFd> = OnceLock::new();
+/// The mount namespace this process started in, and its root and working directory there.
+struct Host {
+    ns: OwnedFd,
+    root: OwnedFd,
+    cwd: OwnedFd,
+}
+
+static HOST: OnceLock<Host> = OnceLock::new();
+
+fn open_path(path: &str, flags: libc::c_int) -> Result<OwnedFd, AttachError> {
+    let c = CString::new(path).map_err(|_| AttachError::new(AttachErrorKind::InvalidInput, "path"))?;
+    // SAFETY: valid NUL-terminated path; the fd is checked and then owned.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(last_os(&format!("opening {path}")));
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
 fn last_os(context: &str) -> AttachError {
     AttachError::os(context, std::io::Error::last_os_error())
@@ -26,14 +46,11 @@ pub fn enter_private_mount_namespace(managed: &[&std::path::Path]) -> Result<(),
     if HOST.get().is_some() {
         return Ok(());
     }
-    let path = CString::new("/proc/self/ns/mnt").map_err(|_| AttachError::new(AttachErrorKind::InvalidInput, "path"))?;
-    // SAFETY: valid NUL-terminated path; the fd is checked and then owned.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(last_os("opening /proc/self/ns/mnt"));
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    let host = unsafe { OwnedFd::from_raw_fd(fd) };
+    let host = Host {
+        ns: open_path("/proc/self/ns/mnt", libc::O_RDONLY)?,
+        root: open_path("/", libc::O_PATH | libc::O_DIRECTORY)?,
+        cwd: open_path(".", libc::O_PATH | libc::O_DIRECTORY)?,
+    };
     // SAFETY: unshare has no memory-safety preconditions.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
         return Err(last_os("creating a private mount namespace (needs CAP_SYS_ADMIN)"));
@@ -66,7 +83,7 @@ pub fn enter_private_mount_namespace(managed: &[&std::path::Path]) -> Result<(),
 /// it): mounts made by `f` are the ones users and kubelet see.
 pub fn in_host_namespace<T: Send>(f: impl FnOnce() -> Result<T, AttachError> + Send) -> Result<T, AttachError> {
     let Some(host) = HOST.get() else { return f() };
-    let fd = host.as_raw_fd();
+    let (ns, root, cwd) = (host.ns.as_raw_fd(), host.root.as_raw_fd(), host.cwd.as_raw_fd());
     std::thread::scope(|s| {
         s.spawn(move || {
             // A thread may switch mount namespace once it no longer shares its filesystem
@@ -76,8 +93,19 @@ pub fn in_host_namespace<T: Send>(f: impl FnOnce() -> Result<T, AttachError> + S
                 return Err(last_os("unsharing the filesystem context"));
             }
             // SAFETY: as above.
-            if unsafe { libc::setns(fd, libc::CLONE_NEWNS) } != 0 {
+            if unsafe { libc::setns(ns, libc::CLONE_NEWNS) } != 0 {
                 return Err(last_os("entering the host mount namespace"));
+            }
+            // setns put this thread at the namespace's root: back to the process's own root
+            // and working directory there (they differ under chroot).
+            let dot = c".";
+            // SAFETY: descriptors that stay open (static); a valid NUL-terminated path.
+            if unsafe { libc::fchdir(root) } != 0 || unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+                return Err(last_os("returning to this process's root in the host mount namespace"));
+            }
+            // SAFETY: as above.
+            if unsafe { libc::fchdir(cwd) } != 0 {
+                return Err(last_os("returning to this process's working directory in the host mount namespace"));
             }
             f()
         })

@@ -215,3 +215,79 @@ fn ublk_stale_devices_are_cleaned_up() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("deleted /dev/ublkb"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_no_devices_left();
 }
+
+/// `lazy-image mount` run under `chroot`: the paths it was given mean what they mean in the
+/// caller's root, though the daemon lives in a mount namespace of its own and mounts from the
+/// one it came from (whose root is not the caller's).
+#[test]
+#[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]
+fn ublk_mount_under_chroot_lands_in_the_callers_root() {
+    if !ublk_ready() {
+        return;
+    }
+    let env = Env::new("ublk");
+    let sums = make_tree(&env.p("tree"), 3, &[1 << 20]);
+    make_image("ext4", &env.p("tree"), &env.p("srv/c.img"));
+    // A root of its own that shows the same files: / bound at `root`, recursively and private,
+    // so a mount made on one side does not show on the other.
+    let root = env.p("root");
+    std::fs::create_dir_all(&root).unwrap();
+    struct Unbind(std::path::PathBuf);
+    impl Drop for Unbind {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-Rl").arg(&self.0).status();
+        }
+    }
+    assert!(Command::new("mount").arg("--rbind").arg("/").arg(&root).status().unwrap().success());
+    let _unbind = Unbind(root.clone());
+    assert!(Command::new("mount").arg("--make-rprivate").arg(&root).status().unwrap().success());
+    let mnt = env.p("cm");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let inside = root.join(mnt.strip_prefix("/").unwrap());
+    let log = std::fs::File::create(env.p("cm.log")).unwrap();
+    // On a failure, the daemon is asked to stop (it unmounts, wherever it mounted) before it
+    // is killed: a killed ublk daemon leaves its mount holding I/O for a successor, and the
+    // clean-up of the test's directory would wait on it for good.
+    struct Stop(KillOnDrop);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let pid = self.0.child().id() as i32;
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) && matches!(self.0.child().try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let mut daemon = Stop(KillOnDrop::new(
+        Command::new("chroot")
+            .arg(&root)
+            .arg(BIN)
+            .args(["mount", &format!("{}/c.img", env.base)])
+            .arg(&mnt)
+            .args(["--backend", "ublk", "--cache-dir"])
+            .arg(env.p("cache"))
+            .arg("--run-dir")
+            .arg(env.p("run"))
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    ));
+    wait_for(
+        || {
+            if let Ok(Some(st)) = daemon.0.child().try_wait() {
+                panic!("mount under chroot exited with {st}: {}", env.log("cm"));
+            }
+            lazy_mounted(&inside) && env.log("cm").contains("lazy-image: mounted ")
+        },
+        "the mount in the caller's root",
+    );
+    assert!(!lazy_mounted(&mnt), "mounted in the namespace's root, not the caller's");
+    check_sums(&inside, &sums);
+    let out = Command::new("chroot").arg(&root).arg(BIN).arg("umount").arg(&mnt).arg("--run-dir").arg(env.p("run")).output().unwrap();
+    assert!(out.status.success(), "umount under chroot: {}\n{}", String::from_utf8_lossy(&out.stderr), env.log("cm"));
+    assert!(daemon.0.child().wait().unwrap().success(), "{}", env.log("cm"));
+    assert!(!lazy_mounted(&inside));
+    assert_no_devices_left();
+}
