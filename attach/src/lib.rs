@@ -15,6 +15,7 @@ mod fuse;
 mod loopdev;
 mod mount;
 pub mod namespace;
+mod record;
 pub mod ublk;
 
 pub use error::{AttachError, AttachErrorKind};
@@ -22,6 +23,7 @@ pub use fsdetect::{detect, device_block_size, FsType};
 pub use fuse::{FuseExport, FuseSessionInfo, IMAGE_FILE_NAME, IO_URING_ENV as FUSE_IO_URING_ENV};
 pub use loopdev::LoopDevice;
 pub use mount::{bind_readonly, is_mountpoint, mount_points_of, mount_readonly, mount_source, statvfs, unmount, unmount_detach};
+pub use record::{DeviceRecord, Takeover};
 pub use ublk::{UblkDevice, UblkOptions};
 
 use lazy_image_engine::LazyImage;

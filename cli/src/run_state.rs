@@ -2,7 +2,7 @@
 //! point and clean up after one that died.
 
 use anyhow::{Context, Result};
-use lazy_image_attach::FsType;
+use lazy_image_attach::{DeviceRecord, FsType};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -14,24 +14,8 @@ pub struct MountRecord {
     pub mountpoint: PathBuf,
     pub fs: FsType,
     pub cache_dir: PathBuf,
+    /// The block device under the mount (the same record the CSI node plugin keeps).
     pub device: DeviceRecord,
-}
-
-/// The block device under a mount, with what is needed to take it over or clean it up.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "backend", rename_all = "lowercase")]
-pub enum DeviceRecord {
-    Ublk {
-        id: u32,
-    },
-    Fuse {
-        loop_device: PathBuf,
-        fuse_dir: PathBuf,
-    },
-    /// A loop device on the complete cache file: works with no daemon at all.
-    Loop {
-        loop_device: PathBuf,
-    },
 }
 
 pub fn record_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {

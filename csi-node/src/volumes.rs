@@ -13,8 +13,7 @@ use crate::error::{NodeError, NodeErrorKind, NodeResult};
 use crate::fd_holder::HolderClient;
 use crate::spec::{Credentials, VolumeSpec};
 use crate::state::{StateDir, VolumeRecord};
-use lazy_image_attach::ublk::{self, DeviceState};
-use lazy_image_attach::{Attachment, Backend, FsType, FuseSessionInfo, LoopDevice, UblkOptions};
+use lazy_image_attach::{Attachment, Backend, DeviceRecord, FsType, FuseSessionInfo, Takeover, UblkOptions};
 use lazy_image_engine::{resolve_manifest, FillResume, HttpSource, ImageConfig, LazyImage, StatsSnapshot};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -284,11 +283,7 @@ impl Volumes {
             spec: a.spec,
             credentials: a.credentials,
             fs: att.fs,
-            backend: att.backend(),
-            ublk_id: att.ublk_id(),
-            loop_device: att.ublk_id().is_none().then(|| att.device_path()),
-            fuse_dir: att.fuse_dir(),
-            fuse_session,
+            device: DeviceRecord::of(&att, fuse_session),
             targets: BTreeSet::new(),
             ephemeral,
         };
@@ -333,11 +328,11 @@ impl Volumes {
         }
         let res = match live.attachment.take() {
             Some(att) => att.detach().await.map_err(attach_err(volume_id)),
-            None => teardown_record(&live.rec).map_err(attach_err(volume_id)),
+            None => live.rec.device.teardown(&live.rec.staging_path).map_err(attach_err(volume_id)),
         };
         if let Err(e) = res {
             // The attachment is gone with the failed detach; what is left is described by the
-            // record, which teardown_record can finish later.
+            // record, whose teardown can finish it later.
             return put_back(live, e);
         }
         if let Some(img) = live.image.take() {
@@ -345,7 +340,7 @@ impl Volumes {
         }
         self.state.remove(volume_id)?;
         let _ = std::fs::remove_dir_all(self.work_dir(volume_id));
-        if live.rec.fuse_session.is_some() {
+        if matches!(live.rec.device, DeviceRecord::Fuse { session: Some(_), .. }) {
             self.holder_forget(volume_id).await;
         }
         if live.rec.ephemeral {
@@ -556,10 +551,7 @@ impl Volumes {
     /// Records the device a re-adopted volume is served from now and makes it live.
     fn adopt(&self, mut rec: VolumeRecord, image: PooledImage, att: Attachment, fuse_session: Option<FuseSessionInfo>) {
         tracing::info!(volume_id = %rec.volume_id, device = %att.device_path().display(), "volume re-adopted");
-        rec.ublk_id = att.ublk_id();
-        rec.loop_device = att.ublk_id().is_none().then(|| att.device_path());
-        rec.fuse_dir = att.fuse_dir();
-        rec.fuse_session = fuse_session;
+        rec.device = DeviceRecord::of(&att, fuse_session);
         if let Err(e) = self.state.save(&rec) {
             tracing::error!(volume_id = %rec.volume_id, error = %e, "saving a re-adopted volume");
         }
@@ -572,10 +564,10 @@ impl Volumes {
     async fn recover_one(&self, rec: &VolumeRecord) -> NodeResult<(PooledImage, Attachment, Option<FuseSessionInfo>)> {
         let id = &rec.volume_id;
         let image = self.open_image(&rec.spec, rec.credentials.as_ref()).await?;
-        if let (Backend::Ublk, Some(dev)) = (rec.backend, rec.ublk_id) {
-            let mounted_from = lazy_image_attach::mount_source(&rec.staging_path).map_err(attach_err(id))?;
-            let held = matches!(ublk::device_state(dev), Ok((DeviceState::Quiesced | DeviceState::FailIo, _)));
-            if held && mounted_from.as_deref() == Some(ublk::block_device_path(dev).as_path()) {
+        // The kernel quiesces a ublk device a moment after its server died: wait that long.
+        let takeover = rec.device.takeover(&rec.staging_path, std::time::Duration::from_secs(5));
+        match takeover.map_err(attach_err(id))? {
+            Takeover::Ublk(dev) => {
                 match Attachment::recover_ublk(image.image.clone(), dev, &rec.staging_path, rec.fs, &self.cfg.ublk).await {
                     Ok(att) => return Ok((image, att, None)),
                     Err(e) => {
@@ -584,23 +576,22 @@ impl Volumes {
                     }
                 }
             }
-        }
-        if let (Backend::Fuse, Some(dev), None) = (rec.backend, &rec.loop_device, &rec.fuse_dir) {
             // A loop device on the complete cache file never needed us: keep it as it is.
-            match Attachment::adopt_direct_loop(&image.image, dev, &rec.staging_path, rec.fs) {
+            Takeover::Loop(dev) => match Attachment::adopt_direct_loop(&image.image, &dev, &rec.staging_path, rec.fs) {
                 Ok(att) => return Ok((image, att, None)),
                 Err(e) => tracing::warn!(volume_id = %id, error = %e, "cannot keep the direct loop device; attaching afresh"),
-            }
-        }
-        if let (Backend::Fuse, Some(dev), Some(dir), Some(info)) = (rec.backend, &rec.loop_device, &rec.fuse_dir, rec.fuse_session) {
-            match self.take_over_fuse(id, &image, info, dir, dev, &rec.staging_path, rec.fs).await {
-                Ok(att) => return Ok((image, att, Some(info))),
-                Err(e) => {
-                    tracing::warn!(volume_id = %id, error = %e, "cannot take the FUSE session over; attaching afresh (pods see EIO until they are replaced)");
-                    // Whatever the holder kept serves nobody now: let the kernel end it.
-                    self.holder_forget(id).await;
+            },
+            Takeover::FuseSession { loop_device, fuse_dir, session } => {
+                match self.take_over_fuse(id, &image, session, &fuse_dir, &loop_device, &rec.staging_path, rec.fs).await {
+                    Ok(att) => return Ok((image, att, Some(session))),
+                    Err(e) => {
+                        tracing::warn!(volume_id = %id, error = %e, "cannot take the FUSE session over; attaching afresh (pods see EIO until they are replaced)");
+                        // Whatever the holder kept serves nobody now: let the kernel end it.
+                        self.holder_forget(id).await;
+                    }
                 }
             }
+            Takeover::None => {}
         }
         // Nothing to take over: the pods' mounts point at a dead filesystem. Detach them (a pod
         // may still hold files there) and start again.
@@ -612,7 +603,7 @@ impl Volumes {
         if let Err(e) = lazy_image_attach::unmount_detach(&rec.staging_path) {
             tracing::warn!(volume_id = %id, error = %e, "detaching the stale staging mount");
         }
-        if let Err(e) = teardown_record(rec) {
+        if let Err(e) = rec.device.teardown(&rec.staging_path) {
             self.release_image(image).await;
             return Err(NodeError::attach(&format!("volume {id}: cleaning up"), &e));
         }
@@ -695,22 +686,4 @@ impl Volumes {
         }
         Attachment::resume_fuse(image.image.clone(), fd, info, fuse_dir, loop_dev, staging, fs).map_err(attach_err(id))
     }
-}
-
-/// Removes what a record describes when no live attachment does: the staging mount, then the
-/// device (a ublk device, or a loop device and its FUSE mount).
-fn teardown_record(rec: &VolumeRecord) -> Result<(), lazy_image_attach::AttachError> {
-    // Pinned before the unmount, which may free the device for anyone to take.
-    let loop_dev = rec.loop_device.as_ref().map(LoopDevice::existing);
-    lazy_image_attach::unmount(&rec.staging_path)?;
-    if let Some(id) = rec.ublk_id {
-        ublk::delete_device(id)?;
-    }
-    if let Some(dev) = loop_dev {
-        let _ = dev.detach();
-    }
-    if let Some(dir) = &rec.fuse_dir {
-        lazy_image_attach::unmount(dir)?;
-    }
-    Ok(())
 }

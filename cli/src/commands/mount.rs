@@ -5,11 +5,11 @@
 //! went on serving without it. `umount` and `cleanup` undo what dead daemons left.
 
 use crate::args::{CleanupArgs, MountArgs, UblkArgs, UmountArgs};
-use crate::run_state::{self, DeviceRecord, MountRecord};
+use crate::run_state::{self, MountRecord};
 use crate::units::human;
 use anyhow::{bail, Context, Result};
 use lazy_image_attach::ublk::{self, DeviceState};
-use lazy_image_attach::{Attachment, Backend, FsType, LoopDevice, UblkOptions};
+use lazy_image_attach::{Attachment, Backend, DeviceRecord, FsType, Takeover, UblkOptions};
 use std::path::Path;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
@@ -71,7 +71,7 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
             );
             att
         }
-        None => {
+        Some((Takeover::FuseSession { .. } | Takeover::None, _)) | None => {
             eprintln!(
                 "lazy-image: using the {} backend{}",
                 backend.name(),
@@ -84,11 +84,7 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
             att
         }
     };
-    let device = match (att.ublk_id(), att.fuse_dir()) {
-        (Some(id), _) => DeviceRecord::Ublk { id },
-        (None, Some(fuse_dir)) => DeviceRecord::Fuse { loop_device: att.device_path(), fuse_dir },
-        (None, None) => DeviceRecord::Loop { loop_device: att.device_path() },
-    };
+    let device = DeviceRecord::of(&att, None);
     let rec = MountRecord {
         pid: std::process::id(),
         url: a.image.url.clone(),
@@ -158,35 +154,14 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
     Ok(())
 }
 
-/// What a dead daemon left mounted that a new daemon can take over.
-enum Takeover {
-    /// A ublk device the kernel holds for a new server.
-    Ublk(u32),
-    /// A loop device on the complete cache file, which never needed the daemon.
-    Loop(std::path::PathBuf),
-}
-
-/// The device a dead daemon left mounted at `mountpoint`, if a new daemon can take it over.
+/// What a dead daemon left mounted that a new daemon of `backend` can take over: a ublk device
+/// the kernel holds, or a loop device on the complete cache file.
 fn recoverable(rec: &MountRecord, mountpoint: &Path, backend: Backend) -> Result<Option<Takeover>> {
-    let id = match &rec.device {
-        DeviceRecord::Ublk { id } if backend == Backend::Ublk => *id,
-        DeviceRecord::Loop { loop_device } if backend == Backend::Fuse => return Ok(Some(Takeover::Loop(loop_device.clone()))),
-        _ => return Ok(None),
-    };
-    let mounted_from = lazy_image_attach::mount_source(mountpoint)?;
-    if mounted_from.as_deref() != Some(ublk::block_device_path(id).as_path()) {
-        return Ok(None);
-    }
-    // The kernel quiesces a device once its server's descriptors are closed, a moment after the
-    // server died: a restart right after a crash waits for that, briefly.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match ublk::device_state(id) {
-            Ok((DeviceState::Quiesced | DeviceState::FailIo, _)) => return Ok(Some(Takeover::Ublk(id))),
-            Ok((DeviceState::Live, _)) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => return Ok(None),
-        }
-    }
+    let t = rec.device.takeover(mountpoint, Duration::from_secs(5))?;
+    Ok(match (&t, backend) {
+        (Takeover::Ublk(_), Backend::Ublk) | (Takeover::Loop(_), Backend::Fuse) => Some(t),
+        _ => None,
+    })
 }
 
 pub async fn umount(a: UmountArgs) -> Result<()> {
@@ -218,21 +193,7 @@ pub async fn umount(a: UmountArgs) -> Result<()> {
 
 /// Undoes, in order, what a daemon that died left: the mount, then its device.
 fn clean_up_after(rec: &MountRecord) -> Result<()> {
-    // Pinned before the unmount, which may free the device for anyone to take.
-    let loop_dev = match &rec.device {
-        DeviceRecord::Fuse { loop_device, .. } | DeviceRecord::Loop { loop_device } => Some(LoopDevice::existing(loop_device)),
-        DeviceRecord::Ublk { .. } => None,
-    };
-    lazy_image_attach::unmount(&rec.mountpoint)?;
-    if let Some(dev) = loop_dev {
-        let _ = dev.detach();
-    }
-    match &rec.device {
-        DeviceRecord::Ublk { id } => ublk::delete_device(*id)?,
-        DeviceRecord::Fuse { fuse_dir, .. } => lazy_image_attach::unmount(fuse_dir)?,
-        DeviceRecord::Loop { .. } => {}
-    }
-    Ok(())
+    Ok(rec.device.teardown(&rec.mountpoint)?)
 }
 
 /// `lazy-image cleanup`: every mount whose daemon died, then ublk devices nobody serves or mounts.
