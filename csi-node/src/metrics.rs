@@ -1,6 +1,7 @@
 //! Prometheus metrics over HTTP (`GET /metrics`, text format 0.0.4), per volume: chunk hits and
 //! misses, bytes and requests to the origin, retries, errors, verification failures, cache fill
-//! and the fetch latency histogram. Read from the engine's counters at scrape time.
+//! and the fetch latency histogram; per node: warm orders held and cache reports written. Read
+//! from the engine's counters at scrape time.
 
 use crate::volumes::Volumes;
 use lazy_image_engine::stats::LATENCY_BUCKETS_MS;
@@ -37,6 +38,24 @@ pub fn render(volumes: &Volumes) -> String {
     );
     for (id, url, _, fill) in &rows {
         let _ = writeln!(out, "lazy_image_cache_fill_ratio{{{}}} {fill}", label(id, url));
+    }
+    use std::sync::atomic::Ordering::Relaxed;
+    let node = [
+        (
+            "lazy_image_warm_orders",
+            "gauge",
+            "Warm orders this node carries out (images fetched whole and pinned).",
+            volumes.orders_gauge.load(Relaxed),
+        ),
+        (
+            "lazy_image_cache_report_writes_total",
+            "counter",
+            "Cache reports written to this node's NodeCache.",
+            volumes.report_writes.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, v) in node {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }
     let name = "lazy_image_fetch_duration_seconds";
     let _ = writeln!(out, "# HELP {name} Time of one ranged request to the origin.\n# TYPE {name} histogram");

@@ -123,6 +123,7 @@ impl Reporter {
                     patch["status"]["failedOrders"][k] = serde_json::Value::Null;
                 }
                 self.writes += 1;
+                self.volumes.report_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match bounded(
                     "writing this node's cache report",
                     self.api.patch_status(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),

@@ -107,6 +107,9 @@ pub struct Volumes {
     orders: tokio::sync::Mutex<warm::HeldOrders>,
     /// Reads per image cache at the last report, and when they last changed (see `warm`).
     reads_seen: Mutex<HashMap<PathBuf, (u64, u64)>>,
+    /// For the metrics endpoint: warm orders held, and cache reports written.
+    pub(crate) orders_gauge: std::sync::atomic::AtomicU64,
+    pub(crate) report_writes: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -140,6 +143,8 @@ impl Volumes {
             pool: tokio::sync::Mutex::new(ImagePool::default()),
             orders: Default::default(),
             reads_seen: Mutex::new(HashMap::new()),
+            orders_gauge: Default::default(),
+            report_writes: Default::default(),
         }))
     }
 

@@ -115,6 +115,10 @@ async fn orders_fill_pin_and_release_and_reports_follow_the_policy() {
     until_warm(&s, &mut r, &a).await;
     assert_eq!(status(&s)["orders"], 1);
     assert_eq!(status(&s)["images"][&a]["volumes"], 0, "an order is not a volume");
+    let metrics = lazy_image_csi_node::metrics::render(&s.volumes);
+    assert!(metrics.contains("\nlazy_image_warm_orders 1\n"), "{metrics}");
+    let writes = s.fake.writes("nodecaches/n1/status");
+    assert!(metrics.contains(&format!("\nlazy_image_cache_report_writes_total {writes}\n")), "{writes} writes: {metrics}");
     // On disk too, once the flusher has written the bitmap.
     let t = Instant::now();
     let dirs = loop {

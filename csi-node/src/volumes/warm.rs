@@ -78,6 +78,7 @@ impl Volumes {
                 }
             }
         }
+        self.orders_gauge.store(held.0.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let pinned_now: HashSet<PathBuf> = held.0.values().map(|h| h.image.image.cache_dir()).collect();
         for c in list_images(&self.cfg.cache_dir).unwrap_or_default() {
             if c.pinned && !pinned_now.contains(&c.dir) {
