@@ -11,6 +11,32 @@ pub mod uds_authority;
 /// The CSI driver name.
 pub const DRIVER_NAME: &str = "lazy-image.csi.dev";
 
+/// A bound on each request to the Kubernetes API server: a stuck one fails, and its caller
+/// tries again later.
+pub const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `f`, a request to the API server, within `API_TIMEOUT`; a failure is a sentence naming
+/// `what` was being done.
+pub async fn api_call<T>(what: &str, f: impl std::future::Future<Output = Result<T, kube::Error>>) -> Result<T, String> {
+    match tokio::time::timeout(API_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no answer within {} s", API_TIMEOUT.as_secs())),
+    }
+}
+
+/// A CRD generated from the Rust types `K`, as YAML, as the chart installs it.
+pub fn crd_yaml<K: kube::CustomResourceExt>() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&K::crd())
+}
+
+/// The chart's checked-in copy of a CRD (`rel`: its path from the repository root; empty if
+/// missing), for the tests that keep it equal to the types.
+pub fn checked_in_crd(rel: &str) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::read_to_string(root.join(rel)).unwrap_or_default()
+}
+
 /// The Unix socket path of an endpoint `unix:///a/b.sock` (or a plain absolute path).
 pub fn socket_path(endpoint: &str) -> Result<std::path::PathBuf, String> {
     let p = endpoint.strip_prefix("unix://").or_else(|| endpoint.strip_prefix("unix:")).unwrap_or(endpoint);

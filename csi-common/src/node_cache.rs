@@ -58,8 +58,7 @@ pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(2 * 
 
 /// The CRD as YAML, as the chart installs it.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    use kube::CustomResourceExt;
-    serde_yaml::to_string(&NodeCache::crd())
+    crate::crd_yaml::<NodeCache>()
 }
 
 /// Where the chart keeps the generated CRD (relative to the repository root).
@@ -72,10 +71,8 @@ mod tests {
     /// The checked-in CRD is what the types generate (`lazy-image-crdgen nodecaches` writes it).
     #[test]
     fn checked_in_crd_matches_the_types() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let on_disk = std::fs::read_to_string(root.join(CRD_PATH)).unwrap_or_default();
         assert!(
-            on_disk == crd_yaml().unwrap(),
+            crate::checked_in_crd(CRD_PATH) == crd_yaml().unwrap(),
             "{CRD_PATH} differs from the NodeCache types: run `cargo run -p lazy-image-csi-controller --bin lazy-image-crdgen -- nodecaches > {CRD_PATH}`"
         );
     }

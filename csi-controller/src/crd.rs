@@ -183,8 +183,7 @@ impl LazyImageStatus {
 
 /// The CRD as YAML, as the chart installs it.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    use kube::CustomResourceExt;
-    serde_yaml::to_string(&LazyImage::crd())
+    lazy_image_csi_common::crd_yaml::<LazyImage>()
 }
 
 /// Applies this build's CRDs (LazyImage, NodeCache) to the cluster (server-side apply, as the
@@ -213,9 +212,8 @@ mod tests {
     /// `cargo run -p lazy-image-csi-controller --bin lazy-image-crdgen > deploy/...` when this fails.
     #[test]
     fn checked_in_crd_matches_the_types() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let on_disk = std::fs::read_to_string(root.join(CRD_PATH)).unwrap_or_default();
-        assert!(on_disk == crd_yaml().unwrap(), "{CRD_PATH} differs from the LazyImage types: run `cargo run -p lazy-image-csi-controller --bin lazy-image-crdgen > {CRD_PATH}`");
+        assert!(
+            lazy_image_csi_common::checked_in_crd(CRD_PATH) == crd_yaml().unwrap(), "{CRD_PATH} differs from the LazyImage types: run `cargo run -p lazy-image-csi-controller --bin lazy-image-crdgen > {CRD_PATH}`");
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub const RESOLVED_EVERY: Duration = Duration::from_secs(600);
 /// How soon an image that failed to resolve is tried again.
 pub const RETRY_EVERY: Duration = Duration::from_secs(30);
 /// A bound on each write to the API server, so a stuck one fails the reconcile (and is retried).
-pub const API_TIMEOUT: Duration = Duration::from_secs(15);
+pub use lazy_image_csi_common::API_TIMEOUT;
 
 /// Counters for the metrics endpoint.
 #[derive(Default)]

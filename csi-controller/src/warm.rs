@@ -18,6 +18,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
+use lazy_image_csi_common::api_call;
 use lazy_image_csi_common::node_cache::{NodeCache, WarmOrder, STALE_AFTER};
 use lazy_image_csi_common::reports::{aggregate, NodeReport, Pacer};
 use serde_json::json;
@@ -28,8 +29,6 @@ use std::time::Duration;
 
 /// The node label of a warm image: this prefix and the LazyImage's name.
 pub const LABEL_PREFIX: &str = "warm.lazy-image.csi.dev/";
-/// A bound on each request to the API server.
-const API_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone, Copy)]
 pub struct WarmConfig {
@@ -188,18 +187,15 @@ pub fn plan(images: &[LazyImage], nodes: &[Node], caches: &[NodeCache], now: k8s
             }
         }
         let (warm, bytes, top) = aggregate(&li.spec.url, reports.iter().map(|(n, r)| (n.as_str(), *r)), MAX_NODE_ENTRIES);
-        let whole: BTreeSet<&str> =
-            top.iter().filter(|(_, r)| r.size_bytes > 0 && r.cached_bytes >= r.size_bytes).map(|(n, _)| n.as_str()).collect();
         if wanted && problem.is_none() && label_key(&name).is_none() {
             problem = Some("the name is longer than 63 characters: no warm node label".into());
         }
         if wanted {
             for node in &next {
-                let is_whole = whole.contains(node.as_str())
-                    || reports
-                        .get(node)
-                        .and_then(|r| r.images.get(&li.spec.url))
-                        .is_some_and(|r| r.size_bytes > 0 && r.cached_bytes >= r.size_bytes);
+                let is_whole = reports
+                    .get(node)
+                    .and_then(|r| r.images.get(&li.spec.url))
+                    .is_some_and(|r| r.size_bytes > 0 && r.cached_bytes >= r.size_bytes);
                 if is_whole {
                     warm_labels.entry(node.clone()).or_default().push(name.clone());
                 }
@@ -273,14 +269,6 @@ pub struct Placer {
     pacer: tokio::sync::Mutex<(Pacer, tokio::time::Instant)>,
 }
 
-async fn bounded<T>(what: String, f: impl std::future::Future<Output = Result<T, kube::Error>>) -> Result<T, String> {
-    match tokio::time::timeout(API_TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: no answer within {} s", API_TIMEOUT.as_secs())),
-    }
-}
-
 /// What a pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PassOutcome {
@@ -299,9 +287,9 @@ impl Placer {
     pub async fn pass(&self) -> Result<PassOutcome, String> {
         let mut pacer = self.pacer.lock().await;
         let lp = ListParams::default();
-        let images = bounded("listing LazyImages".into(), Api::<LazyImage>::all(self.client.clone()).list(&lp)).await?.items;
-        let nodes = bounded("listing Nodes".into(), Api::<Node>::all(self.client.clone()).list(&lp)).await?.items;
-        let caches = bounded("listing NodeCaches".into(), Api::<NodeCache>::all(self.client.clone()).list(&lp)).await?.items;
+        let images = api_call("listing LazyImages", Api::<LazyImage>::all(self.client.clone()).list(&lp)).await?.items;
+        let nodes = api_call("listing Nodes", Api::<Node>::all(self.client.clone()).list(&lp)).await?.items;
+        let caches = api_call("listing NodeCaches", Api::<NodeCache>::all(self.client.clone()).list(&lp)).await?.items;
         let plan = plan(&images, &nodes, &caches, k8s_openapi::jiff::Timestamp::now(), self.cfg.max_labels);
         let mut outcome = PassOutcome::default();
         let by_name: BTreeMap<String, &LazyImage> = images.iter().map(|li| (li.name_any(), li)).collect();
@@ -316,7 +304,7 @@ impl Placer {
             let patch = json!({"metadata": {"resourceVersion": rv}, "spec": {"warm": orders}});
             let (api, pp) = (caches_api.clone(), pp.clone());
             let what = format!("writing the orders of node {node}");
-            writes.push(Box::pin(async move { bounded(what, api.patch(node, &pp, &Patch::Merge(&patch))).await.map(|_| ()) }));
+            writes.push(Box::pin(async move { api_call(&what, api.patch(node, &pp, &Patch::Merge(&patch))).await.map(|_| ()) }));
         }
         for (name, st) in &plan.status {
             let patch = json!({"status": {
@@ -325,13 +313,13 @@ impl Placer {
             }});
             let (api, pp) = (images_api.clone(), pp.clone());
             let what = format!("writing the warm status of LazyImage {name}");
-            writes.push(Box::pin(async move { bounded(what, api.patch_status(name, &pp, &Patch::Merge(&patch))).await.map(|_| ()) }));
+            writes.push(Box::pin(async move { api_call(&what, api.patch_status(name, &pp, &Patch::Merge(&patch))).await.map(|_| ()) }));
         }
         for (node, change) in &plan.labels {
             let patch = json!({"metadata": {"labels": change}});
             let (api, pp) = (nodes_api.clone(), pp.clone());
             let what = format!("writing the warm labels of node {node}");
-            writes.push(Box::pin(async move { bounded(what, api.patch(node, &pp, &Patch::Merge(&patch))).await.map(|_| ()) }));
+            writes.push(Box::pin(async move { api_call(&what, api.patch(node, &pp, &Patch::Merge(&patch))).await.map(|_| ()) }));
         }
         for (name, (add, drop)) in &plan.changes {
             let Some(li) = by_name.get(name) else { continue };
@@ -359,13 +347,7 @@ impl Placer {
             let reference = li.object_ref(&());
             let recorder = &self.recorder;
             let what = format!("recording the orders of LazyImage {name}");
-            writes.push(Box::pin(async move {
-                match tokio::time::timeout(API_TIMEOUT, recorder.publish(&ev, &reference)).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(format!("{what}: {e}")),
-                    Err(_) => Err(format!("{what}: no answer in time")),
-                }
-            }));
+            writes.push(Box::pin(async move { api_call(&what, recorder.publish(&ev, &reference)).await }));
         }
         let (pacer, start) = &mut *pacer;
         for write in writes {
@@ -384,8 +366,7 @@ impl Placer {
 
     /// Whether any node is still ordered to keep image `name`.
     pub async fn still_ordered(&self, name: &str) -> Result<bool, String> {
-        let caches =
-            bounded("listing NodeCaches".into(), Api::<NodeCache>::all(self.client.clone()).list(&ListParams::default())).await?.items;
+        let caches = api_call("listing NodeCaches", Api::<NodeCache>::all(self.client.clone()).list(&ListParams::default())).await?.items;
         Ok(caches.iter().any(|c| c.spec.warm.iter().any(|o| o.image == name)))
     }
 

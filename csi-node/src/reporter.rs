@@ -10,13 +10,11 @@ use crate::volumes::Volumes;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use lazy_image_csi_common::api_call;
 use lazy_image_csi_common::node_cache::{NodeCache, NodeCacheSpec, NodeCacheStatus};
 use lazy_image_csi_common::reports::{Decision, NodeReport, ReportPolicy};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A bound on each request to the API server.
-const API_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -42,14 +40,6 @@ pub struct Reporter {
     pub writes: u64,
 }
 
-async fn bounded<T>(what: &str, f: impl std::future::Future<Output = Result<T, kube::Error>>) -> Result<T, String> {
-    match tokio::time::timeout(API_TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: no answer within {} s", API_TIMEOUT.as_secs())),
-    }
-}
-
 impl Reporter {
     pub fn new(client: kube::Client, node: &str, volumes: Arc<Volumes>, timing: Timing) -> Self {
         Reporter {
@@ -65,11 +55,11 @@ impl Reporter {
 
     /// This node's NodeCache, created (owned by the Node, so it goes with it) if there is none.
     async fn own(&self) -> Result<NodeCache, String> {
-        if let Some(nc) = bounded("reading this node's NodeCache", self.api.get_opt(&self.node)).await? {
+        if let Some(nc) = api_call("reading this node's NodeCache", self.api.get_opt(&self.node)).await? {
             return Ok(nc);
         }
         let mut nc = NodeCache::new(&self.node, NodeCacheSpec::default());
-        match bounded("reading this Node", self.nodes.get_opt(&self.node)).await {
+        match api_call("reading this Node", self.nodes.get_opt(&self.node)).await {
             Ok(Some(n)) => {
                 nc.metadata.owner_references = n.metadata.uid.map(|uid| {
                     vec![OwnerReference {
@@ -84,13 +74,13 @@ impl Reporter {
             Ok(None) => tracing::warn!(node = %self.node, "no Node of this name: the NodeCache will outlive it"),
             Err(e) => tracing::warn!(error = %e, "the NodeCache will not be owned by its Node"),
         }
-        match bounded("creating this node's NodeCache", self.api.create(&PostParams::default(), &nc)).await {
+        match api_call("creating this node's NodeCache", self.api.create(&PostParams::default(), &nc)).await {
             Ok(nc) => {
                 tracing::info!(node = %self.node, "NodeCache created");
                 Ok(nc)
             }
             // Created meanwhile (a previous plugin's request that timed out): read it.
-            Err(_) => bounded("reading this node's NodeCache", self.api.get(&self.node)).await,
+            Err(_) => api_call("reading this node's NodeCache", self.api.get(&self.node)).await,
         }
     }
 
@@ -124,7 +114,7 @@ impl Reporter {
                 }
                 self.writes += 1;
                 self.volumes.report_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                match bounded(
+                match api_call(
                     "writing this node's cache report",
                     self.api.patch_status(&self.node, &PatchParams::default(), &Patch::Merge(&patch)),
                 )

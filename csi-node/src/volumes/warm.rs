@@ -12,9 +12,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// The orders being carried out, by LazyImage name.
+/// The orders being carried out, by LazyImage name, and whether pins left by an earlier plugin
+/// were swept.
 #[derive(Default)]
-pub struct HeldOrders(BTreeMap<String, Held>);
+pub struct HeldOrders {
+    orders: BTreeMap<String, Held>,
+    swept: bool,
+}
 
 struct Held {
     order: WarmOrder,
@@ -27,8 +31,8 @@ fn epoch_secs(t: SystemTime) -> u64 {
 
 impl Volumes {
     /// Carries out `wanted` (the NodeCache's spec): opens and pins what is newly ordered,
-    /// releases and unpins what is no longer, and unpins caches pinned by orders this plugin no
-    /// longer holds (withdrawn while it was not running). Returns the orders it cannot carry out
+    /// releases and unpins what is no longer, and, the first time, unpins caches pinned by
+    /// orders this plugin does not hold (withdrawn while no plugin was running). Returns the orders it cannot carry out
     /// and why; they are tried again on the next call.
     pub async fn apply_orders(&self, wanted: &[WarmOrder]) -> BTreeMap<String, String> {
         let mut held = self.orders.lock().await;
@@ -36,14 +40,15 @@ impl Volumes {
         for o in wanted {
             want.entry(o.image.as_str()).or_insert(o);
         }
-        let gone: Vec<String> = held.0.iter().filter(|(k, h)| want.get(k.as_str()) != Some(&&h.order)).map(|(k, _)| k.clone()).collect();
+        let gone: Vec<String> =
+            held.orders.iter().filter(|(k, h)| want.get(k.as_str()) != Some(&&h.order)).map(|(k, _)| k.clone()).collect();
         for name in gone {
-            if let Some(h) = held.0.remove(&name) {
+            if let Some(h) = held.orders.remove(&name) {
                 let dir = h.image.image.cache_dir();
                 tracing::info!(image = %name, cache = %dir.display(), "warm order withdrawn: the image may be evicted again");
                 self.release_image(h.image).await;
                 // Before any new order opens its image: that one may need this one's room.
-                if !held.0.values().any(|o| o.image.image.cache_dir() == dir) {
+                if !held.orders.values().any(|o| o.image.image.cache_dir() == dir) {
                     if let Err(e) = unpin(&dir) {
                         tracing::warn!(cache = %dir.display(), error = %e.report(), "cannot unpin a withdrawn image's cache");
                     }
@@ -52,7 +57,7 @@ impl Volumes {
         }
         let mut failed = BTreeMap::new();
         for (name, order) in want {
-            if held.0.contains_key(name) {
+            if held.orders.contains_key(name) {
                 continue;
             }
             let mut attrs: HashMap<String, String> = order.attributes.clone().into_iter().collect();
@@ -70,7 +75,7 @@ impl Volumes {
                         tracing::warn!(image = %name, error = %e.report(), "cannot pin the warm image's cache");
                     }
                     tracing::info!(image = %name, url = %spec.url, "warm order taken: fetching the whole image");
-                    held.0.insert(name.to_string(), Held { order: order.clone(), image });
+                    held.orders.insert(name.to_string(), Held { order: order.clone(), image });
                 }
                 Err(e) => {
                     tracing::warn!(image = %name, error = %e, "cannot carry out a warm order; retrying later");
@@ -78,21 +83,25 @@ impl Volumes {
                 }
             }
         }
-        self.orders_gauge.store(held.0.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let pinned_now: HashSet<PathBuf> = held.0.values().map(|h| h.image.image.cache_dir()).collect();
-        for c in list_images(&self.cfg.cache_dir).unwrap_or_default() {
-            if c.pinned && !pinned_now.contains(&c.dir) {
-                if let Err(e) = unpin(&c.dir) {
-                    tracing::warn!(cache = %c.dir.display(), error = %e.report(), "cannot unpin a cache no order keeps");
+        self.orders_gauge.store(held.orders.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        // Once per plugin: later withdrawals unpin their own caches above.
+        if !held.swept {
+            let pinned_now: HashSet<PathBuf> = held.orders.values().map(|h| h.image.image.cache_dir()).collect();
+            for c in list_images(&self.cfg.cache_dir).unwrap_or_default() {
+                if c.pinned && !pinned_now.contains(&c.dir) {
+                    if let Err(e) = unpin(&c.dir) {
+                        tracing::warn!(cache = %c.dir.display(), error = %e.report(), "cannot unpin a cache no order keeps");
+                    }
                 }
             }
+            held.swept = true;
         }
         failed
     }
 
     /// How many warm orders are carried out now.
     pub async fn orders_held(&self) -> usize {
-        self.orders.lock().await.0.len()
+        self.orders.lock().await.orders.len()
     }
 
     /// What the node caches: every image cache under the cache root (live fill for open ones),
@@ -150,21 +159,8 @@ impl Volumes {
         drop(seen);
         let cache_free_bytes = match self.cfg.cache_limit {
             Some(limit) => limit.saturating_sub(used),
-            None => fs_free(&self.cfg.cache_dir),
+            None => lazy_image_attach::statvfs(&self.cfg.cache_dir).map_or(0, |st| st.f_bavail.saturating_mul(st.f_frsize)),
         };
         NodeReport { images, cache_free_bytes, failed_orders }
     }
-}
-
-/// Free bytes of the filesystem holding `dir` (0 if it cannot be told).
-fn fs_free(dir: &std::path::Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return 0 };
-    // SAFETY: statvfs is plain integers, for which all zeros is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `st` a writable statvfs.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return 0;
-    }
-    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64)
 }
