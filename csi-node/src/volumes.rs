@@ -185,7 +185,7 @@ impl Volumes {
             v.set_sensitive(true);
             opts.headers.insert(http::header::AUTHORIZATION, v);
         }
-        let manifest = resolve_manifest(&spec.url, spec.manifest_url.as_deref(), spec.digest.as_deref(), &opts.headers)
+        let manifest = resolve_manifest(&spec.url, spec.manifest_url.as_deref(), spec.digest.as_deref(), &opts)
             .await
             .map_err(|e| NodeError::engine(&what, &e))?;
         let source = HttpSource::new(&spec.url, opts).map_err(|e| NodeError::engine(&what, &e))?;

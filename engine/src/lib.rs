@@ -12,7 +12,10 @@ pub mod stats;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Condition, FillResume, ImageConfig, LazyImage, ReadPlan, DEFAULT_CHUNK_SIZE};
 pub use manifest::Manifest;
-pub use source::{FakeSource, FileSource, HttpSource, ImageInfo, RangeSink, RangeSource};
+pub use source::{FakeSource, FileSource, HttpSource, HttpSourceOptions, ImageInfo, RangeSink, RangeSource};
+
+use source::{RetryPolicy, Retrying};
+use std::sync::Arc;
 pub use stats::StatsSnapshot;
 
 /// Locks `m` even if a panic elsewhere poisoned it: that must not turn every later read into a
@@ -23,75 +26,44 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The manifest an image is verified with, if any: `manifest` (path or URL) when given, else
 /// `image_url` + `.manifest` when a digest is pinned; with `pinned`, its digest must match.
-/// `headers` go with the request (the image's credentials: a private origin keeps its manifest
-/// as private as its image).
-pub async fn resolve_manifest(
-    image_url: &str,
-    manifest: Option<&str>,
-    pinned: Option<&str>,
-    headers: &http::HeaderMap,
-) -> Result<Option<Manifest>> {
+/// `opts` are the image's own HTTP options (a private origin keeps its manifest as private as
+/// its image).
+pub async fn resolve_manifest(image_url: &str, manifest: Option<&str>, pinned: Option<&str>, opts: &HttpSourceOptions) -> Result<Option<Manifest>> {
     let loc = match (manifest, pinned) {
         (Some(m), _) => m.to_string(),
         (None, Some(_)) => format!("{image_url}.manifest"),
         (None, None) => return Ok(None),
     };
-    load_manifest(&loc, pinned, headers).await.map(Some)
+    load_manifest(&loc, pinned, opts).await.map(Some)
 }
 
-/// Tries a manifest fetch gets: a dropped connection or an overloaded origin is tried again,
-/// a refusal (4xx) is not.
-const MANIFEST_TRIES: u32 = 4;
+/// Bounds the memory a manifest takes: about 8 million chunks.
+pub const MAX_MANIFEST_BYTES: u64 = 512 << 20;
 
-/// Loads a manifest from a URL (with `headers`, bounded in time, retried on transient failures)
-/// or a local path; with `pinned`, its digest must match.
-pub async fn load_manifest(location: &str, pinned: Option<&str>, headers: &http::HeaderMap) -> Result<Manifest> {
-    let bytes = if location.starts_with("http://") || location.starts_with("https://") {
-        fetch_manifest(location, headers).await?
+/// A manifest is read in pieces of this size, each retried on its own.
+const MANIFEST_PIECE: u64 = 8 << 20;
+
+/// Loads a manifest from a URL or a local path (`file://` or plain) through the same sources and
+/// retry policy as image bytes (credentials and timeouts from `opts`); with `pinned`, its digest
+/// must match. A manifest that changes while it is read is refused, as an image would be.
+pub async fn load_manifest(location: &str, pinned: Option<&str>, opts: &HttpSourceOptions) -> Result<Manifest> {
+    let what = format!("manifest {location}");
+    let wrap = |e: Error| Error::with_source(e.kind(), what.clone(), e);
+    let source: Arc<dyn RangeSource> = if location.starts_with("http://") || location.starts_with("https://") {
+        Arc::new(HttpSource::new(location, opts.clone()).map_err(wrap)?)
     } else {
-        std::fs::read(location).map_err(|e| {
-            let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::InvalidInput };
-            Error::with_source(kind, format!("manifest {location}"), e)
-        })?
+        Arc::new(FileSource::new(location.strip_prefix("file://").unwrap_or(location)))
     };
+    let source = Retrying::new(source, RetryPolicy::default(), Arc::new(stats::Stats::default()));
+    let info = source.probe().await.map_err(wrap)?;
+    if info.size > MAX_MANIFEST_BYTES {
+        return Err(Error::new(ErrorKind::InvalidInput, format!("{what}: {} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have", info.size)));
+    }
+    let mut bytes = Vec::with_capacity(info.size as usize);
+    while (bytes.len() as u64) < info.size {
+        let at = bytes.len() as u64;
+        let piece = source.fetch(at, MANIFEST_PIECE.min(info.size - at), &info).await.map_err(wrap)?;
+        bytes.extend_from_slice(&piece);
+    }
     Manifest::parse(&bytes, pinned)
-}
-
-async fn fetch_manifest(location: &str, headers: &http::HeaderMap) -> Result<Vec<u8>> {
-    let what = || format!("manifest {location}");
-    let client = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(60))
-        .default_headers(headers.clone())
-        .build()
-        .map_err(|e| Error::with_source(ErrorKind::InvalidInput, what(), e))?;
-    let mut backoff = std::time::Duration::from_millis(200);
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let attempt = async {
-            let resp = client.get(location).send().await.map_err(|e| Error::with_source(ErrorKind::Transport, what(), e))?;
-            if !resp.status().is_success() {
-                return Err(Error::new(ErrorKind::OriginStatus(resp.status().as_u16()), what()));
-            }
-            resp.bytes().await.map(|b| b.to_vec()).map_err(|e| Error::with_source(ErrorKind::Transport, what(), e))
-        };
-        match attempt.await {
-            Ok(b) => return Ok(b),
-            Err(e) if tries < MANIFEST_TRIES && is_transient(&e) => {
-                tracing::debug!(error = %e.report(), "manifest fetch failed; trying again");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn is_transient(e: &Error) -> bool {
-    match e.kind() {
-        ErrorKind::Transport | ErrorKind::DeadlineExceeded => true,
-        ErrorKind::OriginStatus(s) => s >= 500 || s == 408 || s == 429,
-        _ => false,
-    }
 }

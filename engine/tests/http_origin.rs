@@ -242,14 +242,30 @@ async fn manifest_fetch_sends_credentials_and_retries() {
     let url = server.url("image.img");
     let digest = m.digest();
 
-    let e = resolve_manifest(&url, None, Some(&digest), &HeaderMap::new()).await.unwrap_err();
+    let e = resolve_manifest(&url, None, Some(&digest), &Default::default()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::OriginStatus(401), "{}", e.report());
     assert_eq!(faults.requests.load(SeqCst), 1, "a refusal is not retried");
 
     faults.status_5xx.store(2, SeqCst);
     let mut headers = HeaderMap::new();
     headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"));
-    let got = resolve_manifest(&url, None, Some(&digest), &headers).await.unwrap().expect("a manifest");
+    let opts = HttpSourceOptions { headers, ..Default::default() };
+    let got = resolve_manifest(&url, None, Some(&digest), &opts).await.unwrap().expect("a manifest");
     assert_eq!(got.digest(), digest);
-    assert_eq!(faults.requests.load(SeqCst), 4, "two 503s, then the manifest");
+    assert_eq!(faults.requests.load(SeqCst), 5, "two 503s, then the probe and the manifest");
+}
+
+/// A manifest is bounded in size before anything is read into memory, wherever it lives.
+#[tokio::test]
+async fn oversized_manifest_is_refused_before_it_is_read() {
+    use lazy_image_engine::{load_manifest, MAX_MANIFEST_BYTES};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.manifest");
+    std::fs::File::create(&path).unwrap().set_len(MAX_MANIFEST_BYTES + 1).unwrap();
+    let e = load_manifest(path.to_str().unwrap(), None, &Default::default()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{}", e.report());
+    assert!(e.report().contains("more than the"), "{}", e.report());
+    let missing = dir.path().join("none.manifest");
+    let e = load_manifest(&format!("file://{}", missing.display()), None, &Default::default()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{}", e.report());
 }

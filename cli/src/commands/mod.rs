@@ -61,7 +61,7 @@ pub(crate) async fn open_image(a: &ImageArgs) -> Result<LazyImage> {
         Arc::new(FileSource::new(path))
     };
     let digest = a.digest.as_deref().map(parse_digest).transpose().map_err(|e| anyhow::anyhow!(e.report()))?;
-    let manifest = resolve_manifest(&a.url, a.manifest.as_deref(), digest.as_deref(), &http::HeaderMap::new())
+    let manifest = resolve_manifest(&a.url, a.manifest.as_deref(), digest.as_deref(), &Default::default())
         .await
         .map_err(|e| anyhow::anyhow!(e.report()))?;
     let mut cfg = ImageConfig::new(&a.cache.cache_dir);
