@@ -1,7 +1,7 @@
 //! Recognises the filesystems we mount by their superblock magic.
 
 use crate::{AttachError, AttachErrorKind};
-use lazy_image_engine::LazyImage;
+use lazy_image_engine::BlockView;
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 
@@ -80,7 +80,7 @@ impl FromStr for FsType {
 }
 
 /// Reads the superblock area through the engine (a few KiB from the origin) and names the type.
-pub async fn detect(image: &LazyImage) -> Result<FsType, AttachError> {
+pub async fn detect(image: &dyn BlockView) -> Result<FsType, AttachError> {
     let head = image.read(0, 2048).await?;
     FsType::from_superblock(&head).ok_or_else(|| {
         AttachError::new(
@@ -92,7 +92,7 @@ pub async fn detect(image: &LazyImage) -> Result<FsType, AttachError> {
 
 /// The largest logical block size a device for this image may have: 4096 when the image is
 /// whole 4 KiB blocks and so is the filesystem's block size, else 512.
-pub async fn device_block_size(image: &LazyImage, fs: FsType) -> Result<u32, AttachError> {
+pub async fn device_block_size(image: &dyn BlockView, fs: FsType) -> Result<u32, AttachError> {
     let head = image.read(0, 2048).await?;
     let fs_block = fs.block_size(&head).unwrap_or(512);
     Ok(if fs_block >= 4096 && image.size().is_multiple_of(4096) { 4096 } else { 512 })

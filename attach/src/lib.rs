@@ -1,4 +1,5 @@
-//! Turns a `LazyImage` into a mounted read-only filesystem. Two block backends:
+//! Turns a block device view (`lazy_image_engine::View`: a `LazyImage`, or anything else that
+//! serves a device's bytes) into a mounted read-only filesystem. Two block backends:
 //! - ublk (`ublk`): the image is a read-only `/dev/ublkbN` served by this process, which can
 //!   die and be replaced without breaking the mount (USER_RECOVERY);
 //! - FUSE + loop (`fuse`, `loopdev`), where the kernel has no ublk: the image is one read-only
@@ -26,7 +27,7 @@ pub use mount::{bind_readonly, is_mountpoint, mount_points_of, mount_readonly, m
 pub use record::{DeviceRecord, Takeover};
 pub use ublk::{UblkDevice, UblkOptions};
 
-use lazy_image_engine::LazyImage;
+use lazy_image_engine::{BlockView, View};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -120,7 +121,7 @@ impl Attachment {
     /// (`FuseExport::start`, `fuse_handover`, `resume_fuse`). On failure everything done so far
     /// is undone.
     pub async fn attach(
-        image: LazyImage,
+        image: View,
         work_dir: &Path,
         mountpoint: &Path,
         fs: Option<FsType>,
@@ -130,7 +131,7 @@ impl Attachment {
     ) -> Result<Self, AttachError> {
         let fs = match fs {
             Some(f) => f,
-            None => detect(&image).await?,
+            None => detect(&*image).await?,
         };
         if !mountpoint.is_dir() {
             return Err(AttachError::new(
@@ -142,11 +143,11 @@ impl Attachment {
             return Err(AttachError::new(AttachErrorKind::Busy, format!("{} is already a mount point", mountpoint.display())));
         }
         // A complete cache is a plain file holding the image: no server needed in between.
-        let complete = if backend == Backend::Fuse { image.complete_data_file() } else { None };
+        let complete = if backend == Backend::Fuse { image.complete_file() } else { None };
         let device = match (backend, complete) {
             (Backend::Ublk, _) => {
                 let opts = ublk_opts.clone();
-                let block = device_block_size(&image, fs).await?;
+                let block = device_block_size(&*image, fs).await?;
                 let dev = blocking(move || UblkDevice::create(image, block, &opts)).await?;
                 let mp = mountpoint.to_path_buf();
                 let path = dev.path();
@@ -182,13 +183,7 @@ impl Attachment {
 
     /// Re-adopts ublk device `id`, whose server died with the filesystem still mounted at
     /// `mountpoint`: serves it again so the readers the kernel held get their bytes.
-    pub async fn recover_ublk(
-        image: LazyImage,
-        id: u32,
-        mountpoint: &Path,
-        fs: FsType,
-        ublk_opts: &UblkOptions,
-    ) -> Result<Self, AttachError> {
+    pub async fn recover_ublk(image: View, id: u32, mountpoint: &Path, fs: FsType, ublk_opts: &UblkOptions) -> Result<Self, AttachError> {
         let opts = ublk_opts.clone();
         let dev = blocking(move || UblkDevice::recover(image, id, &opts)).await?;
         Ok(Attachment { mountpoint: mountpoint.to_path_buf(), fs, device: Device::Ublk(dev) })
@@ -198,9 +193,9 @@ impl Attachment {
     /// file and mounted at `mountpoint`: it needs no server, so the mount and every reader went
     /// on undisturbed. Refused unless the mount is from `dev` and `dev` still reads the very file
     /// the cache has now (a reset would have replaced it).
-    pub fn adopt_direct_loop(image: &LazyImage, dev: &Path, mountpoint: &Path, fs: FsType) -> Result<Self, AttachError> {
+    pub fn adopt_direct_loop(image: &dyn BlockView, dev: &Path, mountpoint: &Path, fs: FsType) -> Result<Self, AttachError> {
         let refuse = |why: String| Err(AttachError::new(AttachErrorKind::Busy, format!("cannot adopt {}: {why}", dev.display())));
-        let Some(data) = image.complete_data_file() else { return refuse("the image is not complete in the cache".into()) };
+        let Some(data) = image.complete_file() else { return refuse("the image is not complete in the cache".into()) };
         let dev = LoopDevice::existing(dev);
         if mount_source(mountpoint)?.as_deref() != Some(dev.path()) {
             return refuse(format!("{} is not mounted from it", mountpoint.display()));
@@ -219,7 +214,7 @@ impl Attachment {
     /// still mounted from `loop_dev` and that device still reads this session's image file.
     /// The mount, the pods' bind mounts and their open files stay as they are.
     pub fn resume_fuse(
-        image: LazyImage,
+        image: View,
         fd: std::os::fd::OwnedFd,
         info: FuseSessionInfo,
         fuse_dir: &Path,

@@ -90,6 +90,38 @@ fn ublk_full_cache_disk_keeps_serving() {
     assert_no_devices_left();
 }
 
+/// The whole device, read with direct I/O in 1 MiB requests, is the image byte for byte: cold
+/// (misses), warm (large cached reads go from mapped cache pages straight into the requests),
+/// with the cache file out of the page cache (read through the queue's ring) and warm again.
+#[test]
+#[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]
+fn ublk_whole_device_reads_are_the_image() {
+    if !ublk_ready() {
+        return;
+    }
+    let env = Env::new("ublk");
+    make_tree(&env.p("tree"), 11, &[9 << 20, 5 << 20, 300_001]);
+    make_image("ext4", &env.p("tree"), &env.p("srv/whole.img"));
+    let image = std::fs::read(env.p("srv/whole.img")).unwrap();
+    let want = hex::encode(Sha256::digest(&image));
+    let child = env.mount(&format!("{}/whole.img", env.base), "whole", &[]);
+    let dev = lazy_image_attach::mount_source(&env.p("whole")).unwrap().expect("mounted from a device");
+    let read_device = || {
+        let out = Command::new("dd").arg(format!("if={}", dev.display())).args(["bs=1M", "iflag=direct", "status=none"]).output().unwrap();
+        assert!(out.status.success(), "dd: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stdout.len() >= image.len(), "device shorter than the image");
+        hex::encode(Sha256::digest(&out.stdout[..image.len()]))
+    };
+    assert_eq!(read_device(), want, "cold");
+    assert_eq!(read_device(), want, "warm");
+    sh(&mut Command::new("sync"));
+    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    assert_eq!(read_device(), want, "cache file evicted from the page cache");
+    assert_eq!(read_device(), want, "warm again");
+    env.umount("whole", child);
+    assert_no_devices_left();
+}
+
 /// The kernel sees a read-only disk: writes to the device itself fail.
 #[test]
 #[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]

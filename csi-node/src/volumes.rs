@@ -273,7 +273,7 @@ impl Volumes {
         }
         let image = self.open_image(&a.spec, a.credentials.as_ref()).await?;
         let (handover, work) = (self.cfg.fd_holder.is_some(), self.work_dir(&id));
-        let att = Attachment::attach(image.image.clone(), &work, &a.staging_path, fs, self.cfg.backend, &self.cfg.ublk, handover);
+        let att = Attachment::attach(image.image.view(), &work, &a.staging_path, fs, self.cfg.backend, &self.cfg.ublk, handover);
         let att = match att.await {
             Ok(att) => att,
             Err(e) => {
@@ -573,7 +573,7 @@ impl Volumes {
         let takeover = rec.device.takeover(&rec.staging_path, std::time::Duration::from_secs(5));
         match takeover.map_err(attach_err(id))? {
             Takeover::Ublk(dev) => {
-                match Attachment::recover_ublk(image.image.clone(), dev, &rec.staging_path, rec.fs, &self.cfg.ublk).await {
+                match Attachment::recover_ublk(image.image.view(), dev, &rec.staging_path, rec.fs, &self.cfg.ublk).await {
                     Ok(att) => return Ok((image, att, None)),
                     Err(e) => {
                         self.release_image(image).await;
@@ -616,7 +616,7 @@ impl Volumes {
             .map_err(|e| NodeError::internal(format!("creating {}: {e}", rec.staging_path.display())))?;
         let (handover, work) = (self.cfg.fd_holder.is_some(), self.work_dir(id));
         let att =
-            Attachment::attach(image.image.clone(), &work, &rec.staging_path, Some(rec.fs), self.cfg.backend, &self.cfg.ublk, handover);
+            Attachment::attach(image.image.view(), &work, &rec.staging_path, Some(rec.fs), self.cfg.backend, &self.cfg.ublk, handover);
         let att = match att.await {
             Ok(att) => att,
             Err(e) => {
@@ -689,6 +689,6 @@ impl Volumes {
         if serde_json::from_str::<FuseSessionInfo>(&meta).ok() != Some(info) {
             return Err(NodeError::internal(format!("the fd holder's session {meta} is not the recorded one {info:?}")));
         }
-        Attachment::resume_fuse(image.image.clone(), fd, info, fuse_dir, loop_dev, staging, fs).map_err(attach_err(id))
+        Attachment::resume_fuse(image.image.view(), fd, info, fuse_dir, loop_dev, staging, fs).map_err(attach_err(id))
     }
 }

@@ -8,6 +8,7 @@ mod image;
 pub mod manifest;
 pub mod source;
 pub mod stats;
+mod view;
 
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Condition, FillResume, ImageConfig, LazyImage, ReadPlan, DEFAULT_CHUNK_SIZE};
@@ -15,8 +16,9 @@ pub use manifest::Manifest;
 pub use source::{FakeSource, FileSource, HttpSource, HttpSourceOptions, ImageInfo, RangeSink, RangeSource};
 
 use source::{RetryPolicy, Retrying};
-use std::sync::Arc;
 pub use stats::StatsSnapshot;
+use std::sync::Arc;
+pub use view::{BlockView, View};
 
 /// Locks `m` even if a panic elsewhere poisoned it: that must not turn every later read into a
 /// panic.
@@ -28,7 +30,12 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// `image_url` + `.manifest` when a digest is pinned; with `pinned`, its digest must match.
 /// `opts` are the image's own HTTP options (a private origin keeps its manifest as private as
 /// its image).
-pub async fn resolve_manifest(image_url: &str, manifest: Option<&str>, pinned: Option<&str>, opts: &HttpSourceOptions) -> Result<Option<Manifest>> {
+pub async fn resolve_manifest(
+    image_url: &str,
+    manifest: Option<&str>,
+    pinned: Option<&str>,
+    opts: &HttpSourceOptions,
+) -> Result<Option<Manifest>> {
     let loc = match (manifest, pinned) {
         (Some(m), _) => m.to_string(),
         (None, Some(_)) => format!("{image_url}.manifest"),
@@ -57,7 +64,10 @@ pub async fn load_manifest(location: &str, pinned: Option<&str>, opts: &HttpSour
     let source = Retrying::new(source, RetryPolicy::default(), Arc::new(stats::Stats::default()));
     let info = source.probe().await.map_err(wrap)?;
     if info.size > MAX_MANIFEST_BYTES {
-        return Err(Error::new(ErrorKind::InvalidInput, format!("{what}: {} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have", info.size)));
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what}: {} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have", info.size),
+        ));
     }
     let mut bytes = Vec::with_capacity(info.size as usize);
     while (bytes.len() as u64) < info.size {

@@ -19,7 +19,7 @@ mod uring;
 
 use crate::{AttachError, AttachErrorKind};
 use abi::{InHeader, Out};
-use lazy_image_engine::LazyImage;
+use lazy_image_engine::View;
 use serde::{Deserialize, Serialize};
 use std::ffi::CString;
 use std::fs::File;
@@ -136,7 +136,7 @@ impl Deliver for DevReply {
 }
 
 struct ImageFs {
-    image: LazyImage,
+    image: View,
     rt: Handle,
     started: u64,
 }
@@ -303,7 +303,7 @@ impl FuseExport {
     /// meant to outlive this process (its descriptor passed to a holder, `handover`):
     /// requests then come over `/dev/fuse` only, which the kernel can send again to the next
     /// server; io_uring queues die with their process and take their requests along.
-    pub fn start(image: LazyImage, dir: &Path, rt: Handle, handover: bool) -> Result<Self, AttachError> {
+    pub fn start(image: View, dir: &Path, rt: Handle, handover: bool) -> Result<Self, AttachError> {
         std::fs::create_dir_all(dir).map_err(|e| AttachError::os(format!("creating {}", dir.display()), e))?;
         if crate::is_mountpoint(dir)? {
             // Left behind by a process that died: it cannot be serving anyone now.
@@ -350,7 +350,7 @@ impl FuseExport {
     /// `fd` kept by a holder): the kernel is asked to send again what the dead server had read
     /// but not answered, so readers it held get their bytes. `dir` is where that process had
     /// mounted it (in its own namespace; nothing is mounted there in ours).
-    pub fn resume(image: LazyImage, fd: std::os::fd::OwnedFd, info: FuseSessionInfo, dir: &Path, rt: Handle) -> Result<Self, AttachError> {
+    pub fn resume(image: View, fd: std::os::fd::OwnedFd, info: FuseSessionInfo, dir: &Path, rt: Handle) -> Result<Self, AttachError> {
         let dev = Arc::new(File::from(fd));
         let head = abi::out_header(0, abi::NOTIFY_RESEND, 0);
         // SAFETY: `head` is valid for its length; the fd is open while `dev` lives.
@@ -369,7 +369,7 @@ impl FuseExport {
         Ok(export)
     }
 
-    fn spawn_session(&mut self, image: LazyImage, rt: Handle, want_uring: bool) -> Result<(), AttachError> {
+    fn spawn_session(&mut self, image: View, rt: Handle, want_uring: bool) -> Result<(), AttachError> {
         let fs = Arc::new(ImageFs { image, rt, started: self.info.started });
         let (dev, rings) = (self.dev.clone(), self.rings.clone());
         let s = std::thread::Builder::new()

@@ -8,9 +8,10 @@
 //! deletes its device on drop.
 
 mod queue;
+mod window;
 
 use crate::{AttachError, AttachErrorKind};
-use lazy_image_engine::LazyImage;
+use lazy_image_engine::View;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkError, UblkFlags};
@@ -207,18 +208,18 @@ pub struct UblkDevice {
 impl UblkDevice {
     /// Adds a new read-only device for `image`, with logical blocks of `block_size` (512 or
     /// 4096: no larger than the filesystem's blocks), and starts serving it.
-    pub fn create(image: LazyImage, block_size: u32, opts: &UblkOptions) -> Result<Self, AttachError> {
+    pub fn create(image: View, block_size: u32, opts: &UblkOptions) -> Result<Self, AttachError> {
         Self::start(image, opts, Some(block_size), None)
     }
 
     /// Takes over device `id`, left quiesced by a server that died, and resumes serving it; the
     /// reads the kernel held meanwhile are re-issued to us.
-    pub fn recover(image: LazyImage, id: u32, opts: &UblkOptions) -> Result<Self, AttachError> {
+    pub fn recover(image: View, id: u32, opts: &UblkOptions) -> Result<Self, AttachError> {
         // The kernel keeps the parameters the device was created with.
         Self::start(image, opts, None, Some(id))
     }
 
-    fn start(image: LazyImage, opts: &UblkOptions, block_size: Option<u32>, recover: Option<u32>) -> Result<Self, AttachError> {
+    fn start(image: View, opts: &UblkOptions, block_size: Option<u32>, recover: Option<u32>) -> Result<Self, AttachError> {
         let lbs_shift: u8 = if block_size == Some(4096) { 12 } else { 9 };
         let features = driver_features().ok_or_else(|| {
             AttachError::new(AttachErrorKind::Unsupported, format!("{CONTROL_PATH} is missing: load the ublk_drv module"))
@@ -314,7 +315,7 @@ struct DeviceSpec {
 }
 
 fn run_server(
-    image: LazyImage,
+    image: View,
     rt: tokio::runtime::Handle,
     opts: UblkOptions,
     spec: DeviceSpec,

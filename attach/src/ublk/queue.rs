@@ -3,14 +3,17 @@
 //! through the same ring, so a slow disk never stalls the other tags. Misses are handed to the
 //! engine's tokio runtime (queue threads have no tokio I/O or timer drivers) and the task waits
 //! on a oneshot; the runtime writes an eventfd that this ring always has a read pending on, so a
-//! finished fetch wakes the ring.
+//! finished fetch wakes the ring. Large cached reads are not read at all: the commit points the
+//! driver at the cache file's pages (see `window`).
 
-use lazy_image_engine::{Error as EngineError, LazyImage, ReadPlan};
+use super::window::{Mapped, Windows};
+use lazy_image_engine::{Error as EngineError, ReadPlan, View};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkUringData};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::cell::OnceCell;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use tokio::runtime::Handle;
@@ -44,7 +47,7 @@ impl Doorbell {
 }
 
 pub(super) struct QueueContext {
-    pub image: LazyImage,
+    pub image: View,
     pub rt: Handle,
 }
 
@@ -65,12 +68,14 @@ pub(super) fn serve_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
         }
     };
     let exe = smol::LocalExecutor::new();
+    let windows = Rc::new(OnceCell::new());
     let mut tasks = Vec::new();
     for tag in 0..dev.dev_info.queue_depth {
         let q = q.clone();
         let bell = bell.clone();
+        let windows = windows.clone();
         tasks.push(exe.spawn(async move {
-            match io_task(&q, tag, ctx, &bell).await {
+            match io_task(&q, tag, ctx, &bell, &windows).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => tracing::error!(qid, tag, error = %e, "ublk io task failed"),
             }
@@ -153,17 +158,59 @@ async fn doorbell_task(bell: Arc<Doorbell>) {
     }
 }
 
-async fn io_task(q: &UblkQueue<'_>, tag: u16, ctx: &QueueContext, bell: &Arc<Doorbell>) -> Result<(), UblkError> {
+/// The queue's windows of the cache file, made on its first planned file read.
+type QueueWindows = Rc<OnceCell<Option<Windows>>>;
+
+/// Cached reads at least this large are committed from a mapped window instead of being read
+/// into the tag's buffer: below it the copy saved is small and random small reads over a large
+/// image would keep remapping windows.
+const MAPPED_MIN: usize = 64 << 10;
+
+async fn io_task(q: &UblkQueue<'_>, tag: u16, ctx: &QueueContext, bell: &Arc<Doorbell>, windows: &QueueWindows) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
     loop {
-        let res = handle_io(q, tag, buf.as_mut_slice(), ctx, bell).await;
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
+        let (res, mapped) = handle_io(q, tag, buf.as_mut_slice(), ctx, bell, windows).await;
+        // `mapped` lives until the commit's future resolves, which is after the driver copied
+        // from it (the copy happens when the commit is submitted).
+        let desc = match &mapped {
+            Some(m) => BufDesc::Slice(m.as_slice()),
+            None => BufDesc::Slice(buf.as_slice()),
+        };
+        q.submit_io_commit_cmd(tag, desc, res).await?;
+        drop(mapped);
     }
 }
 
-/// Serves one request into `buf`; returns bytes done or a negative errno.
-async fn handle_io(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], ctx: &QueueContext, bell: &Arc<Doorbell>) -> i32 {
+/// The mapped bytes of a planned file read, when it is large, whole and in the page cache.
+fn mapped_read(windows: &QueueWindows, file: BorrowedFd<'_>, offset: u64, len: usize, want: usize) -> Option<Mapped> {
+    if len < MAPPED_MIN || len != want {
+        return None;
+    }
+    let windows = windows
+        .get_or_init(|| {
+            // The data file is the image's for as long as the image is open, which outlives
+            // the queue: its descriptor and size hold for every later plan.
+            let size = std::fs::File::from(file.try_clone_to_owned().ok()?).metadata().ok()?.len();
+            Some(Windows::new(file.as_raw_fd(), size))
+        })
+        .as_ref()?;
+    if windows.fd() != file.as_raw_fd() {
+        return None;
+    }
+    windows.get(offset, len)
+}
+
+/// Serves one request into `buf`, or from a mapped window (returned, for the commit); returns
+/// bytes done or a negative errno.
+async fn handle_io(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    buf: &mut [u8],
+    ctx: &QueueContext,
+    bell: &Arc<Doorbell>,
+    windows: &QueueWindows,
+) -> (i32, Option<Mapped>) {
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let offset = iod.start_sector << 9;
@@ -171,23 +218,28 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], ctx: &QueueConte
     match op {
         libublk::sys::UBLK_IO_OP_READ => {}
         // Nothing is ever dirty on a read-only device.
-        libublk::sys::UBLK_IO_OP_FLUSH => return 0,
+        libublk::sys::UBLK_IO_OP_FLUSH => return (0, None),
         // The kernel already refuses writes to a read-only disk; this is the second line.
         libublk::sys::UBLK_IO_OP_WRITE
         | libublk::sys::UBLK_IO_OP_DISCARD
         | libublk::sys::UBLK_IO_OP_WRITE_ZEROES
-        | libublk::sys::UBLK_IO_OP_WRITE_SAME => return -libc::EROFS,
-        _ => return -libc::EOPNOTSUPP,
+        | libublk::sys::UBLK_IO_OP_WRITE_SAME => return (-libc::EROFS, None),
+        _ => return (-libc::EOPNOTSUPP, None),
     }
     let Some(dst) = buf.get_mut(..len) else {
-        return -libc::EINVAL;
+        return (-libc::EINVAL, None);
     };
     let n = match ctx.image.plan_read(offset, dst) {
         ReadPlan::Copied(n) => n,
-        ReadPlan::File { file, offset, len, .. } => match read_cache(file.as_raw_fd(), offset, &mut dst[..len]).await {
-            Ok(()) => len,
-            Err(errno) => return errno,
-        },
+        ReadPlan::File { file, offset, len: flen, .. } => {
+            if let Some(m) = mapped_read(windows, file, offset, flen, len) {
+                return (len as i32, Some(m));
+            }
+            match read_cache(file.as_raw_fd(), offset, &mut dst[..flen]).await {
+                Ok(()) => flen,
+                Err(errno) => return (errno, None),
+            }
+        }
         ReadPlan::Miss => {
             let (tx, rx) = futures::channel::oneshot::channel();
             let image = ctx.image.clone();
@@ -204,13 +256,13 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], ctx: &QueueConte
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(offset, len, error = %e.report(), "ublk read failed");
-                    return ublk_errno(&e);
+                    return (ublk_errno(&e), None);
                 }
-                Err(_) => return -libc::EIO,
+                Err(_) => return (-libc::EIO, None),
             }
         }
     };
     // The device is rounded up to whole sectors: bytes past the image's end read as zeros.
     dst[n..].fill(0);
-    len as i32
+    (len as i32, None)
 }

@@ -52,7 +52,7 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
     let work = img.cache_dir();
     let att = match takeover {
         Some((Takeover::Ublk(id), fs)) => {
-            let att = Attachment::recover_ublk(img.clone(), id, &mountpoint, fs, &opts).await?;
+            let att = Attachment::recover_ublk(img.view(), id, &mountpoint, fs, &opts).await?;
             eprintln!("lazy-image: took over /dev/ublkb{id} (its daemon had died); {} stays mounted", mountpoint.display());
             att
         }
@@ -77,7 +77,7 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
                 backend.name(),
                 if backend == Backend::Fuse { " (no /dev/ublk-control, or --backend fuse)" } else { "" }
             );
-            let att = Attachment::attach(img.clone(), &work, &mountpoint, fs, backend, &opts, false).await?;
+            let att = Attachment::attach(img.view(), &work, &mountpoint, fs, backend, &opts, false).await?;
             if att.is_direct() {
                 eprintln!("lazy-image: the image is complete in the cache: the loop device reads the cache file directly");
             }

@@ -1,0 +1,101 @@
+//! The block device view: all a block backend (ublk, FUSE+loop) needs of what serves a device's
+//! bytes. A flat image (`LazyImage`) is one; a stack of layers, each the lazy cache of its own
+//! blob, will be another. Backends hold a `View` and never see what is behind it.
+
+use crate::error::Result;
+use crate::image::{Condition, LazyImage, ReadPlan};
+use crate::stats::StatsSnapshot;
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What backends hold: cheap to clone, shared by every queue and session thread.
+pub type View = Arc<dyn BlockView>;
+
+#[async_trait]
+pub trait BlockView: Send + Sync + 'static {
+    /// Bytes the device shows.
+    fn size(&self) -> u64;
+
+    /// The unit the view fetches in: backends align their devices' read-ahead to it.
+    fn chunk_size(&self) -> u64;
+
+    /// How to serve `buf.len()` bytes at `offset` without waiting (see `ReadPlan`). Callable
+    /// from any thread; a hit counts as a read.
+    fn plan_read(&self, offset: u64, buf: &mut [u8]) -> ReadPlan<'_>;
+
+    /// `plan_read` with the cache file read on the caller's thread: `None` on a miss.
+    fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>>;
+
+    /// A direct descriptor offered by a plan failed with EINVAL: offer none from now on.
+    fn direct_refused(&self);
+
+    /// `buf.len()` bytes at `offset` (fewer at the end), waiting for what is not cached.
+    async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<usize>;
+
+    /// As `read_into`, into new memory.
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes>;
+
+    /// Healthy, or why not.
+    fn condition(&self) -> Condition;
+
+    fn stats(&self) -> StatsSnapshot;
+
+    /// A local file holding every byte of the device at the same offsets, never written again,
+    /// once there is one (a flat image complete in its cache): a loop device can then read it
+    /// with no server in between.
+    fn complete_file(&self) -> Option<PathBuf> {
+        None
+    }
+}
+
+#[async_trait]
+impl BlockView for LazyImage {
+    fn size(&self) -> u64 {
+        LazyImage::size(self)
+    }
+
+    fn chunk_size(&self) -> u64 {
+        LazyImage::chunk_size(self)
+    }
+
+    fn plan_read(&self, offset: u64, buf: &mut [u8]) -> ReadPlan<'_> {
+        LazyImage::plan_read(self, offset, buf)
+    }
+
+    fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
+        LazyImage::read_cached_into(self, offset, buf)
+    }
+
+    fn direct_refused(&self) {
+        LazyImage::direct_refused(self)
+    }
+
+    async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        LazyImage::read_into(self, offset, buf).await
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        LazyImage::read(self, offset, len).await
+    }
+
+    fn condition(&self) -> Condition {
+        LazyImage::condition(self)
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        LazyImage::stats(self)
+    }
+
+    fn complete_file(&self) -> Option<PathBuf> {
+        self.complete_data_file()
+    }
+}
+
+impl LazyImage {
+    /// This image as a block device view, for a backend.
+    pub fn view(&self) -> View {
+        Arc::new(self.clone())
+    }
+}
