@@ -53,11 +53,14 @@ impl ImageFormat {
 /// Attribute keys Kubernetes and its sidecars add on their own; never an error.
 const PASSTHROUGH_PREFIXES: [&str; 2] = ["csi.storage.k8s.io/", "storage.kubernetes.io/"];
 pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
+/// How a `device` attribute is written in a spec's `url` (and in cache reports).
+pub const DEVICE_SCHEME: &str = "device://";
 
 /// The image a volume shows, from its volume attributes. Two requests describe the same volume
 /// when their specs are equal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeSpec {
+    /// `http(s)://...`, `file:///path` or, for attribute `device`, `device:///dev/...`.
     pub url: String,
     pub format: Option<ImageFormat>,
     pub digest: Option<String>,
@@ -71,19 +74,32 @@ pub struct VolumeSpec {
 impl VolumeSpec {
     pub fn from_attributes(attrs: &HashMap<String, String>) -> Result<Self, Invalid> {
         for k in attrs.keys() {
-            let known = matches!(k.as_str(), "url" | "format" | "digest" | "manifestUrl" | "chunkSize" | "prefetch")
+            let known = matches!(k.as_str(), "url" | "device" | "format" | "digest" | "manifestUrl" | "chunkSize" | "prefetch")
                 || PASSTHROUGH_PREFIXES.iter().any(|p| k.starts_with(p));
             if !known {
                 return Err(invalid(format!(
-                    "unknown volume attribute {k:?} (expected url, format, digest, manifestUrl, chunkSize, prefetch)"
+                    "unknown volume attribute {k:?} (expected url, device, format, digest, manifestUrl, chunkSize, prefetch)"
                 )));
             }
         }
-        let url =
-            attrs.get("url").map(|s| s.trim()).filter(|s| !s.is_empty()).ok_or_else(|| invalid("volume attribute \"url\" is required"))?;
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(invalid(format!("volume attribute url {url:?} must be an http:// or https:// URL")));
-        }
+        let given = |k: &str| attrs.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
+        let url = match (given("url"), given("device")) {
+            (Some(_), Some(_)) => return Err(invalid("volume attributes url and device name two sources: give one")),
+            (None, None) => return Err(invalid("volume attribute \"url\" (or \"device\") is required")),
+            (Some(u), None) => {
+                let remote = u.starts_with("http://") || u.starts_with("https://");
+                if !remote && !u.strip_prefix("file://").is_some_and(|p| p.starts_with('/')) {
+                    return Err(invalid(format!("volume attribute url {u:?} must be an http://, https:// or file:///absolute/path URL")));
+                }
+                u.to_string()
+            }
+            (None, Some(d)) => {
+                if !d.starts_with("/dev/") {
+                    return Err(invalid(format!("volume attribute device {d:?} must be a path under /dev/")));
+                }
+                format!("{DEVICE_SCHEME}{d}")
+            }
+        };
         let format = match attrs.get("format").map(String::as_str) {
             None | Some("") | Some("auto") => None,
             Some(f) => Some(ImageFormat::parse(f).map_err(|e| invalid(format!("volume attribute format: {e}")))?),
@@ -94,8 +110,8 @@ impl VolumeSpec {
         };
         let manifest_url = attrs.get("manifestUrl").cloned();
         if let Some(m) = &manifest_url {
-            if !(m.starts_with("http://") || m.starts_with("https://")) {
-                return Err(invalid(format!("volume attribute manifestUrl {m:?} must be an http:// or https:// URL")));
+            if !(m.starts_with("http://") || m.starts_with("https://") || m.starts_with("file:///")) {
+                return Err(invalid(format!("volume attribute manifestUrl {m:?} must be an http://, https:// or file:/// URL")));
             }
         }
         let chunk_size = match attrs.get("chunkSize") {
@@ -111,7 +127,10 @@ impl VolumeSpec {
             Some("true") => true,
             Some(v) => return Err(invalid(format!("volume attribute prefetch {v:?} must be \"true\" or \"false\""))),
         };
-        Ok(VolumeSpec { url: url.to_string(), format, digest, manifest_url, chunk_size, prefetch })
+        if url.starts_with(DEVICE_SCHEME) && digest.is_some() && manifest_url.is_none() {
+            return Err(invalid("a device's digest needs volume attribute manifestUrl (there is no <url>.manifest beside a device)"));
+        }
+        Ok(VolumeSpec { url, format, digest, manifest_url, chunk_size, prefetch })
     }
 }
 
@@ -195,6 +214,13 @@ mod tests {
         assert_eq!(s.chunk_size, Some(65536));
         assert!(VolumeSpec::from_attributes(&attrs(&[])).is_err());
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "ftp://h/x")])).is_err());
+        assert!(VolumeSpec::from_attributes(&attrs(&[("url", "file://relative/x.img")])).is_err());
+        assert_eq!(VolumeSpec::from_attributes(&attrs(&[("url", "file:///data/x.img")])).unwrap().url, "file:///data/x.img");
+        assert_eq!(VolumeSpec::from_attributes(&attrs(&[("device", "/dev/sdb")])).unwrap().url, "device:///dev/sdb");
+        assert!(VolumeSpec::from_attributes(&attrs(&[("device", "/tmp/x")])).is_err());
+        assert!(VolumeSpec::from_attributes(&attrs(&[("device", "/dev/sdb"), ("url", "http://h/x")])).is_err());
+        let pinned = "sha256:".to_string() + &"ab".repeat(32);
+        assert!(VolumeSpec::from_attributes(&attrs(&[("device", "/dev/sdb"), ("digest", &pinned)])).is_err(), "a device needs manifestUrl");
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("fromat", "ext4")])).is_err());
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("format", "xfs")])).is_err());
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("digest", "md5:1")])).is_err());

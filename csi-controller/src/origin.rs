@@ -21,6 +21,11 @@ pub struct HttpOrigin {
 impl Origin for HttpOrigin {
     async fn probe(&self, url: &str, credentials: Option<&Credentials>) -> Result<ImageInfo> {
         let what = format!("probing {url}");
+        if url.starts_with("file://") || url.starts_with("device://") {
+            return Err(ControllerError::invalid(format!(
+                "{url} is node-local: only the nodes can read it, so it cannot be provisioned; use a static PersistentVolume or an inline volume"
+            )));
+        }
         let mut opts = HttpSourceOptions::default();
         if let Some(c) = credentials {
             let mut v =

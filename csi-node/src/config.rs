@@ -66,6 +66,15 @@ pub struct Args {
     /// Seconds between two reads of this node's warm orders.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub orders_poll_s: u64,
+    /// Allow volumes whose url is file:///PATH for files beneath DIR (repeatable; none: file
+    /// URLs are refused). Paths are resolved before the check and opened with no symlink
+    /// followed beneath DIR.
+    #[arg(long, value_name = "DIR")]
+    pub local_source_root: Vec<PathBuf>,
+    /// Allow volumes whose attribute device names a block device matching PATTERN (a glob such as
+    /// /dev/disk/by-id/scsi-*; `*` never crosses a `/`; repeatable; none: devices are refused).
+    #[arg(long, value_name = "PATTERN")]
+    pub local_source_device: Vec<String>,
     #[arg(long, default_value = "info")]
     pub log_level: String,
     #[arg(long)]

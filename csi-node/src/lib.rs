@@ -12,6 +12,7 @@
 pub mod config;
 pub mod error;
 pub mod fd_holder;
+pub mod local;
 pub mod metrics;
 pub mod reporter;
 pub mod service;
@@ -83,6 +84,7 @@ async fn serve(args: Args, backend: Backend, socket: std::path::PathBuf) -> Resu
         ublk: UblkOptions { queues: args.ublk_queues, depth: args.ublk_depth, ..UblkOptions::default() },
         max_volumes: args.max_volumes_per_node as usize,
         fd_holder: fd_holder_client(&args)?,
+        local: local::LocalSources::new(&args.local_source_root, &args.local_source_device)?,
     })?;
     tracing::info!(backend = backend.name(), node_id = %args.node_id, "starting lazy-image CSI node plugin");
     if backend == Backend::Fuse && args.backend == "auto" {

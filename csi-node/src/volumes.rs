@@ -14,7 +14,11 @@ use crate::fd_holder::HolderClient;
 use crate::spec::{Credentials, VolumeSpec};
 use crate::state::{StateDir, VolumeRecord};
 use lazy_image_attach::{Attachment, Backend, DeviceRecord, FsType, FuseSessionInfo, Takeover, UblkOptions};
-use lazy_image_engine::{resolve_manifest, FillResume, HttpSource, ImageConfig, LazyImage, StatsSnapshot};
+use lazy_image_csi_common::attributes::DEVICE_SCHEME;
+use lazy_image_engine::source::{local_source, HttpSourceOptions};
+use lazy_image_engine::{
+    load_manifest_from, resolve_manifest, FileSource, FillResume, HttpSource, ImageConfig, LazyImage, Manifest, RangeSource, StatsSnapshot,
+};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,6 +33,8 @@ pub struct NodeConfig {
     pub max_volumes: usize,
     /// Where FUSE sessions are kept across a restart; `None`: they end with the plugin.
     pub fd_holder: Option<HolderClient>,
+    /// Which node-local files and devices volumes may read.
+    pub local: crate::local::LocalSources,
 }
 
 /// What `stage` needs, checked by the caller.
@@ -168,6 +174,38 @@ impl Volumes {
         Ok(OpGuard { vols: self, id: volume_id.to_string() })
     }
 
+    /// The volume's source, and its manifest if one is pinned or named: over HTTP(S), or a
+    /// node-local file or device through the allowlist (a local manifest too).
+    async fn open_source(
+        &self,
+        spec: &VolumeSpec,
+        opts: HttpSourceOptions,
+        what: &str,
+    ) -> NodeResult<(Arc<dyn RangeSource>, Option<Manifest>)> {
+        let engine = |e: lazy_image_engine::Error| NodeError::engine(what, &e);
+        let local_file = |path: &str| -> NodeResult<Arc<dyn RangeSource>> {
+            let file = self.cfg.local.open_file(path)?;
+            Ok(Arc::new(FileSource::from_file(file, path.to_string()).map_err(engine)?))
+        };
+        let manifest_at = spec.manifest_url.clone().or_else(|| spec.digest.as_ref().map(|_| format!("{}.manifest", spec.url)));
+        let manifest = match manifest_at.as_deref().and_then(|m| m.strip_prefix("file://")) {
+            Some(path) => {
+                let m = load_manifest_from(local_file(path)?, &format!("manifest {path}"), spec.digest.as_deref()).await.map_err(engine)?;
+                Some(m)
+            }
+            None => resolve_manifest(&spec.url, spec.manifest_url.as_deref(), spec.digest.as_deref(), &opts).await.map_err(engine)?,
+        };
+        let source: Arc<dyn RangeSource> = if let Some(path) = spec.url.strip_prefix("file://") {
+            local_file(path)?
+        } else if let Some(dev) = spec.url.strip_prefix(DEVICE_SCHEME) {
+            let file = self.cfg.local.open_device(dev)?;
+            local_source(file, dev.to_string()).map_err(engine)?
+        } else {
+            Arc::new(HttpSource::new(&spec.url, opts).map_err(engine)?)
+        };
+        Ok((source, manifest))
+    }
+
     async fn open_image(&self, spec: &VolumeSpec, creds: Option<&Credentials>) -> NodeResult<PooledImage> {
         // Volumes that differ only in `prefetch` share the image (and its one cache).
         let image_spec = VolumeSpec { prefetch: false, ..spec.clone() };
@@ -179,23 +217,20 @@ impl Volumes {
             return Ok(PooledImage { key, image: p.image.clone() });
         }
         let what = format!("image {}", spec.url);
-        let mut opts = lazy_image_engine::source::HttpSourceOptions::default();
+        let mut opts = HttpSourceOptions::default();
         if let Some(c) = creds {
             let mut v = http::HeaderValue::from_str(&c.0).map_err(|_| NodeError::invalid("credentials are not a valid header value"))?;
             v.set_sensitive(true);
             opts.headers.insert(http::header::AUTHORIZATION, v);
         }
-        let manifest = resolve_manifest(&spec.url, spec.manifest_url.as_deref(), spec.digest.as_deref(), &opts)
-            .await
-            .map_err(|e| NodeError::engine(&what, &e))?;
-        let source = HttpSource::new(&spec.url, opts).map_err(|e| NodeError::engine(&what, &e))?;
+        let (source, manifest) = self.open_source(spec, opts, &what).await?;
         let mut cfg = ImageConfig::new(&self.cfg.cache_dir);
         cfg.cache_limit = self.cfg.cache_limit;
         if let Some(cs) = spec.chunk_size {
             cfg.chunk_size = cs;
         }
         cfg.manifest = manifest;
-        let image = LazyImage::open(Arc::new(source), cfg).await.map_err(|e| NodeError::engine(&what, &e))?;
+        let image = LazyImage::open(source, cfg).await.map_err(|e| NodeError::engine(&what, &e))?;
         let mut p = Pooled { image: image.clone(), refs: 1, filler: None };
         p.prefetch_if(spec.prefetch);
         pool.open.insert(key.clone(), p);

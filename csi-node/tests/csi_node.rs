@@ -59,6 +59,8 @@ struct Harness {
     faults: Arc<Faults>,
     files: HashMap<String, Vec<u8>>,
     metrics_port: u16,
+    /// More flags for the plugin, from the next `start` on.
+    extra_args: Vec<String>,
 }
 
 impl Drop for Harness {
@@ -109,7 +111,7 @@ impl Harness {
         let server = lazy_image_serve::spawn(&srv, "127.0.0.1:0".parse().unwrap(), Some(faults.clone())).await.unwrap();
         std::fs::create_dir_all(tmp.path().join("kubelet/plugins")).unwrap();
         let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut h = Harness { plugin: None, tmp, server, faults, files, metrics_port };
+        let mut h = Harness { plugin: None, tmp, server, faults, files, metrics_port, extra_args: Vec::new() };
         h.start().await;
         h
     }
@@ -139,6 +141,7 @@ impl Harness {
             .arg("--kubelet-root")
             .arg(self.p("kubelet"))
             .args(["--metrics-addr", &format!("127.0.0.1:{}", self.metrics_port)])
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -678,6 +681,67 @@ async fn kubelet_call_shapes_old_and_current() {
 
 /// NodeGetVolumeStats of `path` describes the image's filesystem as a pod sees it there (this
 /// test runs in the namespace kubelet would), not the plugin's view or the host's disk.
+/// Node-local sources over the CSI socket: a file beneath an allowed root and a block device
+/// (a loop device over the image) matching an allowed pattern stage and read right; a file
+/// outside the root, a symlink out of it, a `..` out of it and a device matching no pattern are
+/// refused with PERMISSION_DENIED.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_sources_behind_the_allowlist() {
+    if !prerequisites_met() {
+        return;
+    }
+    let mut h = Harness::new().await;
+    let root = h.p("local");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy(h.p("srv/vol.img"), root.join("vol.img")).unwrap();
+    std::os::unix::fs::symlink("../srv/vol.img", root.join("out.img")).unwrap();
+    let out = Command::new("losetup").args(["--find", "--show", "--read-only"]).arg(h.p("srv/vol2.img")).output().unwrap();
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    h.kill();
+    h.extra_args = vec!["--local-source-root".into(), root.display().to_string(), "--local-source-device".into(), dev.clone()];
+    h.start().await;
+    let mut node = h.node().await;
+
+    let file_url = format!("file://{}/vol.img", root.display());
+    let mut device_req = h.stage_req("vol-dev", "unused");
+    device_req.volume_context = HashMap::from([("device".to_string(), dev.clone())]);
+    for (vol, req) in [("vol-file", h.stage_req("vol-file", &file_url)), ("vol-dev", device_req)] {
+        node.node_stage_volume(req).await.unwrap_or_else(|e| panic!("{vol}: {e}\n{}", h.log()));
+        node.node_publish_volume(h.publish_req(vol, "pod-l")).await.unwrap_or_else(|e| panic!("{vol}: {e}\n{}", h.log()));
+        h.check_files(&h.target("pod-l", vol));
+        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: h.target("pod-l", vol) })
+            .await
+            .unwrap();
+        node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.into(), staging_target_path: h.staging(vol) })
+            .await
+            .unwrap();
+    }
+
+    let refused = [
+        ("outside the root", ("url", format!("file://{}", h.p("srv/vol.img").display()))),
+        ("a symlink out of the root", ("url", format!("file://{}/out.img", root.display()))),
+        ("a .. out of the root", ("url", format!("file://{}/../srv/vol.img", root.display()))),
+        ("a device matching no pattern", ("device", "/dev/null".to_string())),
+    ];
+    for (what, (k, v)) in refused {
+        let mut req = h.stage_req("vol-x", "unused");
+        req.volume_context = HashMap::from([(k.to_string(), v)]);
+        let got = node.node_stage_volume(req).await;
+        let msg = got.as_ref().err().map(|s| s.message().to_string()).unwrap_or_default();
+        assert_eq!(code(got), Code::PermissionDenied, "{what}: {msg}");
+        assert!(msg.contains("--local-source"), "{what}: the message names the flag: {msg}");
+    }
+    h.assert_clean();
+}
+
 async fn check_stats(node: &mut NodeClient<Channel>, volume_id: &str, path: &str) {
     let st = node
         .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
@@ -728,6 +792,12 @@ async fn bad_input_matrix() {
         ("unparseable url", with(&|r| r.volume_context = ctx(&[("url", "http://")])), Code::InvalidArgument),
         ("server without Range", with(&|r| r.volume_context = ctx(&[("url", &no_range)])), Code::InvalidArgument),
         ("image not found", with(&|r| r.volume_context = ctx(&[("url", &h.url("missing.img"))])), Code::NotFound),
+        (
+            "local file while local sources are off",
+            with(&|r| r.volume_context = ctx(&[("url", "file:///etc/hostname")])),
+            Code::PermissionDenied,
+        ),
+        ("device while local devices are off", with(&|r| r.volume_context = ctx(&[("device", "/dev/null")])), Code::PermissionDenied),
         ("no access mode", with(&|r| r.volume_capability = Some(mount_cap(Mode::Unknown))), Code::InvalidArgument),
         (
             "block access",

@@ -49,6 +49,7 @@ async fn setup() -> Setup {
         ublk: UblkOptions::default(),
         max_volumes: 8,
         fd_holder: None,
+        local: Default::default(),
     })
     .unwrap();
     Setup { _tmp: tmp, server, fake, volumes, images, cache }

@@ -38,6 +38,7 @@ VARIATIONS = {
     "pinned-digests": {"image": {"node": {"digest": "sha256:" + "a" * 64}}, "storageClass": {"parameters": {"format": "erofs"}}},
     "no-fd-holder": {"node": {"fdHolder": False, "cacheLimitBytes": 10 << 30}},
     "no-cache-reports": {"node": {"cacheReports": {"enabled": False}}},
+    "local-sources": {"node": {"localSources": {"roots": ["/mnt/datasets", "/srv/images"], "devices": ["/dev/disk/by-id/scsi-*"]}}},
 }
 # Our containers and the binaries they run: every flag the chart passes must be one of theirs.
 BINARIES = {"node-plugin": "lazy-image-csi-node", "controller": "lazy-image-csi-controller", "fd-holder": "lazy-image-fd-holder"}
@@ -186,6 +187,17 @@ def check_invariants(name, values, objs):
     node_rules = rules_of(objs, "-node")
     if grants(node_rules, "nodecaches/status", "patch") != reports or grants(node_rules, "nodecaches", "create") != reports:
         fail(f"{name}: the node plugin's right to its NodeCache does not follow node.cacheReports.enabled")
+    # Local sources: one flag per allowed root and pattern, each root mounted read-only.
+    local = values["node"]["localSources"]
+    args = plugin.get("args", [])
+    if [a.split("=", 1)[1] for a in args if a.startswith("--local-source-root=")] != local["roots"]:
+        fail(f"{name}: the plugin's --local-source-root flags do not follow node.localSources.roots")
+    if [a.split("=", 1)[1] for a in args if a.startswith("--local-source-device=")] != local["devices"]:
+        fail(f"{name}: the plugin's --local-source-device flags do not follow node.localSources.devices")
+    mounts = {m["mountPath"]: m for m in plugin.get("volumeMounts", [])}
+    for root in local["roots"]:
+        if not mounts.get(root, {}).get("readOnly"):
+            fail(f"{name}: local source root {root} is not mounted read-only into the plugin")
     ctrl_rules = rules_of(objs, "-controller")
     if not (grants(ctrl_rules, "nodecaches", "patch") and grants(ctrl_rules, "nodes", "patch")):
         fail(f"{name}: the controller cannot write warm orders or warm node labels")

@@ -13,7 +13,9 @@ mod view;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Condition, FillResume, ImageConfig, LazyImage, ReadPlan, DEFAULT_CHUNK_SIZE};
 pub use manifest::Manifest;
-pub use source::{FakeSource, FileSource, HttpSource, HttpSourceOptions, ImageInfo, RangeSink, RangeSource};
+pub use source::{
+    local_source, open_local, DeviceSource, FakeSource, FileSource, HttpSource, HttpSourceOptions, ImageInfo, RangeSink, RangeSource,
+};
 
 use source::{RetryPolicy, Retrying};
 pub use stats::StatsSnapshot;
@@ -59,8 +61,15 @@ pub async fn load_manifest(location: &str, pinned: Option<&str>, opts: &HttpSour
     let source: Arc<dyn RangeSource> = if location.starts_with("http://") || location.starts_with("https://") {
         Arc::new(HttpSource::new(location, opts.clone()).map_err(wrap)?)
     } else {
-        Arc::new(FileSource::new(location.strip_prefix("file://").unwrap_or(location)))
+        Arc::new(FileSource::open(std::path::Path::new(location.strip_prefix("file://").unwrap_or(location))).map_err(wrap)?)
     };
+    load_manifest_from(source, &what, pinned).await
+}
+
+/// Loads a manifest from `source` (already opened, e.g. through an allowlist), called `what`
+/// in errors; as `load_manifest`.
+pub async fn load_manifest_from(source: Arc<dyn RangeSource>, what: &str, pinned: Option<&str>) -> Result<Manifest> {
+    let wrap = |e: Error| Error::with_source(e.kind(), what.to_string(), e);
     let source = Retrying::new(source, RetryPolicy::default(), Arc::new(stats::Stats::default()));
     let info = source.probe().await.map_err(wrap)?;
     if info.size > MAX_MANIFEST_BYTES {

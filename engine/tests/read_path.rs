@@ -22,7 +22,7 @@ async fn suite_file_source() {
     let data = pattern(SIZE + 77, 2);
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), &data).unwrap();
-    common::source_suite(Arc::new(FileSource::new(f.path())), &data).await;
+    common::source_suite(Arc::new(FileSource::open(f.path()).unwrap()), &data).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

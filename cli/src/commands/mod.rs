@@ -9,7 +9,7 @@ mod warm;
 use crate::args::{Cli, Command, ImageArgs};
 use anyhow::{bail, Context, Result};
 use lazy_image_attach::Backend;
-use lazy_image_engine::{manifest::parse_digest, resolve_manifest, FileSource, HttpSource, ImageConfig, LazyImage, RangeSource};
+use lazy_image_engine::{manifest::parse_digest, open_local, resolve_manifest, HttpSource, ImageConfig, LazyImage, RangeSource};
 use std::sync::Arc;
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -58,7 +58,7 @@ pub(crate) async fn open_image(a: &ImageArgs) -> Result<LazyImage> {
         if a.url.contains("://") && !a.url.starts_with("file://") {
             bail!("image URL {:?} must be http://, https://, file:// or a local path", a.url);
         }
-        Arc::new(FileSource::new(path))
+        open_local(std::path::Path::new(path)).map_err(|e| anyhow::anyhow!(e.report()))?
     };
     let digest = a.digest.as_deref().map(parse_digest).transpose().map_err(|e| anyhow::anyhow!(e.report()))?;
     let manifest = resolve_manifest(&a.url, a.manifest.as_deref(), digest.as_deref(), &Default::default())

@@ -10,7 +10,7 @@ mod http1;
 mod retry;
 
 pub use fake::{FakeSource, Fault};
-pub use file::FileSource;
+pub use file::{local_source, open_local, DeviceSource, FileSource};
 pub use http::{HttpSource, HttpSourceOptions};
 pub use retry::{RetryPolicy, Retrying};
 
