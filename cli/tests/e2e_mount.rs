@@ -49,6 +49,14 @@ fn fuse_partial_read_and_warm_reuse() {
 }
 
 #[test]
+fn fuse_local_sources_read_once_and_refuse_a_changed_source() {
+    if !host_ready() {
+        return;
+    }
+    local_sources_read_once_and_refuse_a_changed_source(&Env::new("fuse"));
+}
+
+#[test]
 fn fuse_full_cache_disk_keeps_serving() {
     if !host_ready() {
         return;

@@ -122,6 +122,16 @@ fn ublk_whole_device_reads_are_the_image() {
     assert_no_devices_left();
 }
 
+#[test]
+#[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]
+fn ublk_local_sources_read_once_and_refuse_a_changed_source() {
+    if !ublk_ready() {
+        return;
+    }
+    local_sources_read_once_and_refuse_a_changed_source(&Env::new("ublk"));
+    assert_no_devices_left();
+}
+
 /// The kernel sees a read-only disk: writes to the device itself fail.
 #[test]
 #[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]

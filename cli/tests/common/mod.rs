@@ -342,3 +342,65 @@ impl Drop for UnmountOnDrop {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// A node-local source: a block device (a loop device over the image) is read once, the second
+/// mount takes everything from the cache; a file rewritten under a mounted volume fails reads of
+/// what is not cached (EIO) and keeps serving what is, never mixing the two versions.
+pub fn local_sources_read_once_and_refuse_a_changed_source(env: &Env) {
+    let sums = make_tree(&env.p("ltree"), 9, &[300_000, 24 << 20]);
+    std::fs::create_dir_all(env.p("local")).unwrap();
+    let img = env.p("local/src.img");
+    make_image("ext4", &env.p("ltree"), &img);
+    let out = Command::new("losetup").args(["--find", "--show", "--read-only"]).arg(&img).output().unwrap();
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let dev = Detach(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let origin_of = |url: &str| {
+        let all = env.stat();
+        all.as_array().unwrap().iter().find(|c| c["url"] == url).unwrap_or_else(|| panic!("no cache for {url}: {all}"))["stats"]
+            ["origin_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    for pass in 0..2 {
+        let child = env.mount(&dev.0, "dev", &[]);
+        check_sums(&env.p("dev"), &sums);
+        env.umount("dev", child);
+        let fetched = origin_of(&dev.0);
+        if pass == 0 {
+            assert!(fetched > 24 << 20, "the first mount read the device: {fetched}");
+        } else {
+            assert_eq!(fetched, 0, "the second mount read nothing from the device");
+        }
+    }
+    drop(dev);
+
+    let url = format!("file://{}", img.display());
+    let child = env.mount(&url, "file", &[]);
+    let small = std::fs::read(env.p("file/file0.bin")).unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&small)), sums["file0.bin"]);
+    // Rewrite the image in place (same inode and size, another mtime): the last MiB of file1,
+    // far from anything read so far (or read ahead).
+    let mut bytes = std::fs::read(&img).unwrap();
+    let big = std::fs::read(env.p("ltree/sub/file1.bin")).unwrap();
+    let tail = &big[big.len() - (1 << 20)..];
+    let at = bytes.windows(64).position(|w| w == &tail[..64]).expect("file1's data in the image");
+    for b in &mut bytes[at..at + (1 << 20)] {
+        *b ^= 0xa5;
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &bytes, 0).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5)).unwrap();
+    drop(f);
+    let err = std::fs::read(env.p("file/sub/file1.bin")).expect_err("bytes of a changed source must not be served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    let again = std::fs::read(env.p("file/file0.bin")).unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&again)), sums["file0.bin"], "what was cached is served as it was");
+    env.umount("file", child);
+}
