@@ -161,9 +161,9 @@ async fn doorbell_task(bell: Arc<Doorbell>) {
 /// The queue's windows of the cache file, made on its first planned file read.
 type QueueWindows = Rc<OnceCell<Option<Windows>>>;
 
-/// Cached reads at least this large are committed from a mapped window instead of being read
-/// into the tag's buffer: below it the copy saved is small and random small reads over a large
-/// image would keep remapping windows.
+/// Cached reads at least this large map their window if it is not mapped yet; smaller ones use a
+/// window only if one is there already (random small reads over a large image would otherwise
+/// keep remapping windows), else they are read into the tag's buffer.
 const MAPPED_MIN: usize = 64 << 10;
 
 async fn io_task(q: &UblkQueue<'_>, tag: u16, ctx: &QueueContext, bell: &Arc<Doorbell>, windows: &QueueWindows) -> Result<(), UblkError> {
@@ -182,9 +182,9 @@ async fn io_task(q: &UblkQueue<'_>, tag: u16, ctx: &QueueContext, bell: &Arc<Doo
     }
 }
 
-/// The mapped bytes of a planned file read, when it is large, whole and in the page cache.
+/// The mapped bytes of a planned file read, when it is whole and in the page cache.
 fn mapped_read(windows: &QueueWindows, file: BorrowedFd<'_>, offset: u64, len: usize, want: usize) -> Option<Mapped> {
-    if len < MAPPED_MIN || len != want {
+    if len != want {
         return None;
     }
     let windows = windows
@@ -198,7 +198,7 @@ fn mapped_read(windows: &QueueWindows, file: BorrowedFd<'_>, offset: u64, len: u
     if windows.fd() != file.as_raw_fd() {
         return None;
     }
-    windows.get(offset, len)
+    windows.get(offset, len, len < MAPPED_MIN)
 }
 
 /// Serves one request into `buf`, or from a mapped window (returned, for the commit); returns

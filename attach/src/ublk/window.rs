@@ -69,15 +69,16 @@ impl Windows {
         self.fd
     }
 
-    /// `len` bytes at `offset`, mapped, when they lie in one window and every page is in the
-    /// page cache (the driver's copy must not wait for a disk on the queue thread); else None.
-    pub fn get(&self, offset: u64, len: usize) -> Option<Mapped> {
+    /// `len` bytes at `offset`, mapped, when they lie in one window (mapped now unless `only_mapped`)
+    /// and every page is in the page cache (the driver's copy must not wait for a disk on the
+    /// queue thread); else None.
+    pub fn get(&self, offset: u64, len: usize, only_mapped: bool) -> Option<Mapped> {
         let idx = offset / WINDOW;
         let end = offset.checked_add(len as u64)?;
         if len == 0 || end > self.file_len || (end - 1) / WINDOW != idx {
             return None;
         }
-        let window = self.window(idx)?;
+        let window = if only_mapped { self.by_index.borrow().get(&idx).cloned()? } else { self.window(idx)? };
         let at = (offset - idx * WINDOW) as usize;
         // SAFETY: `at + len <= window.len`: the window spans [idx*WINDOW, min(file_len, (idx+1)*WINDOW)).
         let ptr = unsafe { window.base.cast::<u8>().add(at) };
@@ -162,17 +163,19 @@ mod tests {
         drop_from_page_cache(&f);
         let w = Windows::new(f.as_raw_fd(), data.len() as u64);
         let at = WINDOW - (2 << 20);
-        assert!(w.get(at, 1 << 20).is_none(), "pages not in the page cache are not offered");
+        assert!(w.get(at, 1 << 20, false).is_none(), "pages not in the page cache are not offered");
         let mut buf = vec![0u8; 1 << 20];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, at).unwrap();
-        let m = w.get(at, 1 << 20).expect("resident now");
+        let m = w.get(at, 1 << 20, false).expect("resident now");
         assert_eq!(m.as_slice(), &data[at as usize..][..1 << 20]);
         // The last window is short: it ends with the file.
         let tail = data.len() as u64 - (1 << 20);
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, tail).unwrap();
-        assert_eq!(w.get(tail, 1 << 20).expect("resident").as_slice(), &data[tail as usize..]);
-        assert!(w.get(WINDOW - 4096, 8192).is_none(), "a range across two windows is read instead");
-        assert!(w.get(tail, (1 << 20) + 512).is_none(), "past the end of the file");
+        assert_eq!(w.get(tail, 1 << 20, false).expect("resident").as_slice(), &data[tail as usize..]);
+        assert!(w.get(WINDOW - 4096, 8192, false).is_none(), "a range across two windows is read instead");
+        assert!(w.get(2 * WINDOW, 4096, true).is_none() && !w.by_index.borrow().contains_key(&2), "small reads map nothing");
+        assert_eq!(w.get(at, 4096, true).expect("in a window already mapped").as_slice(), &data[at as usize..][..4096]);
+        assert!(w.get(tail, (1 << 20) + 512, false).is_none(), "past the end of the file");
     }
 
     #[test]
@@ -182,10 +185,10 @@ mod tests {
         f.set_len(len).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, b"first window", 100).unwrap();
         let w = Windows::new(f.as_raw_fd(), len);
-        let held = w.get(0, 4096).expect("just written, so resident");
+        let held = w.get(0, 4096, false).expect("just written, so resident");
         for i in 1..=MAX_WINDOWS as u64 + 1 {
             // Holes are not resident: nothing is offered, but each call maps its window.
-            let _ = w.get(i * WINDOW, 4096);
+            let _ = w.get(i * WINDOW, 4096, false);
         }
         assert!(!w.by_index.borrow().contains_key(&0), "the oldest window left the set");
         assert!(w.by_index.borrow().len() <= MAX_WINDOWS);
