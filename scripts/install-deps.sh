@@ -3,7 +3,8 @@
 #   install-deps.sh          build + host tests (FUSE+loop, nginx, mkfs tools) + the images
 #                            (umoci, skopeo, busybox and kmod for the node image)
 #   install-deps.sh vm       also the ublk VM harness: qemu, busybox, and bookworm-backports
-#                            (whose linux-image-6.12 has ublk_drv)
+#                            (whose linux-image-6.12 has ublk_drv); qemu-img and qemu-io for the
+#                            qcow2 tests
 #   install-deps.sh bench    also the benchmark peers (qemu-storage-daemon's curl driver, nbdkit)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -12,7 +13,8 @@ BACKPORTS=()
 need_backports=false
 for group in "$@"; do
     case $group in
-        vm) PKGS+=(busybox-static cpio xz-utils kmod fio iproute2); BACKPORTS+=(qemu-system-x86); need_backports=true ;;
+        # qemu-utils: qemu-img and qemu-io make the qcow2 images the tests read.
+        vm) PKGS+=(busybox-static cpio xz-utils kmod fio iproute2); BACKPORTS+=(qemu-system-x86 qemu-utils); need_backports=true ;;
         bench) PKGS+=(nbdkit libnbd-bin fio iproute2); BACKPORTS+=(qemu-block-extra qemu-utils); need_backports=true ;;
         *) echo "install-deps: unknown group $group (expected vm or bench)" >&2; exit 2 ;;
     esac

@@ -57,6 +57,14 @@ fn fuse_local_sources_read_once_and_refuse_a_changed_source() {
 }
 
 #[test]
+fn fuse_qcow2_images_mount() {
+    if !host_ready() {
+        return;
+    }
+    qcow2_images_mount(&Env::new("fuse"));
+}
+
+#[test]
 fn fuse_full_cache_disk_keeps_serving() {
     if !host_ready() {
         return;

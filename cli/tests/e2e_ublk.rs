@@ -132,6 +132,16 @@ fn ublk_local_sources_read_once_and_refuse_a_changed_source() {
     assert_no_devices_left();
 }
 
+#[test]
+#[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]
+fn ublk_qcow2_images_mount() {
+    if !ublk_ready() {
+        return;
+    }
+    qcow2_images_mount(&Env::new("ublk"));
+    assert_no_devices_left();
+}
+
 /// The kernel sees a read-only disk: writes to the device itself fail.
 #[test]
 #[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]

@@ -775,6 +775,8 @@ async fn bad_input_matrix() {
     }
     let h = Harness::new().await;
     let no_range = Harness::new_ignoring_range(&h).await;
+    let out = Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(h.p("srv/vol.img")).arg(h.p("srv/vol.qcow2")).output();
+    assert!(out.is_ok_and(|o| o.status.success()), "qemu-img (qemu-utils) makes the qcow2 case");
     let mut node = h.node().await;
     let good = h.stage_req("vol-b", &h.url("vol.img"));
     let with = |f: &dyn Fn(&mut csi::NodeStageVolumeRequest)| {
@@ -792,6 +794,7 @@ async fn bad_input_matrix() {
         ("unparseable url", with(&|r| r.volume_context = ctx(&[("url", "http://")])), Code::InvalidArgument),
         ("server without Range", with(&|r| r.volume_context = ctx(&[("url", &no_range)])), Code::InvalidArgument),
         ("image not found", with(&|r| r.volume_context = ctx(&[("url", &h.url("missing.img"))])), Code::NotFound),
+        ("a qcow2 image", with(&|r| r.volume_context = ctx(&[("url", &h.url("vol.qcow2"))])), Code::InvalidArgument),
         (
             "local file while local sources are off",
             with(&|r| r.volume_context = ctx(&[("url", "file:///etc/hostname")])),

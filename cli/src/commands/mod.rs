@@ -7,9 +7,10 @@ mod stat;
 mod warm;
 
 use crate::args::{Cli, Command, ImageArgs};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use lazy_image_attach::Backend;
-use lazy_image_engine::{manifest::parse_digest, open_local, resolve_manifest, HttpSource, ImageConfig, LazyImage, RangeSource};
+use lazy_image_engine::{manifest::parse_digest, open_local, resolve_manifest, HttpSource, ImageConfig, LazyImage, RangeSource, View};
+use lazy_image_formats::{open_view, BlobOpener};
 use std::sync::Arc;
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -51,24 +52,48 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// Turns the image arguments into an open `LazyImage`: source, manifest/digest, cache settings.
 pub(crate) async fn open_image(a: &ImageArgs) -> Result<LazyImage> {
-    let source: Arc<dyn RangeSource> = if a.url.starts_with("http://") || a.url.starts_with("https://") {
-        Arc::new(HttpSource::new(&a.url, Default::default()).map_err(|e| anyhow::anyhow!(e.report()))?)
-    } else {
-        let path = a.url.strip_prefix("file://").unwrap_or(&a.url);
-        if a.url.contains("://") && !a.url.starts_with("file://") {
-            bail!("image URL {:?} must be http://, https://, file:// or a local path", a.url);
+    open_blob(a).await.map_err(|e| anyhow::anyhow!(e.report()))
+}
+
+/// The device the image arguments name: a qcow2 image with its backing chain, or the image
+/// itself; with the top blob (stats, cache) beside it.
+pub(crate) async fn open_device(a: &ImageArgs) -> Result<(LazyImage, View)> {
+    open_view(&a.url, &Blobs(a)).await.map_err(|e| anyhow::anyhow!(e.report()))
+}
+
+/// Opens the blobs of a chain: the top one with the arguments' digest or manifest, backing
+/// files without (qcow2 pins nothing of them), all with the same cache settings.
+struct Blobs<'a>(&'a ImageArgs);
+
+#[async_trait::async_trait]
+impl BlobOpener for Blobs<'_> {
+    async fn open(&self, url: &str) -> lazy_image_engine::Result<LazyImage> {
+        if url == self.0.url {
+            return open_blob(self.0).await;
         }
-        open_local(std::path::Path::new(path)).map_err(|e| anyhow::anyhow!(e.report()))?
+        open_blob(&ImageArgs { url: url.to_string(), manifest: None, digest: None, ..self.0.clone() }).await
+    }
+}
+
+async fn open_blob(a: &ImageArgs) -> lazy_image_engine::Result<LazyImage> {
+    let source: Arc<dyn RangeSource> = if a.url.starts_with("http://") || a.url.starts_with("https://") {
+        Arc::new(HttpSource::new(&a.url, Default::default())?)
+    } else {
+        if a.url.contains("://") && !a.url.starts_with("file://") {
+            return Err(lazy_image_engine::Error::new(
+                lazy_image_engine::ErrorKind::InvalidInput,
+                format!("image URL {:?} must be http://, https://, file:// or a local path", a.url),
+            ));
+        }
+        open_local(std::path::Path::new(a.url.strip_prefix("file://").unwrap_or(&a.url)))?
     };
-    let digest = a.digest.as_deref().map(parse_digest).transpose().map_err(|e| anyhow::anyhow!(e.report()))?;
-    let manifest = resolve_manifest(&a.url, a.manifest.as_deref(), digest.as_deref(), &Default::default())
-        .await
-        .map_err(|e| anyhow::anyhow!(e.report()))?;
+    let digest = a.digest.as_deref().map(parse_digest).transpose()?;
+    let manifest = resolve_manifest(&a.url, a.manifest.as_deref(), digest.as_deref(), &Default::default()).await?;
     let mut cfg = ImageConfig::new(&a.cache.cache_dir);
     cfg.cache_limit = a.cache.cache_limit;
     if let Some(cs) = a.chunk_size {
         cfg.chunk_size = cs;
     }
     cfg.manifest = manifest;
-    LazyImage::open(source, cfg).await.map_err(|e| anyhow::anyhow!(e.report()))
+    LazyImage::open(source, cfg).await
 }

@@ -41,23 +41,23 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
         }
     }
     eprintln!("lazy-image: probing {}", a.image.url);
-    let img = super::open_image(&a.image).await?;
+    let (img, view) = super::open_device(&a.image).await?;
     let (have, total) = img.fill();
     eprintln!(
         "lazy-image: image is {}, cache {} ({:.1}% present)",
-        human(img.size()),
+        human(view.size()),
         img.cache_dir().display(),
         have as f64 * 100.0 / total.max(1) as f64
     );
     let work = img.cache_dir();
     let att = match takeover {
         Some((Takeover::Ublk(id), fs)) => {
-            let att = Attachment::recover_ublk(img.view(), id, &mountpoint, fs, &opts).await?;
+            let att = Attachment::recover_ublk(view.clone(), id, &mountpoint, fs, &opts).await?;
             eprintln!("lazy-image: took over /dev/ublkb{id} (its daemon had died); {} stays mounted", mountpoint.display());
             att
         }
         Some((Takeover::Loop(dev), fs)) => {
-            let att = Attachment::adopt_direct_loop(&img, &dev, &mountpoint, fs).with_context(|| {
+            let att = Attachment::adopt_direct_loop(&*view, &dev, &mountpoint, fs).with_context(|| {
                 format!(
                     "{} is left over from a daemon that died; run `lazy-image umount {}` first",
                     mountpoint.display(),
@@ -77,7 +77,7 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
                 backend.name(),
                 if backend == Backend::Fuse { " (no /dev/ublk-control, or --backend fuse)" } else { "" }
             );
-            let att = Attachment::attach(img.view(), &work, &mountpoint, fs, backend, &opts, false).await?;
+            let att = Attachment::attach(view.clone(), &work, &mountpoint, fs, backend, &opts, false).await?;
             if att.is_direct() {
                 eprintln!("lazy-image: the image is complete in the cache: the loop device reads the cache file directly");
             }

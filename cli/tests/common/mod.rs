@@ -404,3 +404,39 @@ pub fn local_sources_read_once_and_refuse_a_changed_source(env: &Env) {
     assert_eq!(hex::encode(Sha256::digest(&again)), sums["file0.bin"], "what was cached is served as it was");
     env.umount("file", child);
 }
+
+/// qcow2 images over HTTP, made by qemu-img: a zstd-compressed copy of an ext4 image, and a
+/// qcow2 over the raw image as its backing file (named relative to it) holding one changed
+/// block of a file. Each mounts and every file reads right.
+pub fn qcow2_images_mount(env: &Env) {
+    if !which("qemu-img") {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide qemu-img (qemu-utils)");
+        eprintln!("skipping: no qemu-img");
+        return;
+    }
+    let mut sums = make_tree(&env.p("qtree"), 21, &[200_000, 3 << 20]);
+    let srv = env.p("srv");
+    make_image("ext4", &env.p("qtree"), &srv.join("base.img"));
+    let qemu_img = |args: &[&str]| sh(Command::new("qemu-img").args(args).current_dir(&srv));
+    qemu_img(&["convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", "base.img", "packed.qcow2"]);
+    let child = env.mount(&format!("{}/packed.qcow2", env.base), "packed", &[]);
+    check_sums(&env.p("packed"), &sums);
+    env.umount("packed", child);
+
+    let mut bytes = std::fs::read(srv.join("base.img")).unwrap();
+    let mut file0 = std::fs::read(env.p("qtree/file0.bin")).unwrap();
+    let at = bytes.windows(64).position(|w| w == &file0[..64]).expect("file0's data in the image");
+    for (b, f) in bytes[at..at + 4096].iter_mut().zip(file0.iter_mut()) {
+        *b ^= 0x3c;
+        *f ^= 0x3c;
+    }
+    std::fs::write(env.p("piece.bin"), &bytes[at..at + 4096]).unwrap();
+    sums.insert("file0.bin".into(), hex::encode(Sha256::digest(&file0)));
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.img", "-F", "raw", "top.qcow2"]);
+    let write = format!("write -s {} {at} 4096", env.p("piece.bin").display());
+    sh(Command::new("qemu-io").args(["-f", "qcow2", "-c", &write, "top.qcow2"]).current_dir(&srv));
+    assert!(std::fs::metadata(srv.join("top.qcow2")).unwrap().len() < 1 << 20, "the overlay holds only what changed");
+    let child = env.mount(&format!("{}/top.qcow2", env.base), "top", &[]);
+    check_sums(&env.p("top"), &sums);
+    env.umount("top", child);
+}
