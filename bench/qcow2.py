@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""qcow2 against the same filesystem as a flat image (issue 30): one ext4 image with one large
+file of random bytes, and `qemu-img convert -O qcow2` of it, both served by `lazy-image serve`
+on 127.0.0.1. For each, a fresh mount (empty cache) reads the file (cold: time and origin
+bytes), then the page cache is dropped and it reads it again (warm). Pairs alternate which goes
+first; medians of --repeats. Every read is checked once. Run as root (FUSE backend here):
+    python3 bench/qcow2.py [--file-mib 256 --repeats 3]"""
+
+import argparse, hashlib, json, os, statistics, subprocess, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target/debug/lazy-image")
+
+
+def sh(*a, **kw):
+    return subprocess.run(a, check=True, **kw)
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def wait_for(cond, what, timeout=60):
+    t = time.monotonic()
+    while not cond():
+        if time.monotonic() - t > timeout:
+            raise TimeoutError(f"bench: timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def read_file(path, want=None):
+    t = time.monotonic()
+    sh("dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none")
+    secs = time.monotonic() - t
+    if want is not None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while b := f.read(1 << 20):
+                h.update(b)
+        assert h.hexdigest() == want, f"bench: {path} read wrong bytes"
+    return secs
+
+
+def one(work, url, want):
+    """Cold and warm seconds, and origin bytes of the cold read, on a fresh cache."""
+    mnt, cache, run = (os.path.join(work, d) for d in ("mnt", "cache", "run"))
+    sh("rm", "-rf", cache)
+    os.makedirs(mnt, exist_ok=True)
+    proc = subprocess.Popen([BIN, "mount", url, mnt, "--backend", "fuse", "--cache-dir", cache, "--run-dir", run], stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.ismount(mnt), "mount")
+        drop_caches()
+        cold = read_file(os.path.join(mnt, "big.bin"), want)
+        drop_caches()
+        warm = read_file(os.path.join(mnt, "big.bin"), want)
+    finally:
+        sh(BIN, "umount", mnt, "--run-dir", run, stderr=subprocess.DEVNULL)
+        proc.wait()
+    stats = json.loads(subprocess.run([BIN, "stat", "--json", "--cache-dir", cache], capture_output=True, check=True).stdout)
+    return cold, warm, sum(c["stats"]["origin_bytes"] for c in stats)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--file-mib", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    sh("cargo", "build", "-q", "--bin", "lazy-image", cwd=ROOT)
+    work = tempfile.mkdtemp(prefix="lazy-qcow2-bench-", dir="/var/tmp")
+    srv, tree = os.path.join(work, "srv"), os.path.join(work, "tree")
+    os.makedirs(srv)
+    os.makedirs(tree)
+    with open(os.path.join(tree, "big.bin"), "wb") as f:
+        for _ in range(a.file_mib):
+            f.write(os.urandom(1 << 20))
+    want = hashlib.sha256(open(os.path.join(tree, "big.bin"), "rb").read()).hexdigest()
+    sh("mkfs.ext4", "-q", "-F", "-d", tree, os.path.join(srv, "flat.img"), f"{a.file_mib + 64}M")
+    sh("qemu-img", "convert", "-O", "qcow2", os.path.join(srv, "flat.img"), os.path.join(srv, "image.qcow2"))
+    port = 18000 + os.getpid() % 1000
+    server = subprocess.Popen([BIN, "serve", srv, "--listen", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
+    res = {"flat": [], "qcow2": []}
+    try:
+        time.sleep(0.3)
+        for i in range(a.repeats):
+            order = ("flat", "qcow2") if i % 2 == 0 else ("qcow2", "flat")
+            for who in order:
+                name = "flat.img" if who == "flat" else "image.qcow2"
+                res[who].append(one(work, f"http://127.0.0.1:{port}/{name}", want if i == 0 else None))
+    finally:
+        server.kill()
+        sh("rm", "-rf", work)
+    med = lambda who, k: statistics.median(r[k] for r in res[who])
+    mib = a.file_mib
+    print(f"\n{mib} MiB file in ext4, flat and as qcow2 (64 KiB clusters), served on 127.0.0.1; medians of {a.repeats}")
+    print(f"{'':28}{'flat':>14}{'qcow2':>14}{'qcow2/flat':>12}")
+    for label, k in (("cold sequential", 0), ("warm sequential", 1)):
+        f, q = mib / med("flat", k), mib / med("qcow2", k)
+        print(f"{label:28}{f:>9.0f} MiB/s{q:>9.0f} MiB/s{q / f:>11.2f}x")
+    f, q = med("flat", 2), med("qcow2", 2)
+    print(f"{'origin bytes, cold read':28}{f / 2**20:>10.1f} MiB{q / 2**20:>10.1f} MiB{q / f:>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()
