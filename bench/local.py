@@ -11,51 +11,16 @@ Pairs alternate which system goes first; medians of --repeats. Every read is che
 against the file. Run as root (FUSE backend on this host):
     python3 bench/local.py [--file-mib 384 --mbps 200 --repeats 3]"""
 
-import argparse, hashlib, os, statistics, subprocess, sys, tempfile, time
+import argparse, hashlib, os, statistics, subprocess, tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target/debug/lazy-image")
+from common import BIN, ROOT, drop_caches, sh, timed_dd, wait_for
+
 CGROUP = "/sys/fs/cgroup/blkio/lazy-image-bench"
-
-
-def sh(*a, **kw):
-    return subprocess.run(a, check=True, **kw)
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
-
-
-def wait_for(cond, what, timeout=60):
-    t = time.monotonic()
-    while not cond():
-        if time.monotonic() - t > timeout:
-            raise TimeoutError(f"bench: timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def throttled(argv):
     """argv run inside the throttled cgroup."""
     return ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh"] + argv
-
-
-def timed_read(path, cgroup=False, want=None):
-    """Seconds to read `path` sequentially in 1 MiB reads (inside the cgroup when asked); with
-    `want`, also its SHA-256 must match."""
-    argv = ["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"]
-    t = time.monotonic()
-    sh(*(throttled(argv) if cgroup else argv))
-    secs = time.monotonic() - t
-    if want is not None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while b := f.read(1 << 20):
-                h.update(b)
-        if h.hexdigest() != want:
-            sys.exit(f"bench: {path} read wrong bytes")
-    return secs
 
 
 class Lazy:
@@ -109,22 +74,22 @@ def main():
                 if who == "direct":
                     sh("mount", "-o", "ro,noload", dev, direct_mnt)
                     drop_caches()
-                    cold["direct"].append(timed_read(os.path.join(direct_mnt, "big.bin"), cgroup=True, want=check))
+                    cold["direct"].append(timed_dd(os.path.join(direct_mnt, "big.bin"), throttled, want=check))
                     sh("umount", direct_mnt)
                     # Warm direct: the image file itself, unthrottled, page cache dropped.
                     fdev = subprocess.run(["losetup", "--find", "--show", "--read-only", image], capture_output=True, check=True,
                                           text=True).stdout.strip()
                     sh("mount", "-o", "ro,noload", fdev, direct_mnt)
                     drop_caches()
-                    warm["direct"].append(timed_read(os.path.join(direct_mnt, "big.bin"), want=check))
+                    warm["direct"].append(timed_dd(os.path.join(direct_mnt, "big.bin"), want=check))
                     sh("umount", direct_mnt)
                     sh("losetup", "-d", fdev)
                 else:
                     lazy.mount(fresh=True)
                     drop_caches()
-                    cold["lazy"].append(timed_read(os.path.join(lazy.mnt, "big.bin"), want=check))
+                    cold["lazy"].append(timed_dd(os.path.join(lazy.mnt, "big.bin"), want=check))
                     drop_caches()
-                    warm["lazy"].append(timed_read(os.path.join(lazy.mnt, "big.bin"), want=check))
+                    warm["lazy"].append(timed_dd(os.path.join(lazy.mnt, "big.bin"), want=check))
                     lazy.umount()
     finally:
         subprocess.run(["umount", direct_mnt], stderr=subprocess.DEVNULL)

@@ -6,41 +6,10 @@ bytes), then the page cache is dropped and it reads it again (warm). Pairs alter
 first; medians of --repeats. Every read is checked once. Run as root (FUSE backend here):
     python3 bench/qcow2.py [--file-mib 256 --repeats 3]"""
 
-import argparse, hashlib, json, os, statistics, subprocess, tempfile, time
+import argparse, hashlib, json, os, statistics, subprocess, tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target/debug/lazy-image")
+from common import BIN, ROOT, drop_caches, free_port, sh, timed_dd, wait_for, wait_port
 
-
-def sh(*a, **kw):
-    return subprocess.run(a, check=True, **kw)
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
-
-
-def wait_for(cond, what, timeout=60):
-    t = time.monotonic()
-    while not cond():
-        if time.monotonic() - t > timeout:
-            raise TimeoutError(f"bench: timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def read_file(path, want=None):
-    t = time.monotonic()
-    sh("dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none")
-    secs = time.monotonic() - t
-    if want is not None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while b := f.read(1 << 20):
-                h.update(b)
-        assert h.hexdigest() == want, f"bench: {path} read wrong bytes"
-    return secs
 
 
 def one(work, url, want):
@@ -52,9 +21,9 @@ def one(work, url, want):
     try:
         wait_for(lambda: os.path.ismount(mnt), "mount")
         drop_caches()
-        cold = read_file(os.path.join(mnt, "big.bin"), want)
+        cold = timed_dd(os.path.join(mnt, "big.bin"), want=want)
         drop_caches()
-        warm = read_file(os.path.join(mnt, "big.bin"), want)
+        warm = timed_dd(os.path.join(mnt, "big.bin"), want=want)
     finally:
         sh(BIN, "umount", mnt, "--run-dir", run, stderr=subprocess.DEVNULL)
         proc.wait()
@@ -78,11 +47,11 @@ def main():
     want = hashlib.sha256(open(os.path.join(tree, "big.bin"), "rb").read()).hexdigest()
     sh("mkfs.ext4", "-q", "-F", "-d", tree, os.path.join(srv, "flat.img"), f"{a.file_mib + 64}M")
     sh("qemu-img", "convert", "-O", "qcow2", os.path.join(srv, "flat.img"), os.path.join(srv, "image.qcow2"))
-    port = 18000 + os.getpid() % 1000
+    port = free_port()
     server = subprocess.Popen([BIN, "serve", srv, "--listen", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
     res = {"flat": [], "qcow2": []}
     try:
-        time.sleep(0.3)
+        wait_port(port)
         for i in range(a.repeats):
             order = ("flat", "qcow2") if i % 2 == 0 else ("qcow2", "flat")
             for who in order:

@@ -13,47 +13,7 @@ sequential and each warm measurement run --repeats times and the median counts. 
 
 import argparse, functools, hashlib, os, random, subprocess, sys, tempfile, threading, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target/debug/lazy-image")
-
-
-def sh(*a, **kw):
-    return subprocess.run(a, check=True, **kw)
-
-
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_for(cond, what, timeout=60):
-    t = time.monotonic()
-    while not cond():
-        if time.monotonic() - t > timeout:
-            raise TimeoutError(f"bench: timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def wait_port(port):
-    import socket
-
-    def up():
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return True
-        except OSError:
-            return False
-    wait_for(up, f"127.0.0.1:{port}")
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
+from common import BIN, ROOT, drop_caches, free_port, sh, wait_for, wait_port
 
 
 class Nginx:

@@ -84,19 +84,19 @@ impl RangeSource for FileSource {
     }
 
     async fn fetch(&self, offset: u64, len: u64, expect: &ImageInfo) -> Result<Bytes> {
-        expect.check_same(&self.info()?, &self.name)?;
         let (file, name) = (self.file.clone(), self.name.clone());
-        let data = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, offset)
-                .map_err(|e| Error::with_source(ErrorKind::Protocol, format!("{name} at offset {offset} length {len}"), e))?;
-            Ok::<_, Error>(Bytes::from(buf))
-        })
+        read_unchanged(
+            &self.name,
+            || self.info(),
+            expect,
+            move || {
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(|e| Error::with_source(ErrorKind::Protocol, format!("{name} at offset {offset} length {len}"), e))?;
+                Ok(Bytes::from(buf))
+            },
+        )
         .await
-        .map_err(|e| Error::with_source(ErrorKind::Transport, "file read task", e))??;
-        // Written while we read: the bytes may mix two versions.
-        expect.check_same(&self.info()?, &self.name)?;
-        Ok(data)
     }
 }
 
@@ -143,42 +143,61 @@ impl RangeSource for DeviceSource {
     }
 
     async fn fetch(&self, offset: u64, len: u64, expect: &ImageInfo) -> Result<Bytes> {
-        expect.check_same(&self.info()?, &self.name)?;
         let end = offset.checked_add(len).filter(|&e| e <= expect.size);
         let Some(end) = end else {
             return Err(Error::new(ErrorKind::InvalidInput, format!("{}: {len} bytes at {offset} pass its end", self.name)));
         };
         let (file, name) = (self.file.clone(), self.name.clone());
-        let data = tokio::task::spawn_blocking(move || {
-            let align = DIRECT_ALIGN as u64;
-            let start = offset / align * align;
-            let stop = end.div_ceil(align) * align;
-            let want = (stop - start) as usize;
-            // An aligned region inside a plain buffer, with no unsafe allocation.
-            let mut raw = vec![0u8; want + DIRECT_ALIGN];
-            let skip = raw.as_ptr().align_offset(DIRECT_ALIGN);
-            let buf = &mut raw[skip..skip + want];
-            let mut got = 0usize;
-            while got < want {
-                match file.read_at(&mut buf[got..], start + got as u64) {
-                    Ok(0) => break, // the device ends inside the last aligned block
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Error::with_source(ErrorKind::Transport, format!("{name} at offset {start} length {want}"), e)),
+        read_unchanged(
+            &self.name,
+            || self.info(),
+            expect,
+            move || {
+                let align = DIRECT_ALIGN as u64;
+                let start = offset / align * align;
+                let stop = end.div_ceil(align) * align;
+                let want = (stop - start) as usize;
+                // An aligned region inside a plain buffer, with no unsafe allocation.
+                let mut raw = vec![0u8; want + DIRECT_ALIGN];
+                let skip = raw.as_ptr().align_offset(DIRECT_ALIGN);
+                let buf = &mut raw[skip..skip + want];
+                let mut got = 0usize;
+                while got < want {
+                    match file.read_at(&mut buf[got..], start + got as u64) {
+                        Ok(0) => break, // the device ends inside the last aligned block
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            return Err(Error::with_source(ErrorKind::Transport, format!("{name} at offset {start} length {want}"), e))
+                        }
+                    }
                 }
-            }
-            let (from, to) = ((offset - start) as usize, (end - start) as usize);
-            if got < to {
-                return Err(Error::new(
-                    ErrorKind::Protocol,
-                    format!("{name}: ended at {} reading {len} bytes at {offset}", start + got as u64),
-                ));
-            }
-            Ok::<_, Error>(Bytes::copy_from_slice(&buf[from..to]))
-        })
+                let (from, to) = ((offset - start) as usize, (end - start) as usize);
+                if got < to {
+                    return Err(Error::new(
+                        ErrorKind::Protocol,
+                        format!("{name}: ended at {} reading {len} bytes at {offset}", start + got as u64),
+                    ));
+                }
+                Ok(Bytes::copy_from_slice(&buf[from..to]))
+            },
+        )
         .await
-        .map_err(|e| Error::with_source(ErrorKind::Transport, "device read task", e))??;
-        expect.check_same(&self.info()?, &self.name)?;
-        Ok(data)
     }
+}
+
+/// Runs `read` on a blocking thread between two checks that the source is still the version
+/// `expect` describes: bytes read while it was written may mix two versions.
+async fn read_unchanged(
+    name: &str,
+    info: impl Fn() -> Result<ImageInfo>,
+    expect: &ImageInfo,
+    read: impl FnOnce() -> Result<Bytes> + Send + 'static,
+) -> Result<Bytes> {
+    expect.check_same(&info()?, name)?;
+    let data = tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Transport, format!("{name}: read task"), e))??;
+    expect.check_same(&info()?, name)?;
+    Ok(data)
 }

@@ -1,0 +1,61 @@
+"""What the benchmark scripts share: paths, commands, waiting, the page cache, timed reads."""
+
+import hashlib, os, subprocess, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target/debug/lazy-image")
+
+
+def sh(*a, **kw):
+    return subprocess.run(a, check=True, **kw)
+
+
+def wait_for(cond, what, timeout=60):
+    t = time.monotonic()
+    while not cond():
+        if time.monotonic() - t > timeout:
+            raise TimeoutError(f"bench: timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port):
+    import socket
+
+    def up():
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return True
+        except OSError:
+            return False
+    wait_for(up, f"127.0.0.1:{port}")
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def timed_dd(path, wrap=lambda argv: argv, want=None):
+    """Seconds `dd` takes to read `path` in 1 MiB reads (its command line passed through
+    `wrap`, e.g. into a cgroup); with `want`, the file's SHA-256 must match, checked after the
+    clock stops."""
+    t = time.monotonic()
+    sh(*wrap(["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"]))
+    secs = time.monotonic() - t
+    if want is not None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while b := f.read(1 << 20):
+                h.update(b)
+        assert h.hexdigest() == want, f"bench: {path} read wrong bytes"
+    return secs
