@@ -29,6 +29,9 @@ pub enum Command {
     Stat(StatArgs),
     /// Fetch a whole image into the local cache ahead of use.
     Warm(WarmArgs),
+    /// Turn a flat filesystem image into an OverlayBD layer (optionally ZFile-compressed), or
+    /// with --base into the layer of what differs from another image.
+    Convert(ConvertArgs),
     /// Remove what lazy-image daemons that died left behind: mounts, loop and ublk devices.
     Cleanup(CleanupArgs),
     /// A TCP proxy that adds latency each way (for benchmarks on loopback).
@@ -65,6 +68,24 @@ pub struct ImageArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The flat image (ext4, erofs, squashfs or any disk image).
+    pub image: PathBuf,
+    /// The layer file to write.
+    pub output: PathBuf,
+    /// Write only the blocks that differ from this flat image: the layer to stack on the one
+    /// converted from BASE.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Compress the layer as a ZFile: lz4 or zstd.
+    #[arg(long)]
+    pub compress: Option<lazy_image_formats::overlaybd::zfile::Algo>,
+    /// ZFile block size, 4K to 32K.
+    #[arg(long, default_value = "4K", value_parser = crate::units::parse_size)]
+    pub block_size: u64,
+}
+
+#[derive(Args, Debug)]
 pub struct ServeArgs {
     pub dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -76,6 +97,9 @@ pub struct MountArgs {
     #[command(flatten)]
     pub image: ImageArgs,
     pub mountpoint: PathBuf,
+    /// An OverlayBD layer beneath the image's (repeat, bottom first): URL is the top layer.
+    #[arg(long = "lower", value_name = "URL")]
+    pub lowers: Vec<String>,
     /// Filesystem type: auto, ext4, erofs or squashfs.
     #[arg(long, default_value = "auto")]
     pub format: String,

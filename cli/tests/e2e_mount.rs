@@ -65,6 +65,14 @@ fn fuse_qcow2_images_mount() {
 }
 
 #[test]
+fn fuse_overlaybd_layers_mount() {
+    if !host_ready() {
+        return;
+    }
+    overlaybd_layers_mount(&Env::new("fuse"));
+}
+
+#[test]
 fn fuse_full_cache_disk_keeps_serving() {
     if !host_ready() {
         return;

@@ -142,6 +142,16 @@ fn ublk_qcow2_images_mount() {
     assert_no_devices_left();
 }
 
+#[test]
+#[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]
+fn ublk_overlaybd_layers_mount() {
+    if !ublk_ready() {
+        return;
+    }
+    overlaybd_layers_mount(&Env::new("ublk"));
+    assert_no_devices_left();
+}
+
 /// The kernel sees a read-only disk: writes to the device itself fail.
 #[test]
 #[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]

@@ -231,11 +231,11 @@ impl Volumes {
         }
         cfg.manifest = manifest;
         let image = LazyImage::open(source, cfg).await.map_err(|e| NodeError::engine(&what, &e))?;
-        // Volumes read images as they are; qcow2 chains are the CLI's so far (their backing
-        // files would need the pool's sharing and allowlist).
-        if lazy_image_formats::qcow2::is_qcow2(&image).await.map_err(|e| NodeError::engine(&what, &e))? {
+        // Volumes read images as they are; qcow2 chains and OverlayBD stacks are the CLI's so
+        // far (their other blobs would need the pool's sharing and allowlist).
+        if let Some(f) = lazy_image_formats::layered_format(&image).await.map_err(|e| NodeError::engine(&what, &e))? {
             let _ = image.close().await;
-            return Err(NodeError::invalid(format!("{what} is a qcow2 image: volumes serve raw filesystem images only for now")));
+            return Err(NodeError::invalid(format!("{what} is a {f} image: volumes serve raw filesystem images only for now")));
         }
         let mut p = Pooled { image: image.clone(), refs: 1, filler: None };
         p.prefetch_if(spec.prefetch);

@@ -777,6 +777,8 @@ async fn bad_input_matrix() {
     let no_range = Harness::new_ignoring_range(&h).await;
     let out = Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(h.p("srv/vol.img")).arg(h.p("srv/vol.qcow2")).output();
     assert!(out.is_ok_and(|o| o.status.success()), "qemu-img (qemu-utils) makes the qcow2 case");
+    let mut layer = std::fs::File::create(h.p("srv/vol.lsmt")).unwrap();
+    lazy_image_formats::overlaybd::lsmt::write_layer(&mut std::fs::File::open(h.p("srv/vol.img")).unwrap(), None, &mut layer).unwrap();
     let mut node = h.node().await;
     let good = h.stage_req("vol-b", &h.url("vol.img"));
     let with = |f: &dyn Fn(&mut csi::NodeStageVolumeRequest)| {
@@ -795,6 +797,7 @@ async fn bad_input_matrix() {
         ("server without Range", with(&|r| r.volume_context = ctx(&[("url", &no_range)])), Code::InvalidArgument),
         ("image not found", with(&|r| r.volume_context = ctx(&[("url", &h.url("missing.img"))])), Code::NotFound),
         ("a qcow2 image", with(&|r| r.volume_context = ctx(&[("url", &h.url("vol.qcow2"))])), Code::InvalidArgument),
+        ("an OverlayBD layer", with(&|r| r.volume_context = ctx(&[("url", &h.url("vol.lsmt"))])), Code::InvalidArgument),
         (
             "local file while local sources are off",
             with(&|r| r.volume_context = ctx(&[("url", "file:///etc/hostname")])),

@@ -21,7 +21,8 @@ pub enum ErrorKind {
     Protocol,
     /// The image at the origin is no longer the one we probed (ETag, Last-Modified or size changed).
     OriginChanged,
-    /// A chunk's bytes did not match the manifest digest.
+    /// Bytes did not match what vouches for them (a manifest digest, a format's checksum), or
+    /// an image's own structure is inconsistent.
     Integrity,
     /// The local cache could not be read or written.
     CacheIo,
@@ -77,7 +78,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::RangeUnsupported => f.write_str("origin does not support HTTP Range requests"),
             ErrorKind::Protocol => f.write_str("origin sent a malformed answer"),
             ErrorKind::OriginChanged => f.write_str("the image at the origin changed"),
-            ErrorKind::Integrity => f.write_str("chunk failed integrity verification"),
+            ErrorKind::Integrity => f.write_str("integrity check failed"),
             ErrorKind::CacheIo => f.write_str("local cache I/O failed"),
             ErrorKind::CacheBusy => f.write_str("cache is in use by another process"),
             ErrorKind::DeadlineExceeded => f.write_str("gave up after retries"),

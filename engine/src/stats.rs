@@ -47,6 +47,31 @@ pub struct StatsSnapshot {
     pub recent_bytes: u64,
 }
 
+impl StatsSnapshot {
+    /// Adds another blob's counters: a device made of several blobs reports their sum.
+    pub fn add(&mut self, o: &StatsSnapshot) {
+        self.reads += o.reads;
+        self.bytes_read += o.bytes_read;
+        self.chunk_hits += o.chunk_hits;
+        self.chunk_misses += o.chunk_misses;
+        self.origin_requests += o.origin_requests;
+        self.origin_bytes += o.origin_bytes;
+        self.retries += o.retries;
+        self.errors += o.errors;
+        self.verify_failures += o.verify_failures;
+        self.cache_write_errors += o.cache_write_errors;
+        self.readahead_chunks += o.readahead_chunks;
+        if self.fetch_latency_buckets.len() < o.fetch_latency_buckets.len() {
+            self.fetch_latency_buckets.resize(o.fetch_latency_buckets.len(), 0);
+        }
+        for (a, b) in self.fetch_latency_buckets.iter_mut().zip(&o.fetch_latency_buckets) {
+            *a += b;
+        }
+        self.fetch_latency_sum_us += o.fetch_latency_sum_us;
+        self.recent_bytes += o.recent_bytes;
+    }
+}
+
 impl Stats {
     pub(crate) fn count_read(&self, bytes: u64) {
         self.reads.fetch_add(1, Relaxed);

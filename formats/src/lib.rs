@@ -1,8 +1,9 @@
 //! Image formats served as block device views (`lazy_image_engine::BlockView`) over lazily
 //! fetched blobs. The engine stays the lazy cache of one blob; a format decides where each
 //! block of the device comes from (this blob, zeros, or the image beneath it), the dm-userspace
-//! idea. Today: qcow2 images and their backing chains, read-only.
+//! idea. Today, read-only: qcow2 images and their backing chains, and OverlayBD layer stacks.
 
+pub mod overlaybd;
 pub mod qcow2;
 
 use async_trait::async_trait;
@@ -15,16 +16,40 @@ pub trait BlobOpener: Send + Sync {
     async fn open(&self, url: &str) -> Result<LazyImage>;
 }
 
-/// The image at `url` as a device: a qcow2 image (detected by its magic) with its backing
-/// chain, or else the blob itself. Returns the top blob (for stats, fills and closing) and the
-/// view a backend serves.
-pub async fn open_view(url: &str, opener: &dyn BlobOpener) -> Result<(LazyImage, View)> {
+/// The image at `url` as a device, by its first bytes: a qcow2 image with its backing chain,
+/// an OverlayBD layer on the layers `lowers` (bottom first), or else the blob itself. Returns
+/// the top blob (for fills and closing) and the view a backend serves.
+pub async fn open_view(url: &str, lowers: &[String], opener: &dyn BlobOpener) -> Result<(LazyImage, View)> {
     let blob = opener.open(url).await?;
+    let head = blob.read(0, blob.size().min(64)).await?;
+    if overlaybd::has_magic(&head) {
+        let mut blobs = Vec::with_capacity(lowers.len() + 1);
+        for l in lowers {
+            blobs.push((l.clone(), opener.open(l).await?));
+        }
+        blobs.push((url.to_string(), blob.clone()));
+        return Ok((blob, overlaybd::open_stack(blobs).await?));
+    }
+    if !lowers.is_empty() {
+        return Err(refuse(url, "only an OverlayBD layer stacks on lower layers"));
+    }
     let view = match qcow2::is_qcow2(&blob).await? {
         true => qcow2::Qcow2::open(blob.clone(), url, opener, Vec::new()).await?,
         false => blob.view(),
     };
     Ok((blob, view))
+}
+
+/// The layered format a blob holds, by its first bytes, if any: "qcow2" or "OverlayBD".
+pub async fn layered_format(blob: &LazyImage) -> Result<Option<&'static str>> {
+    let head = blob.read(0, blob.size().min(64)).await?;
+    Ok(if overlaybd::has_magic(&head) {
+        Some("OverlayBD")
+    } else if head.len() >= 72 && head[..4] == qcow2::MAGIC {
+        Some("qcow2")
+    } else {
+        None
+    })
 }
 
 pub(crate) fn refuse(what: &str, why: impl std::fmt::Display) -> Error {

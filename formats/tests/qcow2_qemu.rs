@@ -2,15 +2,17 @@
 //! our guest view equals `qemu-img convert -O raw` of the same image. Hostile variants of real
 //! images fail with an error, never a panic.
 
-use async_trait::async_trait;
-use lazy_image_engine::{ErrorKind, FakeSource, FileSource, ImageConfig, LazyImage, Result};
-use lazy_image_formats::{open_view, BlobOpener};
+mod common;
+
+use common::{hex, Files, Mem};
+use lazy_image_engine::{ErrorKind, Result};
+use lazy_image_formats::open_view;
 use proptest::prelude::*;
 use rand::{RngCore, SeedableRng};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 fn tools_present() -> bool {
     let ok = ["qemu-img", "qemu-io"].iter().all(|t| Command::new(t).arg("--version").output().is_ok_and(|o| o.status.success()));
@@ -24,21 +26,6 @@ fn tools_present() -> bool {
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Local files as blobs, each cached under `cache`; counts the blobs it opened.
-struct Files {
-    cache: PathBuf,
-    opened: Mutex<Vec<String>>,
-}
-
-#[async_trait]
-impl BlobOpener for Files {
-    async fn open(&self, url: &str) -> Result<LazyImage> {
-        self.opened.lock().unwrap().push(url.to_string());
-        let src = FileSource::open(Path::new(url))?;
-        LazyImage::open(Arc::new(src), ImageConfig::new(&self.cache)).await
-    }
 }
 
 /// A raw disk of `mib` MiB: random data, runs of zeros, a repeated pattern (compressible).
@@ -64,34 +51,12 @@ fn guest_view_of(img: &Path) -> Vec<u8> {
 }
 
 /// Reads the whole device in odd-sized pieces (crossing clusters and subclusters) and through
-/// the plan path, and compares with qemu's guest view.
+/// the plan path, and compares with qemu's guest view; returns the blobs opened.
 async fn assert_same(img: &Path, cache: &Path) -> Vec<String> {
     let want = guest_view_of(img);
     let files = Files { cache: cache.to_path_buf(), opened: Mutex::default() };
-    let (_blob, view) = open_view(img.to_str().unwrap(), &files).await.unwrap();
-    assert_eq!(view.size(), want.len() as u64);
-    let mut got = vec![0u8; want.len()];
-    let piece = 48 << 10 | 512;
-    for at in (0..want.len()).step_by(piece) {
-        let end = (at + piece).min(want.len());
-        let n = view.read_into(at as u64, &mut got[at..end]).await.unwrap();
-        assert_eq!(n, end - at);
-    }
-    assert!(got == want, "{}: guest view differs from qemu-img convert", img.display());
-    // Warm now: single-cluster reads are planned without waiting and give the same bytes.
-    let mut buf = vec![0u8; 4096];
-    for at in (0..want.len()).step_by(61 * 4096) {
-        let n = match view.plan_read(at as u64, &mut buf) {
-            lazy_image_engine::ReadPlan::Copied(n) => n,
-            lazy_image_engine::ReadPlan::File { file, offset, len, .. } => {
-                let f = std::fs::File::from(file.try_clone_to_owned().unwrap());
-                std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf[..len], offset).unwrap();
-                len
-            }
-            lazy_image_engine::ReadPlan::Miss => view.read_into(at as u64, &mut buf).await.unwrap(),
-        };
-        assert_eq!(&buf[..n], &want[at..at + n], "planned read at {at}");
-    }
+    let (_blob, view) = open_view(img.to_str().unwrap(), &[], &files).await.unwrap();
+    common::assert_view_is(&view, &want, &img.display().to_string()).await;
     let opened = files.opened.lock().unwrap().clone();
     opened
 }
@@ -154,20 +119,9 @@ fn set_be32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
 
-/// In-memory blobs by name, for hostile images.
-struct Mem(HashMap<String, Vec<u8>>, PathBuf);
-
-#[async_trait]
-impl BlobOpener for Mem {
-    async fn open(&self, url: &str) -> Result<LazyImage> {
-        let data = self.0.get(url).cloned().ok_or_else(|| lazy_image_engine::Error::new(ErrorKind::NotFound, url.to_string()))?;
-        LazyImage::open(Arc::new(FakeSource::new(data)), ImageConfig::new(self.1.join(url.replace('/', "_")))).await
-    }
-}
-
 async fn open_mem(bytes: Vec<u8>, cache: &Path) -> Result<lazy_image_engine::View> {
     let mem = Mem(HashMap::from([("/i/a.qcow2".to_string(), bytes)]), cache.to_path_buf());
-    open_view("/i/a.qcow2", &mem).await.map(|(_, v)| v)
+    open_view("/i/a.qcow2", &[], &mem).await.map(|(_, v)| v)
 }
 
 fn small_image(dir: &Path, extra: &[&str]) -> Vec<u8> {
@@ -208,7 +162,7 @@ async fn unsupported_and_broken_images_are_refused_precisely() {
     let base = dir.path().join("loop.qcow2");
     run(Command::new("qemu-img").args(["create", "-f", "qcow2", "-u", "-b", "loop.qcow2", "-F", "qcow2"]).arg(&base).arg("1M"));
     let files = Files { cache: dir.path().join("c-loop"), opened: Mutex::default() };
-    let e = open_view(base.to_str().unwrap(), &files).await.map(|_| ()).unwrap_err();
+    let e = open_view(base.to_str().unwrap(), &[], &files).await.map(|_| ()).unwrap_err();
     assert!(e.report().contains("a loop"), "{}", e.report());
 }
 
@@ -248,14 +202,10 @@ async fn corpus_images_read_as_recorded() {
         let (want, name) = line.split_once("  ").unwrap();
         // A cache of its own per image: the last image's blobs may still hold theirs.
         let files = Files { cache: dir.path().join(name), opened: Mutex::default() };
-        let (_blob, view) = open_view(&format!("{CORPUS}/{name}"), &files).await.unwrap();
+        let (_blob, view) = open_view(&format!("{CORPUS}/{name}"), &[], &files).await.unwrap();
         let bytes = view.read(0, view.size()).await.unwrap();
         assert_eq!(hex(&Sha256::digest(&bytes)), want, "{name}");
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 proptest! {
@@ -277,7 +227,7 @@ proptest! {
         let mem = Mem(set, dir.path().to_path_buf());
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            if let Ok((_, view)) = open_view(&format!("/c/{name}"), &mem).await {
+            if let Ok((_, view)) = open_view(&format!("/c/{name}"), &[], &mem).await {
                 let size = view.size().min(4 << 20);
                 let mut buf = vec![0u8; 16 << 10];
                 let mut at = 0;

@@ -1,5 +1,6 @@
 //! One module per command; `run` builds the runtime and dispatches.
 
+mod convert;
 mod manifest;
 mod mount;
 mod serve;
@@ -40,6 +41,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Command::Manifest(m) => manifest::run(m),
             Command::Stat(a) => stat::run(a),
             Command::Warm(a) => warm::run(a).await,
+            Command::Convert(a) => convert::run(a),
             Command::Proxy(a) => {
                 eprintln!("lazy-image: proxying {} -> {} with {} ms each way", a.listen, a.upstream, a.delay_ms);
                 lazy_image_serve::proxy::run(a.listen, a.upstream, std::time::Duration::from_millis(a.delay_ms), a.rate)
@@ -55,10 +57,10 @@ pub(crate) async fn open_image(a: &ImageArgs) -> Result<LazyImage> {
     open_blob(a).await.map_err(|e| anyhow::anyhow!(e.report()))
 }
 
-/// The device the image arguments name: a qcow2 image with its backing chain, or the image
-/// itself; with the top blob (stats, cache) beside it.
-pub(crate) async fn open_device(a: &ImageArgs) -> Result<(LazyImage, View)> {
-    open_view(&a.url, &Blobs(a)).await.map_err(|e| anyhow::anyhow!(e.report()))
+/// The device the image arguments name: a qcow2 image with its backing chain, an OverlayBD
+/// layer on `lowers`, or the image itself; with the top blob (stats, cache) beside it.
+pub(crate) async fn open_device(a: &ImageArgs, lowers: &[String]) -> Result<(LazyImage, View)> {
+    open_view(&a.url, lowers, &Blobs(a)).await.map_err(|e| anyhow::anyhow!(e.report()))
 }
 
 /// Opens the blobs of a chain: the top one with the arguments' digest or manifest, backing

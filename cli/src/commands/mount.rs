@@ -41,10 +41,12 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
         }
     }
     eprintln!("lazy-image: probing {}", a.image.url);
-    let (img, view) = super::open_device(&a.image).await?;
+    let (img, view) = super::open_device(&a.image, &a.lowers).await?;
     let (have, total) = img.fill();
+    // A qcow2 chain or layer stack reads other blobs too: the fill is the top blob's.
+    let whose = if view.size() == img.size() && a.lowers.is_empty() { "" } else { " of the top blob" };
     eprintln!(
-        "lazy-image: image is {}, cache {} ({:.1}% present)",
+        "lazy-image: image is {}, cache {} ({:.1}%{whose} present)",
         human(view.size()),
         img.cache_dir().display(),
         have as f64 * 100.0 / total.max(1) as f64

@@ -440,3 +440,40 @@ pub fn qcow2_images_mount(env: &Env) {
     check_sums(&env.p("top"), &sums);
     env.umount("top", child);
 }
+
+/// OverlayBD layers from `lazy-image convert`: a base layer and a zstd ZFile diff layer of the
+/// same ext4 with one file's data changed, served over HTTP and mounted as a stack.
+pub fn overlaybd_layers_mount(env: &Env) {
+    let mut sums = make_tree(&env.p("otree"), 23, &[200_000, 3 << 20]);
+    let srv = env.p("srv");
+    make_image("ext4", &env.p("otree"), &srv.join("base.img"));
+    let mut bytes = std::fs::read(srv.join("base.img")).unwrap();
+    let mut file0 = std::fs::read(env.p("otree/file0.bin")).unwrap();
+    let at = bytes.windows(64).position(|w| w == &file0[..64]).expect("file0's data in the image");
+    for (b, f) in bytes[at..at + 8192].iter_mut().zip(file0.iter_mut()) {
+        *b ^= 0x5a;
+        *f ^= 0x5a;
+    }
+    std::fs::write(srv.join("new.img"), &bytes).unwrap();
+    sums.insert("file0.bin".into(), hex::encode(Sha256::digest(&file0)));
+    let convert = |args: &[&str]| {
+        let out = Command::new(BIN).arg("convert").args(args).current_dir(&srv).output().unwrap();
+        assert!(out.status.success(), "convert {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    convert(&["base.img", "base.lsmt"]);
+    let said = convert(&["new.img", "new.zfile", "--base", "base.img", "--compress", "zstd", "--block-size", "16K"]);
+    assert!(said.contains("OverlayBD layer") && said.contains(", on layer "), "{said}");
+    assert!(std::fs::metadata(srv.join("new.zfile")).unwrap().len() < 64 << 10, "the diff layer holds only what changed");
+    let out = Command::new(BIN)
+        .args(["convert", "new.img", "x.zfile", "--compress", "lz4", "--block-size", "64K"])
+        .current_dir(&srv)
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("4K to 32K"), "{out:?}");
+
+    let lower = format!("{}/base.lsmt", env.base);
+    let child = env.mount(&format!("{}/new.zfile", env.base), "stack", &["--lower", &lower]);
+    check_sums(&env.p("stack"), &sums);
+    env.umount("stack", child);
+}
