@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the demo and the tests need. Idempotent; skips apt when all are present.
-#   install-deps.sh          build + host tests (FUSE+loop, nginx, mkfs tools) + the images
+#   install-deps.sh          build + host tests (FUSE+loop, nginx, mkfs tools, docker-registry
+#                            and htpasswd for the registry tests) + the images
 #                            (umoci, skopeo, busybox and kmod for the node image)
 #   install-deps.sh vm       also the ublk VM harness: qemu, busybox, and bookworm-backports
 #                            (whose linux-image-6.12 has ublk_drv); qemu-img and qemu-io for the
@@ -8,7 +9,7 @@
 #   install-deps.sh bench    also the benchmark peers (qemu-storage-daemon's curl driver, nbdkit)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-PKGS=(nginx e2fsprogs erofs-utils squashfs-tools fuse3 util-linux curl python3 libclang-dev umoci skopeo busybox-static kmod binutils)
+PKGS=(nginx e2fsprogs erofs-utils squashfs-tools fuse3 util-linux curl python3 libclang-dev umoci skopeo busybox-static kmod binutils docker-registry apache2-utils)
 BACKPORTS=()
 need_backports=false
 for group in "$@"; do
@@ -38,6 +39,9 @@ for p in "${BACKPORTS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || bp_missing+=("$p"
 if [ ${#missing[@]} -gt 0 ] || [ ${#bp_missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]} ${bp_missing[*]}"
     apt-get update -qq
+    # docker-registry is for the tests, which start their own on 127.0.0.1: the package's
+    # service (on :5000, every interface) must never start.
+    if command -v systemctl >/dev/null 2>&1; then systemctl mask docker-registry.service >/dev/null 2>&1 || true; fi
     [ ${#missing[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # qemu comes from backports so it matches the machine's backports qemu-utils.
     [ ${#bp_missing[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports "${bp_missing[@]}" >/dev/null

@@ -51,8 +51,11 @@ pub struct CacheArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ImageArgs {
-    /// Image URL (http://, https://) or a local file path.
+    /// Image URL (http://, https://), a local file path, or a registry image
+    /// (oci://REGISTRY/REPOSITORY[:TAG][@sha256:...], oci+http:// for a plain-http registry).
     pub url: String,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
     /// Integrity manifest (path or URL) from `lazy-image manifest build`.
@@ -65,6 +68,30 @@ pub struct ImageArgs {
     /// Cache and fetch unit (power of two, 4K..16M). Ignored with a manifest, which sets it.
     #[arg(long, value_parser = crate::units::parse_size)]
     pub chunk_size: Option<u64>,
+}
+
+/// Registry credentials, from the environment only (never on a command line others can read).
+#[derive(Args, Debug, Clone)]
+pub struct RegistryArgs {
+    /// Registry user (with LAZY_IMAGE_REGISTRY_PASSWORD).
+    #[arg(long = "registry-user", env = "LAZY_IMAGE_REGISTRY_USER", hide_env_values = true, hide = true)]
+    pub user: Option<String>,
+    #[arg(skip = std::env::var("LAZY_IMAGE_REGISTRY_PASSWORD").ok())]
+    pub password: Option<String>,
+    #[arg(skip = std::env::var("LAZY_IMAGE_REGISTRY_TOKEN").ok())]
+    pub token: Option<String>,
+}
+
+impl RegistryArgs {
+    pub fn credentials(&self) -> anyhow::Result<Option<lazy_image_engine::oci::Credentials>> {
+        use lazy_image_engine::oci::Credentials;
+        Ok(match (&self.user, &self.password, &self.token) {
+            (_, _, Some(t)) => Some(Credentials::Bearer(t.clone())),
+            (Some(u), Some(p), None) => Some(Credentials::Basic { user: u.clone(), password: p.clone() }),
+            (Some(_), None, None) => anyhow::bail!("LAZY_IMAGE_REGISTRY_USER is set but LAZY_IMAGE_REGISTRY_PASSWORD is not"),
+            (None, _, None) => None,
+        })
+    }
 }
 
 #[derive(Args, Debug)]

@@ -73,6 +73,14 @@ fn fuse_overlaybd_layers_mount() {
 }
 
 #[test]
+fn fuse_registry_images_mount() {
+    if !host_ready() {
+        return;
+    }
+    registry_images_mount(&Env::new("fuse"));
+}
+
+#[test]
 fn fuse_full_cache_disk_keeps_serving() {
     if !host_ready() {
         return;

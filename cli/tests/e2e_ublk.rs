@@ -152,6 +152,16 @@ fn ublk_overlaybd_layers_mount() {
     assert_no_devices_left();
 }
 
+#[test]
+#[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]
+fn ublk_registry_images_mount() {
+    if !ublk_ready() {
+        return;
+    }
+    registry_images_mount(&Env::new("ublk"));
+    assert_no_devices_left();
+}
+
 /// The kernel sees a read-only disk: writes to the device itself fail.
 #[test]
 #[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]

@@ -6,6 +6,7 @@ pub mod error;
 mod filling;
 mod image;
 pub mod manifest;
+pub mod oci;
 pub mod source;
 pub mod stats;
 mod view;

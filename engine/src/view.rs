@@ -42,6 +42,10 @@ pub trait BlockView: Send + Sync + 'static {
 
     fn stats(&self) -> StatsSnapshot;
 
+    /// Waits for the fetches in flight and persists what every blob of the view has cached (at
+    /// unmount): the next open finds it.
+    async fn close(&self) -> Result<()>;
+
     /// A local file holding every byte of the device at the same offsets, never written again,
     /// once there is one (a flat image complete in its cache): a loop device can then read it
     /// with no server in between.
@@ -86,6 +90,10 @@ impl BlockView for LazyImage {
 
     fn stats(&self) -> StatsSnapshot {
         LazyImage::stats(self)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.clone().close().await
     }
 
     fn complete_file(&self) -> Option<PathBuf> {

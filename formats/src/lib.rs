@@ -40,6 +40,41 @@ pub async fn open_view(url: &str, lowers: &[String], opener: &dyn BlobOpener) ->
     Ok((blob, view))
 }
 
+/// The image a resolved OCI reference names, as a device: OverlayBD layers (each with
+/// OverlayBD's annotation) as a stack, bottom first; or a single-blob artifact (a filesystem
+/// image pushed with `oras push`, say) as the image it holds. `opener` opens a layer's blob by
+/// its digest. Returns the top blob and the view.
+pub async fn open_oci(resolved: &lazy_image_engine::oci::Resolved, opener: &dyn BlobOpener) -> Result<(LazyImage, View)> {
+    let what = resolved.reference.to_string();
+    let layers = &resolved.layers;
+    let marked = layers.iter().filter(|l| l.overlaybd).count();
+    if marked > 0 && marked < layers.len() {
+        return Err(refuse(&what, format!("{marked} of its {} layers are OverlayBD layers and the rest are not", layers.len())));
+    }
+    if marked == 0 && layers.len() > 1 {
+        return Err(refuse(
+            &what,
+            format!(
+                "an image of {} layers without OverlayBD's annotation (a container image of tar layers?) is not a block image: push the filesystem image as a single-blob artifact, or convert it to OverlayBD",
+                layers.len()
+            ),
+        ));
+    }
+    let mut blobs = Vec::with_capacity(layers.len());
+    for l in layers {
+        blobs.push((format!("{what} layer {}", l.digest), opener.open(&l.digest).await?));
+    }
+    let Some((_, top)) = blobs.last().cloned() else { return Err(refuse(&what, "an image with no layers")) };
+    if marked > 0 {
+        return Ok((top, overlaybd::open_stack(blobs).await?));
+    }
+    match layered_format(&top).await? {
+        Some("OverlayBD") => Ok((top, overlaybd::open_stack(blobs).await?)),
+        Some(f) => Err(refuse(&what, format!("a {f} image in a registry is not supported (its backing files have no place there)"))),
+        _ => Ok((top.clone(), top.view())),
+    }
+}
+
 /// The layered format a blob holds, by its first bytes, if any: "qcow2" or "OverlayBD".
 pub async fn layered_format(blob: &LazyImage) -> Result<Option<&'static str>> {
     let head = blob.read(0, blob.size().min(64)).await?;

@@ -577,6 +577,18 @@ impl BlockView for Qcow2 {
     }
 
     fn stats(&self) -> StatsSnapshot {
-        self.blob.stats()
+        let mut all = self.blob.stats();
+        if let Some(b) = &self.backing {
+            all.add(&b.stats());
+        }
+        all
+    }
+
+    async fn close(&self) -> Result<()> {
+        let own = self.blob.clone().close().await;
+        match &self.backing {
+            Some(b) => own.and(b.close().await),
+            None => own,
+        }
     }
 }

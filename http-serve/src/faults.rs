@@ -23,6 +23,17 @@ pub struct Faults {
     pub etag: Mutex<Option<String>>,
     /// When set, requests without exactly this Authorization header get 401.
     pub require_auth: Mutex<Option<String>>,
+    /// Sent as WWW-Authenticate with those 401s (a registry's challenge).
+    pub challenge: Mutex<Option<String>>,
+    /// Paths starting with this need no Authorization (a token service beside a registry).
+    pub auth_exempt: Mutex<Option<String>>,
+    /// The next this many requests get 429 with `Retry-After: 1`.
+    pub status_429: AtomicU32,
+    /// Requests whose path contains this are redirected (307) to a one-use storage URL, as
+    /// registries hand out presigned ones: a second use of it gets 403.
+    pub redirect_paths: Mutex<Option<String>>,
+    pub redirects: AtomicU64,
+    tickets: Mutex<std::collections::HashSet<u64>>,
     pub requests: AtomicU64,
     /// The Range header of every request, in order (empty for none).
     pub ranges: Mutex<Vec<String>>,
@@ -85,6 +96,10 @@ impl Hold {
 #[derive(Default)]
 pub(crate) struct Plan {
     pub status: Option<StatusCode>,
+    /// Headers to send with `status`.
+    pub headers: Vec<(&'static str, String)>,
+    /// Serve this path instead of the request's.
+    pub path: Option<String>,
     pub truncate: bool,
     pub wrong_content_range: bool,
     pub ignore_range: bool,
@@ -110,7 +125,7 @@ impl Faults {
         self.ranges.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub(crate) async fn next_request(&self, range: Option<&str>, authorization: Option<&str>) -> std::io::Result<Plan> {
+    pub(crate) async fn next_request(&self, path: &str, range: Option<&str>, authorization: Option<&str>) -> std::io::Result<Plan> {
         self.requests.fetch_add(1, SeqCst);
         self.ranges.lock().unwrap_or_else(|p| p.into_inner()).push(range.unwrap_or_default().to_owned());
         self.hold.pass(range).await;
@@ -122,17 +137,42 @@ impl Faults {
             // An error from the service makes hyper close the connection without an answer.
             return Err(std::io::Error::other("injected dropped connection"));
         }
-        let wanted = self.require_auth.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if wanted.is_some_and(|w| authorization != Some(w.as_str())) {
-            return Ok(Plan { status: Some(StatusCode::UNAUTHORIZED), ..Plan::default() });
+        let lock = |m: &Mutex<Option<String>>| m.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if take(&self.status_429) {
+            return Ok(Plan { status: Some(StatusCode::TOO_MANY_REQUESTS), headers: vec![("retry-after", "1".into())], ..Plan::default() });
         }
-        Ok(Plan {
+        // A storage URL handed out by a redirect: good for one request.
+        if let Some(rest) = path.strip_prefix("/storage/") {
+            let (ticket, inner) = rest.split_once('/').unwrap_or((rest, ""));
+            let valid = ticket.parse::<u64>().is_ok_and(|t| self.tickets.lock().unwrap_or_else(|p| p.into_inner()).remove(&t));
+            if !valid {
+                return Ok(Plan { status: Some(StatusCode::FORBIDDEN), ..Plan::default() });
+            }
+            return Ok(Plan { path: Some(format!("/{inner}")), ..self.plain_plan() });
+        }
+        let exempt = lock(&self.auth_exempt).is_some_and(|p| path.starts_with(&p));
+        if lock(&self.require_auth).is_some_and(|w| authorization != Some(w.as_str())) && !exempt {
+            let headers = lock(&self.challenge).map(|c| vec![("www-authenticate", c)]).unwrap_or_default();
+            return Ok(Plan { status: Some(StatusCode::UNAUTHORIZED), headers, ..Plan::default() });
+        }
+        if lock(&self.redirect_paths).is_some_and(|p| path.contains(&p)) {
+            let ticket = self.redirects.fetch_add(1, SeqCst);
+            self.tickets.lock().unwrap_or_else(|p| p.into_inner()).insert(ticket);
+            let to = format!("/storage/{ticket}{path}");
+            return Ok(Plan { status: Some(StatusCode::TEMPORARY_REDIRECT), headers: vec![("location", to)], ..Plan::default() });
+        }
+        Ok(self.plain_plan())
+    }
+
+    fn plain_plan(&self) -> Plan {
+        Plan {
             status: take(&self.status_5xx).then_some(StatusCode::SERVICE_UNAVAILABLE),
             truncate: take(&self.truncate),
             wrong_content_range: take(&self.wrong_content_range),
             ignore_range: self.ignore_range.load(SeqCst),
             chunked: self.chunked.load(SeqCst),
             etag: self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        })
+            ..Plan::default()
+        }
     }
 }

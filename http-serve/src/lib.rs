@@ -104,17 +104,23 @@ async fn handle(req: Request<Incoming>, root: Arc<PathBuf>, faults: Option<Arc<F
     let plan = match &faults {
         Some(f) => {
             let h = |name| req.headers().get(name).and_then(|v: &http::HeaderValue| v.to_str().ok());
-            f.next_request(h(header::RANGE), h(header::AUTHORIZATION)).await?
+            f.next_request(req.uri().path(), h(header::RANGE), h(header::AUTHORIZATION)).await?
         }
         None => faults::Plan::default(),
     };
     if let Some(status) = plan.status {
-        return Ok(simple(status, "injected failure"));
+        let mut r = simple(status, "injected failure");
+        for (name, value) in &plan.headers {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                r.headers_mut().insert(*name, v);
+            }
+        }
+        return Ok(r);
     }
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return Ok(simple(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD"));
     }
-    let Some(path) = resolve(&root, req.uri().path()) else {
+    let Some(path) = resolve(&root, plan.path.as_deref().unwrap_or(req.uri().path())) else {
         return Ok(simple(StatusCode::BAD_REQUEST, "bad path"));
     };
     let Ok(md) = tokio::fs::metadata(&path).await else {

@@ -10,8 +10,9 @@ mod warm;
 use crate::args::{Cli, Command, ImageArgs};
 use anyhow::{Context, Result};
 use lazy_image_attach::Backend;
+use lazy_image_engine::oci;
 use lazy_image_engine::{manifest::parse_digest, open_local, resolve_manifest, HttpSource, ImageConfig, LazyImage, RangeSource, View};
-use lazy_image_formats::{open_view, BlobOpener};
+use lazy_image_formats::{open_oci, open_view, BlobOpener};
 use std::sync::Arc;
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -60,7 +61,52 @@ pub(crate) async fn open_image(a: &ImageArgs) -> Result<LazyImage> {
 /// The device the image arguments name: a qcow2 image with its backing chain, an OverlayBD
 /// layer on `lowers`, or the image itself; with the top blob (stats, cache) beside it.
 pub(crate) async fn open_device(a: &ImageArgs, lowers: &[String]) -> Result<(LazyImage, View)> {
+    if oci::is_reference(&a.url) {
+        return open_registry_image(a, lowers).await;
+    }
     open_view(&a.url, lowers, &Blobs(a)).await.map_err(|e| anyhow::anyhow!(e.report()))
+}
+
+/// A registry image: its manifest resolved, its layers opened as blobs cached by digest.
+async fn open_registry_image(a: &ImageArgs, lowers: &[String]) -> Result<(LazyImage, View)> {
+    if a.manifest.is_some() || a.digest.is_some() || !lowers.is_empty() {
+        anyhow::bail!("--manifest, --digest and --lower are for URLs: a registry image is pinned with @sha256:... in its reference and names its own layers");
+    }
+    let report = |e: lazy_image_engine::Error| anyhow::anyhow!(e.report());
+    let reference = oci::Reference::parse(&a.url).map_err(report)?;
+    let reg = Arc::new(oci::Registry::new(reference, a.registry.credentials()?).map_err(report)?);
+    let resolved = reg.resolve().await.map_err(report)?;
+    let kind = if resolved.layers.iter().any(|l| l.overlaybd) { "OverlayBD layers" } else { "blobs" };
+    eprintln!("lazy-image: {} is manifest {} ({} {kind})", resolved.reference, resolved.manifest_digest, resolved.layers.len());
+    open_oci(&resolved, &RegistryBlobs { a, reg: reg.clone(), resolved: resolved.clone() }).await.map_err(report)
+}
+
+/// Opens a registry image's layers by digest, each cached under its digest.
+struct RegistryBlobs<'a> {
+    a: &'a ImageArgs,
+    reg: Arc<oci::Registry>,
+    resolved: oci::Resolved,
+}
+
+#[async_trait::async_trait]
+impl BlobOpener for RegistryBlobs<'_> {
+    async fn open(&self, digest: &str) -> lazy_image_engine::Result<LazyImage> {
+        let layer = self.resolved.layers.iter().find(|l| l.digest == digest).ok_or_else(|| {
+            lazy_image_engine::Error::new(lazy_image_engine::ErrorKind::NotFound, format!("layer {digest} of {}", self.resolved.reference))
+        })?;
+        let mut cfg = cache_config(self.a);
+        cfg.blob_digest = Some(layer.digest.clone());
+        LazyImage::open(Arc::new(self.reg.blob_source(layer)), cfg).await
+    }
+}
+
+fn cache_config(a: &ImageArgs) -> ImageConfig {
+    let mut cfg = ImageConfig::new(&a.cache.cache_dir);
+    cfg.cache_limit = a.cache.cache_limit;
+    if let Some(cs) = a.chunk_size {
+        cfg.chunk_size = cs;
+    }
+    cfg
 }
 
 /// Opens the blobs of a chain: the top one with the arguments' digest or manifest, backing
@@ -84,18 +130,17 @@ async fn open_blob(a: &ImageArgs) -> lazy_image_engine::Result<LazyImage> {
         if a.url.contains("://") && !a.url.starts_with("file://") {
             return Err(lazy_image_engine::Error::new(
                 lazy_image_engine::ErrorKind::InvalidInput,
-                format!("image URL {:?} must be http://, https://, file:// or a local path", a.url),
+                format!(
+                    "image URL {:?} must be http://, https://, file:// or a local path (mount also takes oci:// registry images)",
+                    a.url
+                ),
             ));
         }
         open_local(std::path::Path::new(a.url.strip_prefix("file://").unwrap_or(&a.url)))?
     };
     let digest = a.digest.as_deref().map(parse_digest).transpose()?;
     let manifest = resolve_manifest(&a.url, a.manifest.as_deref(), digest.as_deref(), &Default::default()).await?;
-    let mut cfg = ImageConfig::new(&a.cache.cache_dir);
-    cfg.cache_limit = a.cache.cache_limit;
-    if let Some(cs) = a.chunk_size {
-        cfg.chunk_size = cs;
-    }
+    let mut cfg = cache_config(a);
     cfg.manifest = manifest;
     LazyImage::open(source, cfg).await
 }

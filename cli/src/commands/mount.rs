@@ -143,8 +143,9 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
         f.abort();
     }
     att.detach().await?;
-    let s = img.stats();
-    img.close().await.map_err(|e| anyhow::anyhow!(e.report()))?;
+    let s = view.stats();
+    view.close().await.map_err(|e| anyhow::anyhow!(e.report()))?;
+    drop(img);
     run_state::remove(&a.run_dir, &mountpoint);
     eprintln!(
         "lazy-image: stopped serving {}; {} read, {} fetched from the origin in {} requests",

@@ -3,6 +3,8 @@
 //! test file: `e2e_mount.rs` (FUSE + loop, on the host) and `e2e_ublk.rs` (ublk, in the VM).
 #![allow(dead_code)]
 
+pub mod registry;
+
 use rand::RngCore;
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
@@ -107,6 +109,11 @@ impl Env {
 
     /// Starts `lazy-image mount` (appending its stderr to `<mnt>.log`) without waiting.
     pub fn spawn_mount(&self, url: &str, mnt: &str, extra: &[&str]) -> Child {
+        self.spawn_mount_env(url, mnt, extra, &[])
+    }
+
+    /// `spawn_mount` with variables added to the daemon's environment.
+    pub fn spawn_mount_env(&self, url: &str, mnt: &str, extra: &[&str], env: &[(&str, &str)]) -> Child {
         std::fs::create_dir_all(self.p(mnt)).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.p(&format!("{mnt}.log"))).unwrap();
         Command::new(BIN)
@@ -121,6 +128,7 @@ impl Env {
             .args(["--backend", if self.backend == "fuse-dev" { "fuse" } else { self.backend }])
             .env("LAZY_IMAGE_FUSE_IO_URING", if self.backend == "fuse-dev" { "0" } else { "1" })
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -130,9 +138,14 @@ impl Env {
     /// Starts `lazy-image mount` and returns once it is fully up: mounted and its run record
     /// written (the daemon says "mounted" only after both), so a kill right after is recoverable.
     pub fn mount(&self, url: &str, mnt: &str, extra: &[&str]) -> Child {
+        self.mount_env(url, mnt, extra, &[])
+    }
+
+    /// `mount` with variables added to the daemon's environment.
+    pub fn mount_env(&self, url: &str, mnt: &str, extra: &[&str], env: &[(&str, &str)]) -> Child {
         let mounted_lines = || self.log(mnt).matches("lazy-image: mounted ").count();
         let before = mounted_lines();
-        let mut child = self.spawn_mount(url, mnt, extra);
+        let mut child = self.spawn_mount_env(url, mnt, extra, env);
         let mp = self.p(mnt);
         wait_for(
             || {
@@ -476,4 +489,87 @@ pub fn overlaybd_layers_mount(env: &Env) {
     let child = env.mount(&format!("{}/new.zfile", env.base), "stack", &["--lower", &lower]);
     check_sums(&env.p("stack"), &sums);
     env.umount("stack", child);
+}
+
+/// Registry images on a real registry: an OverlayBD stack (converted base + zstd diff layer)
+/// and a single-blob ext4 artifact, mounted by tag and by digest; a second image on the same
+/// base layer in another repository reads that layer from the cache the first one filled; and
+/// a registry behind credentials refuses a mount without them and serves one with them.
+pub fn registry_images_mount(env: &Env) {
+    use registry::*;
+    if !which("docker-registry") || !which("skopeo") || !which("htpasswd") {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide docker-registry, skopeo and htpasswd (apache2-utils)");
+        eprintln!("skipping: docker-registry, skopeo or htpasswd missing");
+        return;
+    }
+    let mut sums = make_tree(&env.p("rtree"), 31, &[150_000, 2 << 20]);
+    let work = env.p("rwork");
+    std::fs::create_dir_all(&work).unwrap();
+    make_image("ext4", &env.p("rtree"), &work.join("base.img"));
+    let mut bytes = std::fs::read(work.join("base.img")).unwrap();
+    let base_sums = sums.clone();
+    let mut file0 = std::fs::read(env.p("rtree/file0.bin")).unwrap();
+    let at = bytes.windows(64).position(|w| w == &file0[..64]).expect("file0's data in the image");
+    for (b, f) in bytes[at..at + 4096].iter_mut().zip(file0.iter_mut()) {
+        *b ^= 0xa5;
+        *f ^= 0xa5;
+    }
+    std::fs::write(work.join("v2.img"), &bytes).unwrap();
+    sums.insert("file0.bin".into(), hex::encode(Sha256::digest(&file0)));
+    let convert = |args: &[&str]| {
+        let out = Command::new(BIN).arg("convert").args(args).current_dir(&work).output().unwrap();
+        assert!(out.status.success(), "convert {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    convert(&["base.img", "base.layer", "--compress", "lz4"]);
+    convert(&["v2.img", "v2.layer", "--base", "base.img", "--compress", "zstd"]);
+    convert(&["v2.img", "v2b.layer", "--base", "base.img"]);
+    let tar = "application/vnd.oci.image.layer.v1.tar";
+
+    let reg = Registry::start(&env.p("registry"), false);
+    write_layout(&work.join("stack"), &[work.join("base.layer"), work.join("v2.layer")], tar, true);
+    reg.push(&work.join("stack"), "team/stack:v2");
+    let flat = write_layout(&work.join("flat"), &[work.join("base.img")], "application/vnd.lazy-image.ext4", false);
+    reg.push(&work.join("flat"), "team/flat:v1");
+    write_layout(&work.join("other"), &[work.join("base.layer"), work.join("v2b.layer")], tar, true);
+    reg.push(&work.join("other"), "elsewhere/other:v1");
+
+    let child = env.mount(&reg.reference("team/stack:v2"), "rstack", &[]);
+    check_sums(&env.p("rstack"), &sums);
+    env.umount("rstack", child);
+    assert!(env.log("rstack").contains("(2 OverlayBD layers)"), "{}", env.log("rstack"));
+
+    let child = env.mount(&format!("{}@{flat}", reg.reference("team/flat")), "rflat", &[]);
+    check_sums(&env.p("rflat"), &base_sums);
+    env.umount("rflat", child);
+
+    // The base layer's blob is cached once, under its digest: the other image reads it from
+    // there and fetches only its own top layer.
+    let base_digest = format!("sha256:{}", sha256_hex(&std::fs::read(work.join("base.layer")).unwrap()));
+    let base_cache = registry::blob_cache(&env.p("cache"), &base_digest);
+    // Each mount's counters: (bytes fetched from the registry, reads served) of the layer.
+    let counters = || -> (u64, u64) {
+        let raw = std::fs::read(base_cache.join("stats.json")).unwrap_or_else(|e| panic!("{}: {e}", base_cache.display()));
+        let stats: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        (stats["origin_bytes"].as_u64().unwrap(), stats["reads"].as_u64().unwrap())
+    };
+    assert!(counters().0 > 0, "the first image read its base layer through {}", base_cache.display());
+    let child = env.mount(&reg.reference("elsewhere/other:v1"), "rother", &[]);
+    check_sums(&env.p("rother"), &sums);
+    env.umount("rother", child);
+    let (fetched, reads) = counters();
+    assert!(reads > 0, "the second image read the shared base layer");
+    assert_eq!(fetched, 0, "the second image fetched none of the base layer's cached bytes again");
+
+    // Behind credentials: refused without them, served with them (from the environment).
+    let locked = Registry::start(&env.p("registry-auth"), true);
+    locked.push(&work.join("stack"), "team/stack:v2");
+    let mut denied = env.spawn_mount(&locked.reference("team/stack:v2"), "rdenied", &[]);
+    assert!(!denied.wait().unwrap().success());
+    let said = env.log("rdenied");
+    assert!(said.contains("wants a user and password"), "{said}");
+    let creds = [("LAZY_IMAGE_REGISTRY_USER", USER), ("LAZY_IMAGE_REGISTRY_PASSWORD", PASSWORD)];
+    let child = env.mount_env(&locked.reference("team/stack:v2"), "rauth", &[], &creds);
+    check_sums(&env.p("rauth"), &sums);
+    env.umount("rauth", child);
+    assert!(!env.log("rauth").contains(PASSWORD), "the password never reaches the log");
 }

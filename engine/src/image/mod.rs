@@ -111,6 +111,9 @@ pub struct ImageConfig {
     /// Misses right after attach that fetch the 64 KiB around them (filesystem metadata lies
     /// close together); 0 fetches only what is missed from the start.
     pub startup_misses: u32,
+    /// The whole blob's digest (`sha256:...`, a content-addressed blob such as an OCI layer):
+    /// checked once every chunk is cached. A mismatch drops the cache and fails every read.
+    pub blob_digest: Option<String>,
 }
 
 impl ImageConfig {
@@ -129,6 +132,7 @@ impl ImageConfig {
             retry: RetryPolicy::default(),
             flush_interval: Duration::from_secs(1),
             startup_misses: 32,
+            blob_digest: None,
         }
     }
 }
@@ -293,7 +297,14 @@ struct Inner {
     /// The runtime the image was opened on: fetches started from threads that have no runtime
     /// (ublk queues, FUSE) are spawned here.
     rt: tokio::runtime::Handle,
+    /// `cfg.blob_digest`'s check: `BLOB_*`.
+    blob_check: std::sync::atomic::AtomicU8,
 }
+
+const BLOB_UNCHECKED: u8 = 0;
+const BLOB_CHECKING: u8 = 1;
+const BLOB_GOOD: u8 = 2;
+const BLOB_BAD: u8 = 3;
 
 /// How to serve a read without waiting, as `LazyImage::plan_read` decides it.
 #[derive(Debug)]
@@ -377,6 +388,7 @@ impl LazyImage {
             rt: tokio::runtime::Handle::current(),
             manifest: cfg.manifest.take().map(Arc::new),
             cfg,
+            blob_check: std::sync::atomic::AtomicU8::new(BLOB_UNCHECKED),
         });
         let weak = Arc::downgrade(&inner);
         let every = inner.cfg.flush_interval;
@@ -431,6 +443,11 @@ impl LazyImage {
     /// entry) saves an allocation and a copy per read: at 1 MiB requests those were a tenth of
     /// the CPU of a cold sequential read.
     pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if self.inner.blob_check.load(Ordering::SeqCst) == BLOB_BAD {
+            self.inner.stats.count_error();
+            let why = lock(&self.inner.health).fatal.clone().unwrap_or_default();
+            return Err(Error::new(ErrorKind::Integrity, why));
+        }
         let r = self.inner.read_into(offset, buf, true).await;
         match &r {
             Ok(n) => self.inner.stats.count_read(*n as u64),

@@ -163,3 +163,35 @@ async fn chunks_of_a_failed_sync_are_fetched_again() {
     let img = LazyImage::open(src, cfg).await.expect("reopen");
     assert_eq!(img.fill().0, 32);
 }
+
+/// A blob with a digest is hashed once complete: the right digest keeps it healthy; a wrong
+/// one (an origin that served other bytes) drops its cache and fails every read after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_blobs_are_checked_against_their_digest() {
+    use sha2::Digest;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let right = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)));
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    for (digest, good) in [(right, true), (wrong, false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = small_config(dir.path(), 64 << 10);
+        cfg.flush_interval = Duration::from_millis(20);
+        cfg.blob_digest = Some(digest);
+        let img = LazyImage::open(Arc::new(FakeSource::new(data.clone())), cfg).await.expect("open");
+        assert_eq!(&img.read(0, data.len() as u64).await.expect("read")[..], &data[..]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while img.inner.blob_check.load(Ordering::SeqCst) < BLOB_GOOD {
+            assert!(Instant::now() < deadline, "the blob was never checked");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(img.condition().abnormal, !good, "{:?}", img.condition());
+        match good {
+            true => assert_eq!(img.fill().0, img.fill().1),
+            false => {
+                assert!(img.condition().message.contains("not its digest"), "{:?}", img.condition());
+                assert_eq!(img.fill().0, 0, "the bad blob's cache is dropped");
+                assert_eq!(img.read(0, 10).await.expect_err("reads fail").kind(), ErrorKind::Integrity);
+            }
+        }
+    }
+}

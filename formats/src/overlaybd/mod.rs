@@ -270,6 +270,15 @@ impl BlockView for Stack {
         }
         all
     }
+
+    async fn close(&self) -> Result<()> {
+        let mut first = Ok(());
+        for l in &self.layers {
+            let r = l.blob.clone().close().await;
+            first = first.and(r);
+        }
+        first
+    }
 }
 
 /// The stack of layer blobs (bottom first, each with where it is) as a device.

@@ -1,0 +1,154 @@
+//! Registry behaviour a real registry does not show on loopback, from our fault-injecting
+//! server laid out as a registry: a 429 with Retry-After, a 401 answered by a token service
+//! (and a token that expires mid-read), blobs behind one-use storage redirects, platform choice
+//! in an image index, a manifest or blob whose bytes are not their digest.
+
+use lazy_image_engine::oci::{host_platform, Reference, Registry};
+use lazy_image_engine::{ErrorKind, ImageConfig, LazyImage};
+use lazy_image_serve::Faults;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn digest_of(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// Stores `bytes` as blob `name` (its digest unless told otherwise) of `repo`.
+fn put(root: &Path, repo: &str, kind: &str, name: &str, bytes: &[u8]) {
+    let dir = root.join(format!("v2/{repo}/{kind}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+fn manifest(layers: &[(&str, u64)]) -> Vec<u8> {
+    let layers: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(d, s)| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": s}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest_of(b"{}"), "size": 2},
+        "layers": layers,
+    }))
+    .unwrap()
+}
+
+fn config(dir: &Path, digest: &str) -> ImageConfig {
+    let mut cfg = ImageConfig::new(dir);
+    cfg.chunk_size = 64 << 10;
+    cfg.readahead_max = 0;
+    cfg.max_request = 64 << 10;
+    cfg.startup_misses = 0;
+    cfg.flush_interval = Duration::from_millis(20);
+    cfg.blob_digest = Some(digest.to_string());
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_throttling_and_one_use_redirects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("srv");
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let d = digest_of(&data);
+    put(&root, "team/data", "blobs", &d, &data);
+    put(&root, "team/data", "manifests", "v1", &manifest(&[(&d, data.len() as u64)]));
+    std::fs::write(root.join("token"), br#"{"token":"T1"}"#).unwrap();
+    let faults = Arc::new(Faults::new());
+    let srv = lazy_image_serve::spawn(&root, "127.0.0.1:0".parse().unwrap(), Some(faults.clone())).await.unwrap();
+    *faults.require_auth.lock().unwrap() = Some("Bearer T1".into());
+    *faults.challenge.lock().unwrap() =
+        Some(format!(r#"Bearer realm="http://{}/token",service="fake",scope="repository:team/data:pull""#, srv.addr));
+    *faults.auth_exempt.lock().unwrap() = Some("/token".into());
+    *faults.redirect_paths.lock().unwrap() = Some("/blobs/".into());
+    faults.status_429.store(1, SeqCst);
+
+    let reg = Arc::new(Registry::new(Reference::parse(&format!("oci+http://{}/team/data:v1", srv.addr)).unwrap(), None).unwrap());
+    let resolved = reg.resolve().await.unwrap();
+    assert_eq!(faults.status_429.load(SeqCst), 0, "the 429 was met and waited out");
+    assert_eq!(resolved.layers.len(), 1);
+    let img = LazyImage::open(Arc::new(reg.blob_source(&resolved.layers[0])), config(&tmp.path().join("c"), &d)).await.unwrap();
+    assert_eq!(&img.read(0, 300_000).await.unwrap()[..], &data[..300_000]);
+
+    // The token expires: the registry now wants another, which the token service hands out.
+    std::fs::write(root.join("token"), br#"{"token":"T2"}"#).unwrap();
+    *faults.require_auth.lock().unwrap() = Some("Bearer T2".into());
+    assert_eq!(&img.read(300_000, 700_000).await.unwrap()[..], &data[300_000..]);
+    // Every range went through a storage URL of its own (a reused one gets 403).
+    assert!(faults.redirects.load(SeqCst) >= 16, "{} redirects", faults.redirects.load(SeqCst));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while img.fill().0 < img.fill().1 || img.condition().abnormal {
+        assert!(Instant::now() < deadline, "{:?}", img.condition());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!img.condition().abnormal);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_are_not_their_digest_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("srv");
+    let data = vec![7u8; 200_000];
+    let claimed = digest_of(b"other bytes");
+    put(&root, "r", "blobs", &claimed, &data);
+    put(&root, "r", "manifests", "v1", &manifest(&[(&claimed, data.len() as u64)]));
+    let m = manifest(&[(&claimed, data.len() as u64)]);
+    let wrong = digest_of(b"not this manifest");
+    put(&root, "r", "manifests", &wrong, &m);
+    let srv = lazy_image_serve::spawn(&root, "127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+
+    let pinned = Registry::new(Reference::parse(&format!("oci+http://{}/r@{wrong}", srv.addr)).unwrap(), None).unwrap();
+    let e = pinned.resolve().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Integrity, "{e}");
+
+    let reg = Arc::new(Registry::new(Reference::parse(&format!("oci+http://{}/r:v1", srv.addr)).unwrap(), None).unwrap());
+    let layer = reg.resolve().await.unwrap().layers.remove(0);
+    let img = LazyImage::open(Arc::new(reg.blob_source(&layer)), config(&tmp.path().join("c"), &claimed)).await.unwrap();
+    img.read(0, data.len() as u64).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !img.condition().abnormal {
+        assert!(Instant::now() < deadline, "the blob was never checked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(img.condition().message.contains("not its digest"), "{:?}", img.condition());
+    assert_eq!(img.read(0, 10).await.unwrap_err().kind(), ErrorKind::Integrity);
+}
+
+#[tokio::test]
+async fn an_index_gives_this_machines_platform() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("srv");
+    let (os, arch) = host_platform();
+    let mut wanted = None;
+    let mut entries = Vec::new();
+    for (i, a) in ["s390x", arch].iter().enumerate() {
+        let layer = vec![i as u8 + 1; 1000];
+        let ld = digest_of(&layer);
+        put(&root, "multi", "blobs", &ld, &layer);
+        let m = manifest(&[(&ld, 1000)]);
+        let md = digest_of(&m);
+        put(&root, "multi", "manifests", &md, &m);
+        entries.push(serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": m.len(), "platform": {"os": os, "architecture": a}}));
+        if *a == arch {
+            wanted = Some(ld);
+        }
+    }
+    let index = |e: &[serde_json::Value]| {
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": e}))
+            .unwrap()
+    };
+    put(&root, "multi", "manifests", "v1", &index(&entries));
+    put(&root, "multi", "manifests", "other", &index(&entries[..1]));
+    let srv = lazy_image_serve::spawn(&root, "127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let resolve = |tag: &str| {
+        let r = Reference::parse(&format!("oci+http://{}/multi:{tag}", srv.addr)).unwrap();
+        async move { Registry::new(r, None).unwrap().resolve().await }
+    };
+    assert_eq!(resolve("v1").await.unwrap().layers[0].digest, wanted.unwrap());
+    let e = resolve("other").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("s390x"), "{e}");
+}
