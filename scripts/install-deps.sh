@@ -9,7 +9,7 @@
 #   install-deps.sh bench    also the benchmark peers (qemu-storage-daemon's curl driver, nbdkit)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-PKGS=(nginx e2fsprogs erofs-utils squashfs-tools fuse3 util-linux curl python3 libclang-dev umoci skopeo busybox-static kmod binutils docker-registry apache2-utils)
+PKGS=(nginx e2fsprogs erofs-utils squashfs-tools fuse3 util-linux curl python3 libclang-dev umoci skopeo busybox-static kmod binutils docker-registry apache2-utils python3-venv)
 BACKPORTS=()
 need_backports=false
 for group in "$@"; do

@@ -17,6 +17,13 @@ fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo fmt --check
 cargo clippy -q --workspace --all-targets -- -D warnings
+# oras (PyPI) publishes the registry tests' single-blob artifact, as users push models and data;
+# pinned, in a venv under target/ (the VM's tests find it there too).
+venv=target/registry-venv
+if ! "$venv/bin/python" -c "import oras.client" 2>/dev/null; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check oras==0.2.43
+fi
 cargo test --workspace
 # The Helm chart, rendered and checked offline; the images it names, built and started.
 bash scripts/chart-check.sh

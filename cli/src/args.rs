@@ -73,8 +73,7 @@ pub struct ImageArgs {
 /// Registry credentials, from the environment only (never on a command line others can read).
 #[derive(Args, Debug, Clone)]
 pub struct RegistryArgs {
-    /// Registry user (with LAZY_IMAGE_REGISTRY_PASSWORD).
-    #[arg(long = "registry-user", env = "LAZY_IMAGE_REGISTRY_USER", hide_env_values = true, hide = true)]
+    #[arg(skip = std::env::var("LAZY_IMAGE_REGISTRY_USER").ok())]
     pub user: Option<String>,
     #[arg(skip = std::env::var("LAZY_IMAGE_REGISTRY_PASSWORD").ok())]
     pub password: Option<String>,

@@ -60,7 +60,8 @@ pub const DEVICE_SCHEME: &str = "device://";
 /// when their specs are equal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeSpec {
-    /// `http(s)://...`, `file:///path` or, for attribute `device`, `device:///dev/...`.
+    /// `http(s)://...`, `file:///path`, a registry image `oci://...` (`oci+http://...`) or, for
+    /// attribute `device`, `device:///dev/...`.
     pub url: String,
     pub format: Option<ImageFormat>,
     pub digest: Option<String>,
@@ -86,10 +87,19 @@ impl VolumeSpec {
         let url = match (given("url"), given("device")) {
             (Some(_), Some(_)) => return Err(invalid("volume attributes url and device name two sources: give one")),
             (None, None) => return Err(invalid("volume attribute \"url\" (or \"device\") is required")),
+            (Some(u), None) if lazy_image_engine::oci::is_reference(u) => {
+                lazy_image_engine::oci::Reference::parse(u).map_err(|e| invalid(format!("volume attribute url: {}", e.report())))?;
+                if attrs.contains_key("digest") || attrs.contains_key("manifestUrl") {
+                    return Err(invalid("a registry image is pinned with @sha256:... in its url: volume attributes digest and manifestUrl are for http(s) and file URLs"));
+                }
+                u.to_string()
+            }
             (Some(u), None) => {
                 let remote = u.starts_with("http://") || u.starts_with("https://");
                 if !remote && !u.strip_prefix("file://").is_some_and(|p| p.starts_with('/')) {
-                    return Err(invalid(format!("volume attribute url {u:?} must be an http://, https:// or file:///absolute/path URL")));
+                    return Err(invalid(format!(
+                        "volume attribute url {u:?} must be an http://, https:// or file:///absolute/path URL, or a registry image oci://REGISTRY/REPOSITORY:TAG"
+                    )));
                 }
                 u.to_string()
             }

@@ -26,6 +26,11 @@ impl Origin for HttpOrigin {
                 "{url} is node-local: only the nodes can read it, so it cannot be provisioned; use a static PersistentVolume or an inline volume"
             )));
         }
+        if lazy_image_engine::oci::is_reference(url) {
+            return Err(ControllerError::invalid(format!(
+                "{url} is a registry image: provisioning those is not supported yet; use a static PersistentVolume or an inline volume"
+            )));
+        }
         let mut opts = HttpSourceOptions::default();
         if let Some(c) = credentials {
             let mut v =

@@ -15,9 +15,11 @@ use crate::spec::{Credentials, VolumeSpec};
 use crate::state::{StateDir, VolumeRecord};
 use lazy_image_attach::{Attachment, Backend, DeviceRecord, FsType, FuseSessionInfo, Takeover, UblkOptions};
 use lazy_image_csi_common::attributes::DEVICE_SCHEME;
+use lazy_image_engine::oci;
 use lazy_image_engine::source::{local_source, HttpSourceOptions};
 use lazy_image_engine::{
     load_manifest_from, resolve_manifest, FileSource, FillResume, HttpSource, ImageConfig, LazyImage, Manifest, RangeSource, StatsSnapshot,
+    View,
 };
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -68,10 +70,14 @@ struct Live {
     broken: Option<String>,
 }
 
+/// What a volume holds of the pool: its image's blobs (one for a flat image; every layer of a
+/// registry image, each shared with the other volumes that use it) and the device view.
 #[derive(Clone)]
 struct PooledImage {
-    key: String,
+    keys: Vec<String>,
+    /// The top blob: counters, cache reports, the prefetch.
     image: LazyImage,
+    view: View,
 }
 
 /// Volumes of the same image share one open `LazyImage` (one cache, one set of counters).
@@ -207,6 +213,9 @@ impl Volumes {
     }
 
     async fn open_image(&self, spec: &VolumeSpec, creds: Option<&Credentials>) -> NodeResult<PooledImage> {
+        if oci::is_reference(&spec.url) {
+            return self.open_registry_image(spec, creds).await;
+        }
         // Volumes that differ only in `prefetch` share the image (and its one cache).
         let image_spec = VolumeSpec { prefetch: false, ..spec.clone() };
         let key = serde_json::to_string(&(image_spec, creds.map(|c| &c.0))).map_err(|e| NodeError::internal(format!("image key: {e}")))?;
@@ -214,7 +223,7 @@ impl Volumes {
         if let Some(p) = pool.open.get_mut(&key) {
             p.refs += 1;
             p.prefetch_if(spec.prefetch);
-            return Ok(PooledImage { key, image: p.image.clone() });
+            return Ok(PooledImage { keys: vec![key], image: p.image.clone(), view: p.image.view() });
         }
         let what = format!("image {}", spec.url);
         let mut opts = HttpSourceOptions::default();
@@ -235,32 +244,69 @@ impl Volumes {
         // far (their other blobs would need the pool's sharing and allowlist).
         if let Some(f) = lazy_image_formats::layered_format(&image).await.map_err(|e| NodeError::engine(&what, &e))? {
             let _ = image.close().await;
-            return Err(NodeError::invalid(format!("{what} is a {f} image: volumes serve raw filesystem images only for now")));
+            return Err(NodeError::invalid(format!(
+                "{what} is a {f} image: volumes serve raw filesystem images and registry images (oci://) for now"
+            )));
         }
         let mut p = Pooled { image: image.clone(), refs: 1, filler: None };
         p.prefetch_if(spec.prefetch);
         pool.open.insert(key.clone(), p);
-        Ok(PooledImage { key, image })
+        Ok(PooledImage { keys: vec![key], view: image.view(), image })
+    }
+
+    /// A registry image: its manifest resolved with the volume's credentials, each layer blob
+    /// taken from the pool by digest (one cache and one set of fetches per blob on the node,
+    /// whichever images and volumes use it) or opened and pooled, and the device built over them.
+    async fn open_registry_image(&self, spec: &VolumeSpec, creds: Option<&Credentials>) -> NodeResult<PooledImage> {
+        let what = format!("image {}", spec.url);
+        let engine = |e: lazy_image_engine::Error| NodeError::engine(&what, &e);
+        let reference = oci::Reference::parse(&spec.url).map_err(engine)?;
+        let reg = Arc::new(oci::Registry::new(reference, creds.map(registry_credentials).transpose()?).map_err(engine)?);
+        let resolved = reg.resolve().await.map_err(engine)?;
+        let opener = PoolBlobs { vols: self, reg, resolved: resolved.clone(), spec, taken: Mutex::new(Vec::new()) };
+        let opened = lazy_image_formats::open_oci(&resolved, &opener).await;
+        let keys = std::mem::take(&mut *lock(&opener.taken));
+        match opened {
+            Ok((image, view)) => {
+                if spec.prefetch {
+                    if let Some(p) = self.pool.lock().await.open.get_mut(&blob_key(&resolved.layers[resolved.layers.len() - 1].digest)) {
+                        p.prefetch_if(true);
+                    }
+                }
+                Ok(PooledImage { keys, image, view })
+            }
+            Err(e) => {
+                self.release_keys(keys).await;
+                Err(engine(e))
+            }
+        }
     }
 
     async fn release_image(&self, img: PooledImage) {
-        let mut pool = self.pool.lock().await;
-        let last = match pool.open.get_mut(&img.key) {
-            Some(p) if p.refs > 1 => {
-                p.refs -= 1;
-                false
-            }
-            Some(_) => true,
-            None => false,
-        };
-        if last {
-            if let Some(p) = pool.open.remove(&img.key) {
-                drop(pool);
-                if let Some(f) = p.filler {
-                    f.abort();
+        drop(img.view);
+        self.release_keys(img.keys).await;
+    }
+
+    async fn release_keys(&self, keys: Vec<String>) {
+        for key in keys {
+            let mut pool = self.pool.lock().await;
+            let last = match pool.open.get_mut(&key) {
+                Some(p) if p.refs > 1 => {
+                    p.refs -= 1;
+                    false
                 }
-                if let Err(e) = p.image.close().await {
-                    tracing::warn!(error = %e.report(), "closing image");
+                Some(_) => true,
+                None => false,
+            };
+            if last {
+                if let Some(p) = pool.open.remove(&key) {
+                    drop(pool);
+                    if let Some(f) = p.filler {
+                        f.abort();
+                    }
+                    if let Err(e) = p.image.close().await {
+                        tracing::warn!(error = %e.report(), "closing image");
+                    }
                 }
             }
         }
@@ -314,7 +360,7 @@ impl Volumes {
         }
         let image = self.open_image(&a.spec, a.credentials.as_ref()).await?;
         let (handover, work) = (self.cfg.fd_holder.is_some(), self.work_dir(&id));
-        let att = Attachment::attach(image.image.view(), &work, &a.staging_path, fs, self.cfg.backend, &self.cfg.ublk, handover);
+        let att = Attachment::attach(image.view.clone(), &work, &a.staging_path, fs, self.cfg.backend, &self.cfg.ublk, handover);
         let att = match att.await {
             Ok(att) => att,
             Err(e) => {
@@ -502,7 +548,7 @@ impl Volumes {
             if l.rec.staging_path != path && !l.rec.targets.contains(path) {
                 return Err(NodeError::new(NodeErrorKind::NotFound, format!("{} is not a path of volume {volume_id}", path.display())));
             }
-            (l.image.as_ref().map(|i| i.image.clone()), l.broken.clone(), l.attachment.as_ref().map(|a| a.device_path()))
+            (l.image.as_ref().map(|i| i.view.clone()), l.broken.clone(), l.attachment.as_ref().map(|a| a.device_path()))
         };
         let mounted = lazy_image_attach::is_mountpoint(path).map_err(attach_err(volume_id))?;
         let mut st = VolumeStats {
@@ -544,9 +590,10 @@ impl Volumes {
         let mut v: Vec<_> = live
             .iter()
             .filter_map(|(id, l)| {
-                let img = &l.image.as_ref()?.image;
-                let (have, total) = img.fill();
-                Some((id.clone(), l.rec.spec.url.clone(), img.stats(), have as f64 / total.max(1) as f64))
+                let img = l.image.as_ref()?;
+                let (have, total) = img.image.fill();
+                // Counters of every blob the volume reads; the fill is its top blob's.
+                Some((id.clone(), l.rec.spec.url.clone(), img.view.stats(), have as f64 / total.max(1) as f64))
             })
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -614,7 +661,7 @@ impl Volumes {
         let takeover = rec.device.takeover(&rec.staging_path, std::time::Duration::from_secs(5));
         match takeover.map_err(attach_err(id))? {
             Takeover::Ublk(dev) => {
-                match Attachment::recover_ublk(image.image.view(), dev, &rec.staging_path, rec.fs, &self.cfg.ublk).await {
+                match Attachment::recover_ublk(image.view.clone(), dev, &rec.staging_path, rec.fs, &self.cfg.ublk).await {
                     Ok(att) => return Ok((image, att, None)),
                     Err(e) => {
                         self.release_image(image).await;
@@ -657,7 +704,7 @@ impl Volumes {
             .map_err(|e| NodeError::internal(format!("creating {}: {e}", rec.staging_path.display())))?;
         let (handover, work) = (self.cfg.fd_holder.is_some(), self.work_dir(id));
         let att =
-            Attachment::attach(image.image.view(), &work, &rec.staging_path, Some(rec.fs), self.cfg.backend, &self.cfg.ublk, handover);
+            Attachment::attach(image.view.clone(), &work, &rec.staging_path, Some(rec.fs), self.cfg.backend, &self.cfg.ublk, handover);
         let att = match att.await {
             Ok(att) => att,
             Err(e) => {
@@ -730,6 +777,67 @@ impl Volumes {
         if serde_json::from_str::<FuseSessionInfo>(&meta).ok() != Some(info) {
             return Err(NodeError::internal(format!("the fd holder's session {meta} is not the recorded one {info:?}")));
         }
-        Attachment::resume_fuse(image.image.view(), fd, info, fuse_dir, loop_dev, staging, fs).map_err(attach_err(id))
+        Attachment::resume_fuse(image.view.clone(), fd, info, fuse_dir, loop_dev, staging, fs).map_err(attach_err(id))
+    }
+}
+
+/// The pool key of a registry blob: its digest, whatever repository or image names it.
+fn blob_key(digest: &str) -> String {
+    format!("oci-blob {digest}")
+}
+
+/// The node-stage secrets' Authorization value as registry credentials.
+fn registry_credentials(c: &Credentials) -> NodeResult<oci::Credentials> {
+    use base64::Engine;
+    if let Some(t) = c.0.strip_prefix("Bearer ") {
+        return Ok(oci::Credentials::Bearer(t.to_string()));
+    }
+    let pair =
+        c.0.strip_prefix("Basic ")
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .and_then(|b| String::from_utf8(b).ok());
+    match pair.as_deref().and_then(|p| p.split_once(':')) {
+        Some((user, password)) => Ok(oci::Credentials::Basic { user: user.to_string(), password: password.to_string() }),
+        None => Err(NodeError::invalid("node-stage secrets do not make registry credentials")),
+    }
+}
+
+/// Opens a registry image's layers for one volume through the pool; remembers the keys it
+/// took a reference on.
+struct PoolBlobs<'a> {
+    vols: &'a Volumes,
+    reg: Arc<oci::Registry>,
+    resolved: oci::Resolved,
+    spec: &'a VolumeSpec,
+    taken: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl lazy_image_formats::BlobOpener for PoolBlobs<'_> {
+    async fn open(&self, digest: &str) -> lazy_image_engine::Result<LazyImage> {
+        let layer = self.resolved.layers.iter().find(|l| l.digest == digest).ok_or_else(|| {
+            lazy_image_engine::Error::new(lazy_image_engine::ErrorKind::NotFound, format!("layer {digest} of {}", self.resolved.reference))
+        })?;
+        let key = blob_key(digest);
+        let mut pool = self.vols.pool.lock().await;
+        let image = match pool.open.get_mut(&key) {
+            Some(p) => {
+                p.refs += 1;
+                p.image.clone()
+            }
+            None => {
+                let mut cfg = ImageConfig::new(&self.vols.cfg.cache_dir);
+                cfg.cache_limit = self.vols.cfg.cache_limit;
+                if let Some(cs) = self.spec.chunk_size {
+                    cfg.chunk_size = cs;
+                }
+                cfg.blob_digest = Some(digest.to_string());
+                let image = LazyImage::open(Arc::new(self.reg.blob_source(layer)), cfg).await?;
+                pool.open.insert(key.clone(), Pooled { image: image.clone(), refs: 1, filler: None });
+                image
+            }
+        };
+        lock(&self.taken).push(key);
+        Ok(image)
     }
 }

@@ -742,6 +742,58 @@ async fn local_sources_behind_the_allowlist() {
     h.assert_clean();
 }
 
+/// Registry images (`oci+http://`), here from the test server laid out as a registry: the same
+/// OverlayBD layer in two repositories serves two volumes at once from one pooled blob and one
+/// cache (a second open of the blob's cache would fail: the first holds its lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_images_share_their_layers() {
+    use sha2::{Digest, Sha256};
+    if !prerequisites_met() {
+        return;
+    }
+    let h = Harness::new().await;
+    let mut layer = std::io::Cursor::new(Vec::new());
+    lazy_image_formats::overlaybd::lsmt::write_layer(&mut std::fs::File::open(h.p("srv/vol.img")).unwrap(), None, &mut layer).unwrap();
+    let layer = layer.into_inner();
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&layer)));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": format!("sha256:{}", hex::encode(Sha256::digest(b"{}"))), "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": layer.len(),
+                    "annotations": {"containerd.io/snapshot/overlaybd/blob-digest": digest}}],
+    }))
+    .unwrap();
+    for repo in ["team/img", "other/img"] {
+        let dir = h.p(&format!("srv/v2/{repo}"));
+        std::fs::create_dir_all(dir.join("blobs")).unwrap();
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        std::fs::write(dir.join("blobs").join(&digest), &layer).unwrap();
+        std::fs::write(dir.join("manifests/v1"), &manifest).unwrap();
+    }
+    let mut node = h.node().await;
+    let reference = |repo: &str| format!("oci+http://{}/{repo}:v1", h.server.addr);
+    for (vol, repo) in [("vol-r1", "team/img"), ("vol-r2", "other/img")] {
+        node.node_stage_volume(h.stage_req(vol, &reference(repo))).await.unwrap_or_else(|e| panic!("{vol}: {e}\n{}", h.log()));
+        node.node_publish_volume(h.publish_req(vol, "pod-r")).await.unwrap_or_else(|e| panic!("{vol}: {e}\n{}", h.log()));
+        h.check_files(&h.target("pod-r", vol));
+    }
+    let caches: Vec<_> =
+        std::fs::read_dir(h.p("cache")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("u-")).collect();
+    assert_eq!(caches.len(), 1, "one cache for the one blob: {caches:?}");
+    for vol in ["vol-r1", "vol-r2"] {
+        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: h.target("pod-r", vol) })
+            .await
+            .unwrap();
+        node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.into(), staging_target_path: h.staging(vol) })
+            .await
+            .unwrap();
+    }
+    let got = node.node_stage_volume(h.stage_req("vol-r3", &reference("missing/img"))).await;
+    assert_eq!(code(got), Code::NotFound);
+    h.assert_clean();
+}
+
 async fn check_stats(node: &mut NodeClient<Channel>, volume_id: &str, path: &str) {
     let st = node
         .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {

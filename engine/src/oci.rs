@@ -247,6 +247,13 @@ impl Registry {
                     let ch = resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                     self.authenticate(&ch).await?;
                 }
+                401 => {
+                    let with = if self.creds.is_some() { "the credentials given" } else { "no credentials (anonymous pull)" };
+                    return Err(Error::new(
+                        ErrorKind::OriginStatus(401),
+                        format!("registry {} refused access to repository {} with {with}", self.r.registry, self.r.repository),
+                    ));
+                }
                 429 if throttled < 3 => {
                     throttled += 1;
                     let wait = resp

@@ -3,7 +3,7 @@
 //! (and a token that expires mid-read), blobs behind one-use storage redirects, platform choice
 //! in an image index, a manifest or blob whose bytes are not their digest.
 
-use lazy_image_engine::oci::{host_platform, Reference, Registry};
+use lazy_image_engine::oci::{host_platform, Credentials, Reference, Registry};
 use lazy_image_engine::{ErrorKind, ImageConfig, LazyImage};
 use lazy_image_serve::Faults;
 use sha2::{Digest, Sha256};
@@ -151,4 +151,27 @@ async fn an_index_gives_this_machines_platform() {
     let e = resolve("other").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     assert!(e.to_string().contains("s390x"), "{e}");
+}
+
+/// A token given by the user (a node-stage secret's bearerToken) is the registry's token: no
+/// token service is asked; a wrong one fails with a sentence.
+#[tokio::test]
+async fn a_given_token_is_used_as_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("srv");
+    let layer = vec![5u8; 5000];
+    let d = digest_of(&layer);
+    put(&root, "p", "blobs", &d, &layer);
+    put(&root, "p", "manifests", "v1", &manifest(&[(&d, 5000)]));
+    let faults = Arc::new(Faults::new());
+    let srv = lazy_image_serve::spawn(&root, "127.0.0.1:0".parse().unwrap(), Some(faults.clone())).await.unwrap();
+    *faults.require_auth.lock().unwrap() = Some("Bearer given".into());
+    *faults.challenge.lock().unwrap() = Some(r#"Bearer realm="http://127.0.0.1:9/nowhere",service="fake""#.into());
+    let reference = Reference::parse(&format!("oci+http://{}/p:v1", srv.addr)).unwrap();
+    let reg = Registry::new(reference.clone(), Some(Credentials::Bearer("given".into()))).unwrap();
+    assert_eq!(reg.resolve().await.unwrap().layers[0].digest, d);
+    let wrong = Registry::new(reference, Some(Credentials::Bearer("stale".into()))).unwrap();
+    let e = wrong.resolve().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OriginStatus(401), "{e}");
+    assert!(e.to_string().contains("refused access to repository p with the credentials given"), "{e}");
 }

@@ -497,9 +497,13 @@ pub fn overlaybd_layers_mount(env: &Env) {
 /// a registry behind credentials refuses a mount without them and serves one with them.
 pub fn registry_images_mount(env: &Env) {
     use registry::*;
-    if !which("docker-registry") || !which("skopeo") || !which("htpasswd") {
-        assert!(std::env::var_os("CI").is_none(), "CI must provide docker-registry, skopeo and htpasswd (apache2-utils)");
-        eprintln!("skipping: docker-registry, skopeo or htpasswd missing");
+    let oras = oras_python();
+    if !which("docker-registry") || !which("skopeo") || !which("htpasswd") || oras.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide docker-registry, skopeo, htpasswd (apache2-utils) and oras in target/registry-venv (scripts/test.sh)"
+        );
+        eprintln!("skipping: docker-registry, skopeo, htpasswd or target/registry-venv's oras missing");
         return;
     }
     let mut sums = make_tree(&env.p("rtree"), 31, &[150_000, 2 << 20]);
@@ -541,6 +545,12 @@ pub fn registry_images_mount(env: &Env) {
     let child = env.mount(&format!("{}@{flat}", reg.reference("team/flat")), "rflat", &[]);
     check_sums(&env.p("rflat"), &base_sums);
     env.umount("rflat", child);
+    // A data set published with ORAS: a single-blob artifact, mounted as it is.
+    std::fs::copy(work.join("v2.img"), work.join("model.img")).unwrap();
+    reg.oras_push(oras.as_deref().unwrap(), &work.join("model.img"), "data/model:v1");
+    let child = env.mount(&reg.reference("data/model:v1"), "roras", &[]);
+    check_sums(&env.p("roras"), &sums);
+    env.umount("roras", child);
 
     // The base layer's blob is cached once, under its digest: the other image reads it from
     // there and fetches only its own top layer.

@@ -56,6 +56,26 @@ impl Registry {
     }
 }
 
+/// The Python with `oras` (PyPI) that scripts/test.sh installs under target/.
+pub fn oras_python() -> Option<PathBuf> {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/registry-venv/bin/python"));
+    let ok = Command::new(&p).args(["-c", "import oras.client"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    ok.then_some(p)
+}
+
+impl Registry {
+    /// Pushes `file` as a single-blob artifact `repo:tag` with ORAS's Python client, as users
+    /// publish a model or data set.
+    pub fn oras_push(&self, python: &Path, file: &Path, repo_tag: &str) {
+        let script = format!(
+            "import oras.client\nc = oras.client.OrasClient(hostname='127.0.0.1:{port}', insecure=True)\nr = c.push(files=['{name}'], target='127.0.0.1:{port}/{repo_tag}', disable_path_validation=True)\nassert r.status_code == 201, r\n",
+            port = self.port,
+            name = file.file_name().unwrap().to_string_lossy(),
+        );
+        sh(Command::new(python).arg("-c").arg(script).current_dir(file.parent().unwrap()));
+    }
+}
+
 pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }

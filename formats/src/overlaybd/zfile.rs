@@ -12,8 +12,7 @@
 //! decompress to exactly its size, so nothing about them is ambiguous.
 
 use crate::{corrupt, refuse};
-use bytes::Bytes;
-use lazy_image_engine::{Error, ErrorKind, LazyImage, Result};
+use lazy_image_engine::{LazyImage, Result};
 use std::io::{Read, Seek, Write};
 use std::sync::{Arc, Mutex};
 
@@ -40,8 +39,8 @@ pub const MAX_BLOCKS: u64 = 64 << 20;
 const BLOCK_CRC_SEED: u32 = 100_007;
 /// Decompressed blocks kept, for readers that read a block in pieces.
 const RECENT_BLOCKS: usize = 8;
-/// Reads spanning more blocks than this decompress on a blocking thread.
-const INLINE_BLOCKS: usize = 16;
+/// Reads spanning more blocks than this decompress where the runtime allows blocking.
+const INLINE_BLOCKS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algo {
@@ -290,11 +289,7 @@ impl ZFile {
             if raw.len() as u64 != end - start {
                 return Err(corrupt(&self.what, format!("blocks {i}..={j} are cut short")));
             }
-            let blocks = self.decode_run(i, j, start, raw).await?;
-            for (k, d) in blocks.into_iter().enumerate() {
-                done += self.copy_out(i + k, &d, offset, &mut buf[done..n]);
-                self.remember(i + k, d);
-            }
+            done += self.decode_run(i, j, start, &raw, offset, &mut buf[done..n])?;
             i = j + 1;
         }
         Ok(n)
@@ -308,32 +303,44 @@ impl ZFile {
         take
     }
 
-    async fn decode_run(&self, i: usize, j: usize, start: u64, raw: Bytes) -> Result<Vec<Arc<Vec<u8>>>> {
-        let pieces: Vec<(usize, std::ops::Range<usize>, usize)> = (i..=j)
-            .map(|k| {
+    /// Decodes blocks `i..=j` (their bytes in `raw`, which starts at file offset `start`) into
+    /// `dst`, which continues the read at `offset`: a block the read covers whole straight into
+    /// it, a block it covers in part into memory kept for the next reads. A long run is decoded
+    /// where blocking is allowed.
+    fn decode_run(&self, i: usize, j: usize, start: u64, raw: &[u8], offset: u64, dst: &mut [u8]) -> Result<usize> {
+        let bs = self.h.block_size as u64;
+        let end = offset + dst.len() as u64;
+        let mut work = || -> Result<usize> {
+            let mut done = 0usize;
+            for k in i..=j {
                 let at = (self.table.start(k) - start) as usize;
-                let expect = (self.h.original_size - k as u64 * self.h.block_size as u64).min(self.h.block_size as u64) as usize;
-                (k, at..at + self.table.lens[k] as usize, expect)
-            })
-            .collect();
-        let (h, what) = (self.h.clone(), self.what.clone());
-        let work = move || -> Result<Vec<Arc<Vec<u8>>>> {
-            pieces
-                .into_iter()
-                .map(|(k, r, expect)| {
-                    decode_block(&h, &raw[r], expect).map(Arc::new).map_err(|why| corrupt(&what, format!("block {k}: {why}")))
-                })
-                .collect()
+                let stored = &raw[at..at + self.table.lens[k] as usize];
+                let (b0, expect) = (k as u64 * bs, (self.h.original_size - k as u64 * bs).min(bs) as usize);
+                let fail = |why: String| corrupt(&self.what, format!("block {k}: {why}"));
+                if b0 >= offset && b0 + expect as u64 <= end {
+                    decode_block_into(&self.h, stored, &mut dst[done..done + expect]).map_err(fail)?;
+                    done += expect;
+                } else {
+                    let mut block = vec![0u8; expect];
+                    decode_block_into(&self.h, stored, &mut block).map_err(fail)?;
+                    let block = Arc::new(block);
+                    done += self.copy_out(k, &block, offset, &mut dst[done..]);
+                    self.remember(k, block);
+                }
+            }
+            Ok(done)
         };
-        if j - i < INLINE_BLOCKS {
-            return work();
+        let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi && j - i >= INLINE_BLOCKS {
+            tokio::task::block_in_place(work)
+        } else {
+            work()
         }
-        tokio::task::spawn_blocking(work).await.map_err(|e| Error::with_source(ErrorKind::CacheIo, "decompression task", e))?
     }
 }
 
-/// One block: checks its CRC if it has one and decompresses it to exactly `expect` bytes.
-pub fn decode_block(h: &Header, stored: &[u8], expect: usize) -> std::result::Result<Vec<u8>, String> {
+/// One block: checks its CRC if it has one and decompresses it to exactly `out.len()` bytes.
+pub fn decode_block_into(h: &Header, stored: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     let data = if h.verify {
         let (data, crc) = stored.split_at(stored.len() - 4);
         let (want, got) = (le32(crc, 0), raw_crc32c(BLOCK_CRC_SEED, data));
@@ -344,15 +351,15 @@ pub fn decode_block(h: &Header, stored: &[u8], expect: usize) -> std::result::Re
     } else {
         stored
     };
-    let mut out = vec![0u8; expect];
+    let expect = out.len();
     let got = match h.algo {
-        Algo::Lz4 => lz4_flex::block::decompress_into(data, &mut out).map_err(|e| format!("lz4: {e}"))?,
-        Algo::Zstd => zstd::bulk::decompress_to_buffer(data, &mut out[..]).map_err(|e| format!("zstd: {e}"))?,
+        Algo::Lz4 => lz4_flex::block::decompress_into(data, out).map_err(|e| format!("lz4: {e}"))?,
+        Algo::Zstd => zstd::bulk::decompress_to_buffer(data, out).map_err(|e| format!("zstd: {e}"))?,
     };
     if got != expect {
         return Err(format!("decompressed to {got} bytes, not {expect}"));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Options of the ZFile writer.
