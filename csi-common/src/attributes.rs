@@ -186,6 +186,27 @@ impl Credentials {
     }
 }
 
+impl Credentials {
+    /// The same secrets as a registry's credentials: Basic for its realm or its token service,
+    /// a bearer token used as the registry's token.
+    pub fn to_registry(&self) -> Result<lazy_image_engine::oci::Credentials, Invalid> {
+        use base64::Engine;
+        use lazy_image_engine::oci::Credentials as Oci;
+        if let Some(t) = self.0.strip_prefix("Bearer ") {
+            return Ok(Oci::Bearer(t.to_string()));
+        }
+        let pair = self
+            .0
+            .strip_prefix("Basic ")
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .and_then(|b| String::from_utf8(b).ok());
+        match pair.as_deref().and_then(|p| p.split_once(':')) {
+            Some((user, password)) => Ok(Oci::Basic { user: user.to_string(), password: password.to_string() }),
+            None => Err(invalid("node-stage secrets do not make registry credentials")),
+        }
+    }
+}
+
 /// Volume ids become file names under the state directory: a conservative alphabet, no way out.
 pub fn check_volume_id(id: &str) -> Result<(), Invalid> {
     if id.is_empty() {

@@ -119,6 +119,12 @@ impl Provisioner {
                 format!("the image {} holds {size} bytes, over the limit of {} bytes", spec.url, a.limit_bytes),
             ));
         }
+        let mut attrs = attrs;
+        if lazy_image_engine::oci::is_reference(&spec.url) {
+            if let Some(pinned) = crate::origin::pin(&spec.url, &info) {
+                attrs.insert("url".into(), pinned);
+            }
+        }
         let volume = Volume { volume_id: a.name.clone(), capacity_bytes: size, context: attrs };
         tracing::info!(volume = %a.name, url = %spec.url, size, "volume provisioned");
         if let (Some(ns), Some(claim)) = (a.parameters.get(PVC_NAMESPACE), a.parameters.get(PVC_NAME)) {

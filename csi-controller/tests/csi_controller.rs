@@ -452,3 +452,45 @@ async fn concurrent_create_of_one_name() {
     let v2 = c2.create_volume(req).await.unwrap().into_inner().volume.unwrap();
     assert_eq!(v1, v2);
 }
+
+/// A registry image (our server laid out as a registry) is provisioned pinned to the manifest
+/// its tag resolved to: the volume's url carries the digest, so every node serves that image
+/// however the tag moves, and a later claim gets what the tag names then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisions_registry_images_pinned_by_digest() {
+    use sha2::{Digest, Sha256};
+    let h = Harness::new().await;
+    let mut c = h.client().await;
+    let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let repo = h.tmp.path().join("srv/v2/models/m");
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("manifests")).unwrap();
+    let publish = |blob: &[u8]| -> String {
+        std::fs::write(repo.join("blobs").join(digest(blob)), blob).unwrap();
+        let m = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest(b"{}"), "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest(blob), "size": blob.len()}],
+        }))
+        .unwrap();
+        std::fs::write(repo.join("manifests/v1"), &m).unwrap();
+        digest(&m)
+    };
+    let first = publish(&vec![1u8; 1 << 20]);
+    let url = format!("oci+http://{}/models/m:v1", h.server.addr);
+    let v = c.create_volume(create("pvc-oci-1", "bare", 0, &[("url", &url)])).await.unwrap_or_else(|e| panic!("{e}\n{}", h.log()));
+    let v = v.into_inner().volume.unwrap();
+    assert_eq!(v.capacity_bytes, 1 << 20, "capacity is the image's blob bytes");
+    assert_eq!(v.volume_context.get("url"), Some(&format!("{url}@{first}")), "pinned to the manifest the tag named");
+    lazy_image_csi_common::attributes::VolumeSpec::from_attributes(&v.volume_context).unwrap();
+
+    let second = publish(&vec![2u8; 2 << 20]);
+    let again = c.create_volume(create("pvc-oci-1", "bare", 0, &[("url", &url)])).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(again, v, "the same volume for the same call, whatever the tag names now");
+    let v2 = c.create_volume(create("pvc-oci-2", "bare", 0, &[("url", &url)])).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(v2.volume_context.get("url"), Some(&format!("{url}@{second}")));
+    let (code, msg) =
+        code(c.create_volume(create("pvc-oci-3", "bare", 0, &[("url", &format!("oci+http://{}/models/none:v1", h.server.addr))])).await);
+    assert_eq!(code, Code::NotFound, "{msg}");
+}

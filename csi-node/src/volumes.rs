@@ -261,7 +261,10 @@ impl Volumes {
         let what = format!("image {}", spec.url);
         let engine = |e: lazy_image_engine::Error| NodeError::engine(&what, &e);
         let reference = oci::Reference::parse(&spec.url).map_err(engine)?;
-        let reg = Arc::new(oci::Registry::new(reference, creds.map(registry_credentials).transpose()?).map_err(engine)?);
+        let reg = Arc::new(
+            oci::Registry::new(reference, creds.map(|c| c.to_registry()).transpose().map_err(|e| NodeError::invalid(e.to_string()))?)
+                .map_err(engine)?,
+        );
         let resolved = reg.resolve().await.map_err(engine)?;
         let opener = PoolBlobs { vols: self, reg, resolved: resolved.clone(), spec, taken: Mutex::new(Vec::new()) };
         let opened = lazy_image_formats::open_oci(&resolved, &opener).await;
@@ -784,22 +787,6 @@ impl Volumes {
 /// The pool key of a registry blob: its digest, whatever repository or image names it.
 fn blob_key(digest: &str) -> String {
     format!("oci-blob {digest}")
-}
-
-/// The node-stage secrets' Authorization value as registry credentials.
-fn registry_credentials(c: &Credentials) -> NodeResult<oci::Credentials> {
-    use base64::Engine;
-    if let Some(t) = c.0.strip_prefix("Bearer ") {
-        return Ok(oci::Credentials::Bearer(t.to_string()));
-    }
-    let pair =
-        c.0.strip_prefix("Basic ")
-            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-            .and_then(|b| String::from_utf8(b).ok());
-    match pair.as_deref().and_then(|p| p.split_once(':')) {
-        Some((user, password)) => Ok(oci::Credentials::Basic { user: user.to_string(), password: password.to_string() }),
-        None => Err(NodeError::invalid("node-stage secrets do not make registry credentials")),
-    }
 }
 
 /// Opens a registry image's layers for one volume through the pool; remembers the keys it
