@@ -26,6 +26,9 @@ pub struct VolumeRecord {
     pub targets: BTreeSet<PathBuf>,
     /// An inline ephemeral volume: staged by its (only) publish, gone with its unpublish.
     pub ephemeral: bool,
+    /// A registry image's reference pinned to the manifest it resolved to at staging: a restart
+    /// serves that image again, wherever its tag has moved since.
+    pub resolved: Option<String>,
 }
 
 /// A volume record as it is on disk: the shape the first plugins wrote, kept so that plugins
@@ -48,6 +51,8 @@ struct OnDisk {
     fuse_session: Option<FuseSessionInfo>,
     targets: BTreeSet<PathBuf>,
     ephemeral: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resolved: Option<String>,
 }
 
 impl TryFrom<OnDisk> for VolumeRecord {
@@ -68,6 +73,7 @@ impl TryFrom<OnDisk> for VolumeRecord {
             device,
             targets: d.targets,
             ephemeral: d.ephemeral,
+            resolved: d.resolved,
         })
     }
 }
@@ -92,6 +98,7 @@ impl From<VolumeRecord> for OnDisk {
             fuse_session,
             targets: r.targets,
             ephemeral: r.ephemeral,
+            resolved: r.resolved,
         }
     }
 }

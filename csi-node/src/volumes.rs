@@ -78,6 +78,8 @@ struct PooledImage {
     /// The top blob: counters, cache reports, the prefetch.
     image: LazyImage,
     view: View,
+    /// A registry image's reference pinned to the manifest digest it resolved to.
+    pinned: Option<String>,
 }
 
 /// Volumes of the same image share one open `LazyImage` (one cache, one set of counters).
@@ -223,7 +225,7 @@ impl Volumes {
         if let Some(p) = pool.open.get_mut(&key) {
             p.refs += 1;
             p.prefetch_if(spec.prefetch);
-            return Ok(PooledImage { keys: vec![key], image: p.image.clone(), view: p.image.view() });
+            return Ok(PooledImage { keys: vec![key], image: p.image.clone(), view: p.image.view(), pinned: None });
         }
         let what = format!("image {}", spec.url);
         let mut opts = HttpSourceOptions::default();
@@ -251,7 +253,7 @@ impl Volumes {
         let mut p = Pooled { image: image.clone(), refs: 1, filler: None };
         p.prefetch_if(spec.prefetch);
         pool.open.insert(key.clone(), p);
-        Ok(PooledImage { keys: vec![key], view: image.view(), image })
+        Ok(PooledImage { keys: vec![key], view: image.view(), image, pinned: None })
     }
 
     /// A registry image: its manifest resolved with the volume's credentials, each layer blob
@@ -276,7 +278,9 @@ impl Volumes {
                         p.prefetch_if(true);
                     }
                 }
-                Ok(PooledImage { keys, image, view })
+                let mut pinned = resolved.reference.clone();
+                pinned.digest = Some(resolved.manifest_digest.clone());
+                Ok(PooledImage { keys, image, view, pinned: Some(pinned.to_string()) })
             }
             Err(e) => {
                 self.release_keys(keys).await;
@@ -381,6 +385,7 @@ impl Volumes {
             device: DeviceRecord::of(&att, fuse_session),
             targets: BTreeSet::new(),
             ephemeral,
+            resolved: image.pinned.clone(),
         };
         if let Err(e) = self.state.save(&rec) {
             let _ = att.detach().await;
@@ -659,7 +664,12 @@ impl Volumes {
     /// restores the pods' bind mounts.
     async fn recover_one(&self, rec: &VolumeRecord) -> NodeResult<(PooledImage, Attachment, Option<FuseSessionInfo>)> {
         let id = &rec.volume_id;
-        let image = self.open_image(&rec.spec, rec.credentials.as_ref()).await?;
+        // The image the volume was staged with, not what its tag names now.
+        let spec = match &rec.resolved {
+            Some(pinned) => VolumeSpec { url: pinned.clone(), ..rec.spec.clone() },
+            None => rec.spec.clone(),
+        };
+        let image = self.open_image(&spec, rec.credentials.as_ref()).await?;
         // The kernel quiesces a ublk device a moment after its server died: wait that long.
         let takeover = rec.device.takeover(&rec.staging_path, std::time::Duration::from_secs(5));
         match takeover.map_err(attach_err(id))? {

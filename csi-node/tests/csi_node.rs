@@ -751,28 +751,35 @@ async fn registry_images_share_their_layers() {
     if !prerequisites_met() {
         return;
     }
-    let h = Harness::new().await;
+    let mut h = Harness::new().await;
     let mut layer = std::io::Cursor::new(Vec::new());
     lazy_image_formats::overlaybd::lsmt::write_layer(&mut std::fs::File::open(h.p("srv/vol.img")).unwrap(), None, &mut layer).unwrap();
     let layer = layer.into_inner();
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(&layer)));
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": format!("sha256:{}", hex::encode(Sha256::digest(b"{}"))), "size": 2},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": layer.len(),
-                    "annotations": {"containerd.io/snapshot/overlaybd/blob-digest": digest}}],
-    }))
-    .unwrap();
+    let manifest_of = |digest: &str, size: usize| {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": format!("sha256:{}", hex::encode(Sha256::digest(b"{}"))), "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size,
+                        "annotations": {"containerd.io/snapshot/overlaybd/blob-digest": digest}}],
+        }))
+        .unwrap()
+    };
+    let manifest = manifest_of(&digest, layer.len());
+    let manifest_digest = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
     for repo in ["team/img", "other/img"] {
         let dir = h.p(&format!("srv/v2/{repo}"));
         std::fs::create_dir_all(dir.join("blobs")).unwrap();
         std::fs::create_dir_all(dir.join("manifests")).unwrap();
         std::fs::write(dir.join("blobs").join(&digest), &layer).unwrap();
+        // By tag and by digest, as a registry serves a manifest.
         std::fs::write(dir.join("manifests/v1"), &manifest).unwrap();
+        std::fs::write(dir.join("manifests").join(&manifest_digest), &manifest).unwrap();
     }
     let mut node = h.node().await;
-    let reference = |repo: &str| format!("oci+http://{}/{repo}:v1", h.server.addr);
+    let addr = h.server.addr;
+    let reference = |repo: &str| format!("oci+http://{addr}/{repo}:v1");
     for (vol, repo) in [("vol-r1", "team/img"), ("vol-r2", "other/img")] {
         node.node_stage_volume(h.stage_req(vol, &reference(repo))).await.unwrap_or_else(|e| panic!("{vol}: {e}\n{}", h.log()));
         node.node_publish_volume(h.publish_req(vol, "pod-r")).await.unwrap_or_else(|e| panic!("{vol}: {e}\n{}", h.log()));
@@ -781,6 +788,24 @@ async fn registry_images_share_their_layers() {
     let caches: Vec<_> =
         std::fs::read_dir(h.p("cache")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("u-")).collect();
     assert_eq!(caches.len(), 1, "one cache for the one blob: {caches:?}");
+
+    // The tag moves to another image (a layer of zeros) while the volumes are staged; a plugin
+    // killed and restarted serves them the image they were staged with.
+    let size = std::fs::metadata(h.p("srv/vol.img")).unwrap().len() as usize;
+    let mut zeros = std::io::Cursor::new(Vec::new());
+    lazy_image_formats::overlaybd::lsmt::write_layer(&mut std::io::Cursor::new(vec![0u8; size]), None, &mut zeros).unwrap();
+    let zeros = zeros.into_inner();
+    let zd = format!("sha256:{}", hex::encode(Sha256::digest(&zeros)));
+    std::fs::write(h.p(&format!("srv/v2/team/img/blobs/{zd}")), &zeros).unwrap();
+    std::fs::write(h.p("srv/v2/team/img/manifests/v1"), manifest_of(&zd, zeros.len())).unwrap();
+    h.kill();
+    h.start().await;
+    let mut node = h.node().await;
+    // From the devices, not the page cache.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    for vol in ["vol-r1", "vol-r2"] {
+        h.check_files(&h.target("pod-r", vol));
+    }
     for vol in ["vol-r1", "vol-r2"] {
         node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: h.target("pod-r", vol) })
             .await
