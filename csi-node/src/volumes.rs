@@ -218,14 +218,33 @@ impl Volumes {
         if oci::is_reference(&spec.url) {
             return self.open_registry_image(spec, creds).await;
         }
-        // Volumes that differ only in `prefetch` share the image (and its one cache).
+        // The image's blob, then what it holds: a qcow2 image's backing files are opened
+        // through the pool too (same credentials and allowlist), a lone OverlayBD layer stacks
+        // on nothing.
+        let what = format!("image {}", spec.url);
+        let opener = PoolUrls { vols: self, spec, creds, taken: Mutex::new(Vec::new()), refused: Mutex::new(None) };
+        let top = opener.open_pooled(spec).await?;
+        let view = lazy_image_formats::view_of(&spec.url, top.clone(), &opener).await;
+        let keys = std::mem::take(&mut *lock(&opener.taken));
+        match view {
+            Ok(view) => Ok(PooledImage { keys, image: top, view, pinned: None }),
+            Err(e) => {
+                self.release_keys(keys).await;
+                Err(lock(&opener.refused).take().unwrap_or_else(|| NodeError::engine(&what, &e)))
+            }
+        }
+    }
+
+    /// The pooled blob of `spec` (with the volume's credentials), opened if no volume has it:
+    /// volumes that differ only in `prefetch` share it (and its one cache).
+    async fn pool_blob(&self, spec: &VolumeSpec, creds: Option<&Credentials>) -> NodeResult<(String, LazyImage)> {
         let image_spec = VolumeSpec { prefetch: false, ..spec.clone() };
         let key = serde_json::to_string(&(image_spec, creds.map(|c| &c.0))).map_err(|e| NodeError::internal(format!("image key: {e}")))?;
         let mut pool = self.pool.lock().await;
         if let Some(p) = pool.open.get_mut(&key) {
             p.refs += 1;
             p.prefetch_if(spec.prefetch);
-            return Ok(PooledImage { keys: vec![key], image: p.image.clone(), view: p.image.view(), pinned: None });
+            return Ok((key, p.image.clone()));
         }
         let what = format!("image {}", spec.url);
         let mut opts = HttpSourceOptions::default();
@@ -242,18 +261,10 @@ impl Volumes {
         }
         cfg.manifest = manifest;
         let image = LazyImage::open(source, cfg).await.map_err(|e| NodeError::engine(&what, &e))?;
-        // Volumes read images as they are; qcow2 chains and OverlayBD stacks are the CLI's so
-        // far (their other blobs would need the pool's sharing and allowlist).
-        if let Some(f) = lazy_image_formats::layered_format(&image).await.map_err(|e| NodeError::engine(&what, &e))? {
-            let _ = image.close().await;
-            return Err(NodeError::invalid(format!(
-                "{what} is a {f} image: volumes serve raw filesystem images and registry images (oci://) for now"
-            )));
-        }
         let mut p = Pooled { image: image.clone(), refs: 1, filler: None };
         p.prefetch_if(spec.prefetch);
         pool.open.insert(key.clone(), p);
-        Ok(PooledImage { keys: vec![key], view: image.view(), image, pinned: None })
+        Ok((key, image))
     }
 
     /// A registry image: its manifest resolved with the volume's credentials, each layer blob
@@ -797,6 +808,44 @@ impl Volumes {
 /// The pool key of a registry blob: its digest, whatever repository or image names it.
 fn blob_key(digest: &str) -> String {
     format!("oci-blob {digest}")
+}
+
+/// Opens an image's blobs for one volume through the pool: the image itself with the volume's
+/// spec, a qcow2 backing file by its URL (no digest of its own; a remote image's backing file is
+/// remote, a local one's local and through the allowlist). Remembers the keys it took and the
+/// first refusal in the plugin's own terms (a backing file outside the allowlist is
+/// PERMISSION_DENIED, not a format error).
+struct PoolUrls<'a> {
+    vols: &'a Volumes,
+    spec: &'a VolumeSpec,
+    creds: Option<&'a Credentials>,
+    taken: Mutex<Vec<String>>,
+    refused: Mutex<Option<NodeError>>,
+}
+
+impl PoolUrls<'_> {
+    async fn open_pooled(&self, spec: &VolumeSpec) -> NodeResult<LazyImage> {
+        let (key, image) = self.vols.pool_blob(spec, self.creds).await?;
+        lock(&self.taken).push(key);
+        Ok(image)
+    }
+}
+
+#[async_trait::async_trait]
+impl lazy_image_formats::BlobOpener for PoolUrls<'_> {
+    async fn open(&self, url: &str) -> lazy_image_engine::Result<LazyImage> {
+        let spec = match url == self.spec.url {
+            true => self.spec.clone(),
+            false => {
+                VolumeSpec { url: url.to_string(), format: None, digest: None, manifest_url: None, prefetch: false, ..self.spec.clone() }
+            }
+        };
+        self.open_pooled(&spec).await.map_err(|e| {
+            let msg = e.to_string();
+            lock(&self.refused).get_or_insert(e);
+            lazy_image_engine::Error::new(lazy_image_engine::ErrorKind::InvalidInput, msg)
+        })
+    }
 }
 
 /// Opens a registry image's layers for one volume through the pool; remembers the keys it

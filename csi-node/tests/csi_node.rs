@@ -742,6 +742,38 @@ async fn local_sources_behind_the_allowlist() {
     h.assert_clean();
 }
 
+/// Layered images at a URL: a qcow2 overlay whose backing file (named relative to it) is the raw
+/// image beside it, and a lone OverlayBD layer; both stage and read right, the backing file
+/// through the plugin's pool like the image itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layered_images_by_url() {
+    if !prerequisites_met() {
+        return;
+    }
+    let h = Harness::new().await;
+    let out =
+        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-b", "vol.img", "-F", "raw"]).arg(h.p("srv/top.qcow2")).output();
+    assert!(out.is_ok_and(|o| o.status.success()), "qemu-img (qemu-utils) makes the qcow2 overlay");
+    let mut layer = std::fs::File::create(h.p("srv/vol.lsmt")).unwrap();
+    lazy_image_formats::overlaybd::lsmt::write_layer(&mut std::fs::File::open(h.p("srv/vol.img")).unwrap(), None, &mut layer).unwrap();
+    drop(layer);
+    let mut node = h.node().await;
+    for (vol, name) in [("vol-q", "top.qcow2"), ("vol-o", "vol.lsmt")] {
+        node.node_stage_volume(h.stage_req(vol, &h.url(name))).await.unwrap_or_else(|e| panic!("{vol}: {e}\n{}", h.log()));
+        node.node_publish_volume(h.publish_req(vol, "pod-q")).await.unwrap_or_else(|e| panic!("{vol}: {e}\n{}", h.log()));
+        h.check_files(&h.target("pod-q", vol));
+    }
+    for vol in ["vol-q", "vol-o"] {
+        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: h.target("pod-q", vol) })
+            .await
+            .unwrap();
+        node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.into(), staging_target_path: h.staging(vol) })
+            .await
+            .unwrap();
+    }
+    h.assert_clean();
+}
+
 /// Registry images (`oci+http://`), here from the test server laid out as a registry: the same
 /// OverlayBD layer in two repositories serves two volumes at once from one pooled blob and one
 /// cache (a second open of the blob's cache would fail: the first holds its lock).
@@ -852,10 +884,12 @@ async fn bad_input_matrix() {
     }
     let h = Harness::new().await;
     let no_range = Harness::new_ignoring_range(&h).await;
-    let out = Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(h.p("srv/vol.img")).arg(h.p("srv/vol.qcow2")).output();
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-b", "file:///etc/passwd", "-F", "raw"])
+        .arg(h.p("srv/badback.qcow2"))
+        .arg("1M")
+        .output();
     assert!(out.is_ok_and(|o| o.status.success()), "qemu-img (qemu-utils) makes the qcow2 case");
-    let mut layer = std::fs::File::create(h.p("srv/vol.lsmt")).unwrap();
-    lazy_image_formats::overlaybd::lsmt::write_layer(&mut std::fs::File::open(h.p("srv/vol.img")).unwrap(), None, &mut layer).unwrap();
     let mut node = h.node().await;
     let good = h.stage_req("vol-b", &h.url("vol.img"));
     let with = |f: &dyn Fn(&mut csi::NodeStageVolumeRequest)| {
@@ -873,8 +907,11 @@ async fn bad_input_matrix() {
         ("unparseable url", with(&|r| r.volume_context = ctx(&[("url", "http://")])), Code::InvalidArgument),
         ("server without Range", with(&|r| r.volume_context = ctx(&[("url", &no_range)])), Code::InvalidArgument),
         ("image not found", with(&|r| r.volume_context = ctx(&[("url", &h.url("missing.img"))])), Code::NotFound),
-        ("a qcow2 image", with(&|r| r.volume_context = ctx(&[("url", &h.url("vol.qcow2"))])), Code::InvalidArgument),
-        ("an OverlayBD layer", with(&|r| r.volume_context = ctx(&[("url", &h.url("vol.lsmt"))])), Code::InvalidArgument),
+        (
+            "a qcow2 image over http naming a local backing file",
+            with(&|r| r.volume_context = ctx(&[("url", &h.url("badback.qcow2"))])),
+            Code::InvalidArgument,
+        ),
         (
             "local file while local sources are off",
             with(&|r| r.volume_context = ctx(&[("url", "file:///etc/hostname")])),

@@ -21,7 +21,7 @@ pub trait BlobOpener: Send + Sync {
 /// the top blob (for fills and closing) and the view a backend serves.
 pub async fn open_view(url: &str, lowers: &[String], opener: &dyn BlobOpener) -> Result<(LazyImage, View)> {
     let blob = opener.open(url).await?;
-    let head = blob.read(0, blob.size().min(64)).await?;
+    let head = blob.read(0, blob.size().min(72)).await?;
     if overlaybd::has_magic(&head) {
         let mut blobs = Vec::with_capacity(lowers.len() + 1);
         for l in lowers {
@@ -33,11 +33,17 @@ pub async fn open_view(url: &str, lowers: &[String], opener: &dyn BlobOpener) ->
     if !lowers.is_empty() {
         return Err(refuse(url, "only an OverlayBD layer stacks on lower layers"));
     }
-    let view = match qcow2::is_qcow2(&blob).await? {
-        true => qcow2::Qcow2::open(blob.clone(), url, opener, Vec::new()).await?,
-        false => blob.view(),
-    };
-    Ok((blob, view))
+    Ok((blob.clone(), view_of(url, blob, opener).await?))
+}
+
+/// The device a blob found at `url` holds, by its first bytes: a qcow2 image with its backing
+/// chain (opened through `opener`), a lone OverlayBD layer, or the blob itself.
+pub async fn view_of(url: &str, blob: LazyImage, opener: &dyn BlobOpener) -> Result<View> {
+    match layered_format(&blob).await? {
+        Some("qcow2") => qcow2::Qcow2::open(blob, url, opener, Vec::new()).await,
+        Some(_) => overlaybd::open_stack(vec![(url.to_string(), blob)]).await,
+        None => Ok(blob.view()),
+    }
 }
 
 /// The image a resolved OCI reference names, as a device: OverlayBD layers (each with
@@ -77,7 +83,7 @@ pub async fn open_oci(resolved: &lazy_image_engine::oci::Resolved, opener: &dyn 
 
 /// The layered format a blob holds, by its first bytes, if any: "qcow2" or "OverlayBD".
 pub async fn layered_format(blob: &LazyImage) -> Result<Option<&'static str>> {
-    let head = blob.read(0, blob.size().min(64)).await?;
+    let head = blob.read(0, blob.size().min(72)).await?;
     Ok(if overlaybd::has_magic(&head) {
         Some("OverlayBD")
     } else if head.len() >= 72 && head[..4] == qcow2::MAGIC {
