@@ -80,6 +80,8 @@ struct PooledImage {
     view: View,
     /// A registry image's reference pinned to the manifest digest it resolved to.
     pinned: Option<String>,
+    /// The cache directories of every blob the volume reads (warm orders pin them all).
+    dirs: Vec<PathBuf>,
 }
 
 /// Volumes of the same image share one open `LazyImage` (one cache, one set of counters).
@@ -227,7 +229,10 @@ impl Volumes {
         let view = lazy_image_formats::view_of(&spec.url, top.clone(), &opener).await;
         let keys = std::mem::take(&mut *lock(&opener.taken));
         match view {
-            Ok(view) => Ok(PooledImage { keys, image: top, view, pinned: None }),
+            Ok(view) => {
+                let dirs = self.blobs_of(&keys, spec.prefetch).await;
+                Ok(PooledImage { keys, image: top, view, pinned: None, dirs })
+            }
             Err(e) => {
                 self.release_keys(keys).await;
                 Err(lock(&opener.refused).take().unwrap_or_else(|| NodeError::engine(&what, &e)))
@@ -284,20 +289,30 @@ impl Volumes {
         let keys = std::mem::take(&mut *lock(&opener.taken));
         match opened {
             Ok((image, view)) => {
-                if spec.prefetch {
-                    if let Some(p) = self.pool.lock().await.open.get_mut(&blob_key(&resolved.layers[resolved.layers.len() - 1].digest)) {
-                        p.prefetch_if(true);
-                    }
-                }
+                let dirs = self.blobs_of(&keys, spec.prefetch).await;
                 let mut pinned = resolved.reference.clone();
                 pinned.digest = Some(resolved.manifest_digest.clone());
-                Ok(PooledImage { keys, image, view, pinned: Some(pinned.to_string()) })
+                Ok(PooledImage { keys, image, view, pinned: Some(pinned.to_string()), dirs })
             }
             Err(e) => {
                 self.release_keys(keys).await;
                 Err(engine(e))
             }
         }
+    }
+
+    /// The cache directories of pooled blobs; with `prefetch`, each is filled in the background
+    /// (a volume's prefetch or a warm order fetches every blob of its image).
+    async fn blobs_of(&self, keys: &[String], prefetch: bool) -> Vec<PathBuf> {
+        let mut pool = self.pool.lock().await;
+        let mut dirs = Vec::new();
+        for k in keys {
+            if let Some(p) = pool.open.get_mut(k) {
+                p.prefetch_if(prefetch);
+                dirs.push(p.image.cache_dir());
+            }
+        }
+        dirs
     }
 
     async fn release_image(&self, img: PooledImage) {

@@ -174,3 +174,58 @@ async fn orders_fill_pin_and_release_and_reports_follow_the_policy() {
     assert_eq!(s.volumes.orders_held().await, 1, "a down API server withdrew an order");
     assert!(cache_dirs(&s)[0].1, "still pinned");
 }
+
+/// A warm order for a registry image (an OverlayBD base layer and a diff layer on it, from the
+/// test server laid out as a registry) fills and pins every layer's blob; withdrawn, it unpins
+/// them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_for_a_registry_image_warms_every_layer() {
+    use sha2::{Digest, Sha256};
+    let s = setup().await;
+    let eager = Timing {
+        policy: ReportPolicy { min_interval: Duration::ZERO, heartbeat: Duration::from_secs(3600) },
+        poll: Duration::from_secs(1),
+    };
+    let mut r = Reporter::new(s.fake.client(), "n1", s.volumes.clone(), eager);
+    r.tick().await;
+    let (a, b) = (&s.images[0][..MIB / 2], &s.images[1][..MIB / 2]);
+    let layer = |image: &[u8], base: Option<&[u8]>| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        let mut base = base.map(std::io::Cursor::new);
+        lazy_image_formats::overlaybd::lsmt::write_layer(
+            &mut std::io::Cursor::new(image),
+            base.as_mut().map(|c| c as &mut dyn std::io::Read),
+            &mut out,
+        )
+        .unwrap();
+        out.into_inner()
+    };
+    let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let repo = s._tmp.path().join("srv/v2/team/stack");
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("manifests")).unwrap();
+    let mut descs = Vec::new();
+    for l in [layer(a, None), layer(b, Some(a))] {
+        std::fs::write(repo.join("blobs").join(digest(&l)), &l).unwrap();
+        descs.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest(&l), "size": l.len(),
+                          "annotations": {"containerd.io/snapshot/overlaybd/blob-digest": digest(&l)}}));
+    }
+    let manifest = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                          "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest(b"{}"), "size": 2}, "layers": descs});
+    std::fs::write(repo.join("manifests/v1"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let url = format!("oci+http://{}/team/stack:v1", s.server.addr);
+    set_orders(&s, vec![json!({"image": "stack", "attributes": {"url": url}})]);
+    let t = Instant::now();
+    loop {
+        r.tick().await;
+        let dirs = cache_dirs(&s);
+        if dirs.len() == 2 && dirs.iter().all(|d| d.1 && d.2 == d.3) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "both layers never became whole and pinned: {dirs:?}\n{}", status(&s));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    set_orders(&s, vec![]);
+    r.tick().await;
+    assert!(cache_dirs(&s).iter().all(|d| !d.1), "withdrawn: every layer unpinned: {:?}", cache_dirs(&s));
+}

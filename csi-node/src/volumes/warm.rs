@@ -44,13 +44,16 @@ impl Volumes {
             held.orders.iter().filter(|(k, h)| want.get(k.as_str()) != Some(&&h.order)).map(|(k, _)| k.clone()).collect();
         for name in gone {
             if let Some(h) = held.orders.remove(&name) {
-                let dir = h.image.image.cache_dir();
-                tracing::info!(image = %name, cache = %dir.display(), "warm order withdrawn: the image may be evicted again");
+                let dirs = h.image.dirs.clone();
+                tracing::info!(image = %name, caches = dirs.len(), "warm order withdrawn: the image may be evicted again");
                 self.release_image(h.image).await;
-                // Before any new order opens its image: that one may need this one's room.
-                if !held.orders.values().any(|o| o.image.image.cache_dir() == dir) {
-                    if let Err(e) = unpin(&dir) {
-                        tracing::warn!(cache = %dir.display(), error = %e.report(), "cannot unpin a withdrawn image's cache");
+                // Before any new order opens its image: that one may need this one's room. A blob
+                // another order's image shares stays pinned.
+                for dir in dirs {
+                    if !held.orders.values().any(|o| o.image.dirs.contains(&dir)) {
+                        if let Err(e) = unpin(&dir) {
+                            tracing::warn!(cache = %dir.display(), error = %e.report(), "cannot unpin a withdrawn image's cache");
+                        }
                     }
                 }
             }
@@ -71,8 +74,10 @@ impl Volumes {
             };
             match self.open_image(&spec, None).await {
                 Ok(image) => {
-                    if let Err(e) = pin(&image.image.cache_dir()) {
-                        tracing::warn!(image = %name, error = %e.report(), "cannot pin the warm image's cache");
+                    for dir in &image.dirs {
+                        if let Err(e) = pin(dir) {
+                            tracing::warn!(image = %name, error = %e.report(), "cannot pin the warm image's cache");
+                        }
                     }
                     tracing::info!(image = %name, url = %spec.url, "warm order taken: fetching the whole image");
                     held.orders.insert(name.to_string(), Held { order: order.clone(), image });
@@ -86,7 +91,7 @@ impl Volumes {
         self.orders_gauge.store(held.orders.len() as u64, std::sync::atomic::Ordering::Relaxed);
         // Once per plugin: later withdrawals unpin their own caches above.
         if !held.swept {
-            let pinned_now: HashSet<PathBuf> = held.orders.values().map(|h| h.image.image.cache_dir()).collect();
+            let pinned_now: HashSet<PathBuf> = held.orders.values().flat_map(|h| h.image.dirs.iter().cloned()).collect();
             for c in list_images(&self.cfg.cache_dir).unwrap_or_default() {
                 if c.pinned && !pinned_now.contains(&c.dir) {
                     if let Err(e) = unpin(&c.dir) {
