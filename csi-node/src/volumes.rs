@@ -893,6 +893,7 @@ impl lazy_image_formats::BlobOpener for PoolBlobs<'_> {
                     cfg.chunk_size = cs;
                 }
                 cfg.blob_digest = Some(digest.to_string());
+                cfg.manifest = self.reg.chunk_manifest(layer).await?;
                 let image = LazyImage::open(Arc::new(self.reg.blob_source(layer)), cfg).await?;
                 pool.open.insert(key.clone(), Pooled { image: image.clone(), refs: 1, filler: None });
                 image

@@ -23,6 +23,11 @@ pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 pub const MAX_LAYERS: usize = 255;
 /// Annotation OverlayBD puts on each of its layers' descriptors.
 pub const OVERLAYBD_ANNOTATION: &str = "containerd.io/snapshot/overlaybd/blob-digest";
+/// A per-chunk manifest (`lazy-image manifest build`) pushed beside a layer, in the same image
+/// manifest (so a registry's garbage collection keeps it): its descriptor has this media type
+/// and names the layer it vouches for in `CHUNK_MANIFEST_FOR`.
+pub const CHUNK_MANIFEST_MEDIA_TYPE: &str = "application/vnd.lazy-image.chunk-manifest.v1+json";
+pub const CHUNK_MANIFEST_FOR: &str = "dev.lazy-image.chunk-manifest.for";
 
 const ACCEPTED: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
@@ -164,6 +169,8 @@ pub struct Layer {
     pub media_type: String,
     /// Carries OverlayBD's layer annotation.
     pub overlaybd: bool,
+    /// The per-chunk manifest pushed for it: (digest, size).
+    pub chunk_manifest: Option<(String, u64)>,
 }
 
 /// A reference resolved to one platform's manifest.
@@ -391,17 +398,54 @@ impl Registry {
         }
         let m: ImageManifest =
             serde_json::from_slice(&body).map_err(|e| Error::with_source(ErrorKind::Protocol, format!("{what}: manifest"), e))?;
-        if m.layers().is_empty() || m.layers().len() > MAX_LAYERS {
-            return Err(invalid(&what, format!("an image of {} layers (1 to {MAX_LAYERS} are served)", m.layers().len())));
+        let is_chunk_manifest = |l: &&Descriptor| l.media_type().to_string() == CHUNK_MANIFEST_MEDIA_TYPE;
+        let mut vouched: std::collections::HashMap<String, (String, u64)> = std::collections::HashMap::new();
+        for l in m.layers().iter().filter(is_chunk_manifest) {
+            let d = l.digest().to_string();
+            check_digest(&d, &what)?;
+            let Some(target) = l.annotations().as_ref().and_then(|a| a.get(CHUNK_MANIFEST_FOR)).cloned() else {
+                return Err(invalid(&what, format!("chunk manifest {d} names no layer (annotation {CHUNK_MANIFEST_FOR})")));
+            };
+            vouched.insert(target, (d, l.size()));
+        }
+        let image_layers: Vec<&Descriptor> = m.layers().iter().filter(|l| !is_chunk_manifest(l)).collect();
+        if image_layers.is_empty() || image_layers.len() > MAX_LAYERS {
+            return Err(invalid(&what, format!("an image of {} layers (1 to {MAX_LAYERS} are served)", image_layers.len())));
         }
         let mut layers = Vec::new();
-        for l in m.layers() {
+        for l in image_layers {
             let d = l.digest().to_string();
             check_digest(&d, &what)?;
             let overlaybd = l.annotations().as_ref().is_some_and(|a| a.contains_key(OVERLAYBD_ANNOTATION));
-            layers.push(Layer { digest: d, size: l.size(), media_type: l.media_type().to_string(), overlaybd });
+            let chunk_manifest = vouched.remove(&d);
+            layers.push(Layer { digest: d, size: l.size(), media_type: l.media_type().to_string(), overlaybd, chunk_manifest });
+        }
+        if let Some((target, (d, _))) = vouched.into_iter().next() {
+            return Err(invalid(&what, format!("chunk manifest {d} vouches for {target}, which is not one of its layers")));
         }
         Ok(Resolved { reference: self.r.clone(), manifest_digest: digest, layers })
+    }
+
+    /// The per-chunk manifest pushed for `layer`, fetched and checked against its digest and
+    /// the layer's size: the layer's chunks are then verified as they arrive.
+    pub async fn chunk_manifest(self: &Arc<Self>, layer: &Layer) -> Result<Option<crate::Manifest>> {
+        let Some((digest, size)) = &layer.chunk_manifest else { return Ok(None) };
+        let what = format!("{} chunk manifest {digest}", self.r);
+        let blob = Layer {
+            digest: digest.clone(),
+            size: *size,
+            media_type: CHUNK_MANIFEST_MEDIA_TYPE.into(),
+            overlaybd: false,
+            chunk_manifest: None,
+        };
+        let m = crate::load_manifest_from(Arc::new(self.blob_source(&blob)), &what, Some(digest)).await?;
+        if m.size != layer.size {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                format!("{what} is for {} bytes, and layer {} has {}", m.size, layer.digest, layer.size),
+            ));
+        }
+        Ok(Some(m))
     }
 
     /// A lazily read layer blob of this repository.

@@ -175,3 +175,51 @@ async fn a_given_token_is_used_as_it_is() {
     assert_eq!(e.kind(), ErrorKind::OriginStatus(401), "{e}");
     assert!(e.to_string().contains("refused access to repository p with the credentials given"), "{e}");
 }
+
+/// A per-chunk manifest pushed beside a layer: each chunk is checked as it arrives, so a
+/// corrupt chunk fails its read at once (not only once the whole blob is hashed), and the
+/// chunks around it still read. A chunk manifest for a layer the image lacks is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_manifests_verify_layers_chunk_by_chunk() {
+    use lazy_image_engine::oci::{CHUNK_MANIFEST_FOR, CHUNK_MANIFEST_MEDIA_TYPE};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("srv");
+    let data: Vec<u8> = (0..1_048_576u32).map(|i| (i * 7 % 253) as u8).collect();
+    let d = digest_of(&data);
+    let m = lazy_image_engine::Manifest::build(&data[..], 64 << 10, |_| {}).unwrap().to_bytes();
+    let md = digest_of(&m);
+    let mut served = data.clone();
+    served[3 * 65536 + 10] ^= 0xff;
+    put(&root, "v", "blobs", &d, &served);
+    put(&root, "v", "blobs", &md, &m);
+    let image = |vouches_for: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest_of(b"{}"), "size": 2},
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": data.len()},
+                {"mediaType": CHUNK_MANIFEST_MEDIA_TYPE, "digest": md, "size": m.len(), "annotations": {CHUNK_MANIFEST_FOR: vouches_for}},
+            ],
+        }))
+        .unwrap()
+    };
+    put(&root, "v", "manifests", "v1", &image(&d));
+    put(&root, "v", "manifests", "stray", &image(&digest_of(b"no such layer")));
+    let srv = lazy_image_serve::spawn(&root, "127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let reg = Arc::new(Registry::new(Reference::parse(&format!("oci+http://{}/v:v1", srv.addr)).unwrap(), None).unwrap());
+    let layer = reg.resolve().await.unwrap().layers.remove(0);
+    assert_eq!(layer.chunk_manifest, Some((md.clone(), m.len() as u64)));
+    let mut cfg = config(&tmp.path().join("c"), &d);
+    cfg.manifest = reg.chunk_manifest(&layer).await.unwrap();
+    let img = LazyImage::open(Arc::new(reg.blob_source(&layer)), cfg).await.unwrap();
+    assert_eq!(&img.read(0, 65536).await.unwrap()[..], &data[..65536]);
+    let e = img.read(3 * 65536, 4096).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Integrity, "{e}");
+    assert_eq!(&img.read(5 * 65536, 65536).await.unwrap()[..], &data[5 * 65536..6 * 65536]);
+
+    let stray = Registry::new(Reference::parse(&format!("oci+http://{}/v:stray", srv.addr)).unwrap(), None).unwrap();
+    let e = stray.resolve().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("not one of its layers"), "{e}");
+}

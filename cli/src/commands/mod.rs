@@ -96,6 +96,7 @@ impl BlobOpener for RegistryBlobs<'_> {
         })?;
         let mut cfg = cache_config(self.a);
         cfg.blob_digest = Some(layer.digest.clone());
+        cfg.manifest = self.reg.chunk_manifest(layer).await?;
         LazyImage::open(Arc::new(self.reg.blob_source(layer)), cfg).await
     }
 }
