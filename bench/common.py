@@ -1,6 +1,6 @@
 """What the benchmark scripts share: paths, commands, waiting, the page cache, timed reads."""
 
-import hashlib, os, subprocess, time
+import contextlib, hashlib, json, os, subprocess, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/debug/lazy-image")
@@ -37,6 +37,28 @@ def wait_port(port):
         except OSError:
             return False
     wait_for(up, f"127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def lazy_mount(url, mnt, cache, run, lowers=()):
+    """`lazy-image mount URL MNT` on the FUSE backend (with `--lower` for each of `lowers`)
+    for the length of a `with`, unmounted after."""
+    os.makedirs(mnt, exist_ok=True)
+    argv = [BIN, "mount", url, mnt, "--backend", "fuse", "--cache-dir", cache, "--run-dir", run]
+    for lower in lowers:
+        argv += ["--lower", lower]
+    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.ismount(mnt), "mount")
+        yield
+    finally:
+        sh(BIN, "umount", mnt, "--run-dir", run, stderr=subprocess.DEVNULL)
+        proc.wait()
+
+
+def cache_stats(cache):
+    """`lazy-image stat --json` of every image cache under `cache`."""
+    return json.loads(subprocess.run([BIN, "stat", "--json", "--cache-dir", cache], capture_output=True, check=True).stdout)
 
 
 def drop_caches():

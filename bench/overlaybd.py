@@ -16,7 +16,7 @@ Run as root:
 
 import argparse, hashlib, json, os, random, statistics, subprocess, tempfile, time
 
-from common import BIN, ROOT, drop_caches, free_port, sh, timed_dd, wait_for, wait_port
+from common import BIN, ROOT, cache_stats, drop_caches, free_port, lazy_mount, sh, timed_dd, wait_port
 
 
 def fio_iops(path, seconds):
@@ -30,13 +30,7 @@ def fio_iops(path, seconds):
 def one(work, url, lowers, want, fio_secs):
     mnt, cache, run = (os.path.join(work, d) for d in ("mnt", "cache", "run"))
     sh("rm", "-rf", cache)
-    os.makedirs(mnt, exist_ok=True)
-    argv = [BIN, "mount", url, mnt, "--backend", "fuse", "--cache-dir", cache, "--run-dir", run]
-    for l in lowers:
-        argv += ["--lower", l]
-    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: os.path.ismount(mnt), "mount")
+    with lazy_mount(url, mnt, cache, run, lowers):
         sh("ls", "-R", mnt, stdout=subprocess.DEVNULL)
         with open(os.path.join(mnt, "small", "s7.bin"), "rb") as f:
             f.read()
@@ -46,9 +40,6 @@ def one(work, url, lowers, want, fio_secs):
         drop_caches()
         warm = timed_dd(os.path.join(mnt, "big.bin"))
         iops = fio_iops(os.path.join(mnt, "big.bin"), fio_secs)
-    finally:
-        sh(BIN, "umount", mnt, "--run-dir", run, stderr=subprocess.DEVNULL)
-        proc.wait()
     return cold, warm, iops, start_bytes
 
 
@@ -56,8 +47,7 @@ def origin_bytes(cache):
     """Origin bytes so far of every blob under `cache`: the daemon writes each blob's counters
     to its cache every second, so this waits a little over one."""
     time.sleep(1.2)
-    stats = json.loads(subprocess.run([BIN, "stat", "--json", "--cache-dir", cache], capture_output=True, check=True).stdout)
-    return sum(c["stats"]["origin_bytes"] for c in stats if c.get("stats"))
+    return sum(c["stats"]["origin_bytes"] for c in cache_stats(cache) if c.get("stats"))
 
 
 def debugfs(img, cmds, work):
@@ -152,19 +142,10 @@ def second_image_on_the_same_base(work, u, want):
     sh("rm", "-rf", cache)
     fetched = []
     for url, lowers in ((u("l3.layer"), [u("l1.layer"), u("l2.layer")]), (u("other.layer"), [u("l1.layer")])):
-        argv = [BIN, "mount", url, mnt, "--backend", "fuse", "--cache-dir", cache, "--run-dir", run]
-        for l in lowers:
-            argv += ["--lower", l]
-        proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: os.path.ismount(mnt), "mount")
+        with lazy_mount(url, mnt, cache, run, lowers):
             drop_caches()
             timed_dd(os.path.join(mnt, "big.bin"), want=want)
-        finally:
-            sh(BIN, "umount", mnt, "--run-dir", run, stderr=subprocess.DEVNULL)
-            proc.wait()
-        stats = json.loads(subprocess.run([BIN, "stat", "--json", "--cache-dir", cache], capture_output=True, check=True).stdout)
-        base = [c for c in stats if c["url"].endswith("/l1.layer")][0]
+        base = [c for c in cache_stats(cache) if c["url"].endswith("/l1.layer")][0]
         fetched.append(base["stats"]["origin_bytes"])
     return fetched[0], fetched[1], base["size"]
 

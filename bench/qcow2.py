@@ -6,9 +6,9 @@ bytes), then the page cache is dropped and it reads it again (warm). Pairs alter
 first; medians of --repeats. Every read is checked once. Run as root (FUSE backend here):
     python3 bench/qcow2.py [--file-mib 256 --repeats 3]"""
 
-import argparse, hashlib, json, os, statistics, subprocess, tempfile
+import argparse, hashlib, os, statistics, subprocess, tempfile
 
-from common import BIN, ROOT, drop_caches, free_port, sh, timed_dd, wait_for, wait_port
+from common import BIN, ROOT, cache_stats, drop_caches, free_port, lazy_mount, sh, timed_dd, wait_port
 
 
 
@@ -16,19 +16,12 @@ def one(work, url, want):
     """Cold and warm seconds, and origin bytes of the cold read, on a fresh cache."""
     mnt, cache, run = (os.path.join(work, d) for d in ("mnt", "cache", "run"))
     sh("rm", "-rf", cache)
-    os.makedirs(mnt, exist_ok=True)
-    proc = subprocess.Popen([BIN, "mount", url, mnt, "--backend", "fuse", "--cache-dir", cache, "--run-dir", run], stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: os.path.ismount(mnt), "mount")
+    with lazy_mount(url, mnt, cache, run):
         drop_caches()
         cold = timed_dd(os.path.join(mnt, "big.bin"), want=want)
         drop_caches()
         warm = timed_dd(os.path.join(mnt, "big.bin"), want=want)
-    finally:
-        sh(BIN, "umount", mnt, "--run-dir", run, stderr=subprocess.DEVNULL)
-        proc.wait()
-    stats = json.loads(subprocess.run([BIN, "stat", "--json", "--cache-dir", cache], capture_output=True, check=True).stdout)
-    return cold, warm, sum(c["stats"]["origin_bytes"] for c in stats)
+    return cold, warm, sum(c["stats"]["origin_bytes"] for c in cache_stats(cache))
 
 
 def main():

@@ -187,6 +187,17 @@ impl Credentials {
 }
 
 impl Credentials {
+    /// Options of an HTTP source that sends `creds` (if any) as its Authorization header.
+    pub fn source_options(creds: Option<&Credentials>) -> Result<lazy_image_engine::source::HttpSourceOptions, Invalid> {
+        let mut opts = lazy_image_engine::source::HttpSourceOptions::default();
+        if let Some(c) = creds {
+            let mut v = http::HeaderValue::from_str(&c.0).map_err(|_| invalid("credentials are not a valid header value"))?;
+            v.set_sensitive(true);
+            opts.headers.insert(http::header::AUTHORIZATION, v);
+        }
+        Ok(opts)
+    }
+
     /// The same secrets as a registry's credentials: Basic for its realm or its token service,
     /// a bearer token used as the registry's token.
     pub fn to_registry(&self) -> Result<lazy_image_engine::oci::Credentials, Invalid> {

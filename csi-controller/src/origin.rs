@@ -4,7 +4,7 @@
 
 use crate::error::{ControllerError, Kind, Result};
 use lazy_image_csi_common::attributes::Credentials;
-use lazy_image_engine::source::{HttpSourceOptions, RangeSource};
+use lazy_image_engine::source::RangeSource;
 use lazy_image_engine::{oci, HttpSource, ImageInfo};
 use std::time::Duration;
 
@@ -30,13 +30,7 @@ impl Origin for HttpOrigin {
         if oci::is_reference(url) {
             return self.resolve_registry_image(url, credentials, &what).await;
         }
-        let mut opts = HttpSourceOptions::default();
-        if let Some(c) = credentials {
-            let mut v =
-                http::HeaderValue::from_str(&c.0).map_err(|_| ControllerError::invalid("credentials are not a valid header value"))?;
-            v.set_sensitive(true);
-            opts.headers.insert(http::header::AUTHORIZATION, v);
-        }
+        let opts = Credentials::source_options(credentials)?;
         let source = HttpSource::new(url, opts).map_err(|e| ControllerError::engine(&what, &e))?;
         match tokio::time::timeout(self.timeout, source.probe()).await {
             Ok(r) => r.map_err(|e| ControllerError::engine(&what, &e)),
@@ -51,7 +45,7 @@ impl HttpOrigin {
     /// is then pinned to (`pin`).
     async fn resolve_registry_image(&self, url: &str, credentials: Option<&Credentials>, what: &str) -> Result<ImageInfo> {
         let reference = oci::Reference::parse(url).map_err(|e| ControllerError::engine(what, &e))?;
-        let creds = credentials.map(|c| c.to_registry()).transpose().map_err(|e| ControllerError::invalid(e.to_string()))?;
+        let creds = credentials.map(|c| c.to_registry()).transpose()?;
         let reg = oci::Registry::new(reference, creds).map_err(|e| ControllerError::engine(what, &e))?;
         match tokio::time::timeout(self.timeout, reg.resolve()).await {
             Ok(Ok(r)) => Ok(ImageInfo { size: r.layers.iter().map(|l| l.size).sum(), etag: Some(r.manifest_digest), last_modified: None }),

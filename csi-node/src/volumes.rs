@@ -245,31 +245,40 @@ impl Volumes {
     async fn pool_blob(&self, spec: &VolumeSpec, creds: Option<&Credentials>) -> NodeResult<(String, LazyImage)> {
         let image_spec = VolumeSpec { prefetch: false, ..spec.clone() };
         let key = serde_json::to_string(&(image_spec, creds.map(|c| &c.0))).map_err(|e| NodeError::internal(format!("image key: {e}")))?;
+        let image = self
+            .take_pooled(&key, async {
+                let what = format!("image {}", spec.url);
+                let opts = Credentials::source_options(creds)?;
+                let (source, manifest) = self.open_source(spec, opts, &what).await?;
+                let mut cfg = self.image_config(spec);
+                cfg.manifest = manifest;
+                LazyImage::open(source, cfg).await.map_err(|e| NodeError::engine(&what, &e))
+            })
+            .await?;
+        Ok((key, image))
+    }
+
+    /// The pooled blob under `key` with one more reference, or the one `open` makes, pooled.
+    /// (Prefetching is the volume's: `blobs_of`.)
+    async fn take_pooled<E>(&self, key: &str, open: impl std::future::Future<Output = Result<LazyImage, E>>) -> Result<LazyImage, E> {
         let mut pool = self.pool.lock().await;
-        if let Some(p) = pool.open.get_mut(&key) {
+        if let Some(p) = pool.open.get_mut(key) {
             p.refs += 1;
-            p.prefetch_if(spec.prefetch);
-            return Ok((key, p.image.clone()));
+            return Ok(p.image.clone());
         }
-        let what = format!("image {}", spec.url);
-        let mut opts = HttpSourceOptions::default();
-        if let Some(c) = creds {
-            let mut v = http::HeaderValue::from_str(&c.0).map_err(|_| NodeError::invalid("credentials are not a valid header value"))?;
-            v.set_sensitive(true);
-            opts.headers.insert(http::header::AUTHORIZATION, v);
-        }
-        let (source, manifest) = self.open_source(spec, opts, &what).await?;
+        let image = open.await?;
+        pool.open.insert(key.to_string(), Pooled { image: image.clone(), refs: 1, filler: None });
+        Ok(image)
+    }
+
+    /// The cache settings of a volume's blobs.
+    fn image_config(&self, spec: &VolumeSpec) -> ImageConfig {
         let mut cfg = ImageConfig::new(&self.cfg.cache_dir);
         cfg.cache_limit = self.cfg.cache_limit;
         if let Some(cs) = spec.chunk_size {
             cfg.chunk_size = cs;
         }
-        cfg.manifest = manifest;
-        let image = LazyImage::open(source, cfg).await.map_err(|e| NodeError::engine(&what, &e))?;
-        let mut p = Pooled { image: image.clone(), refs: 1, filler: None };
-        p.prefetch_if(spec.prefetch);
-        pool.open.insert(key.clone(), p);
-        Ok((key, image))
+        cfg
     }
 
     /// A registry image: its manifest resolved with the volume's credentials, each layer blob
@@ -279,10 +288,7 @@ impl Volumes {
         let what = format!("image {}", spec.url);
         let engine = |e: lazy_image_engine::Error| NodeError::engine(&what, &e);
         let reference = oci::Reference::parse(&spec.url).map_err(engine)?;
-        let reg = Arc::new(
-            oci::Registry::new(reference, creds.map(|c| c.to_registry()).transpose().map_err(|e| NodeError::invalid(e.to_string()))?)
-                .map_err(engine)?,
-        );
+        let reg = Arc::new(oci::Registry::new(reference, creds.map(|c| c.to_registry()).transpose()?).map_err(engine)?);
         let resolved = reg.resolve().await.map_err(engine)?;
         let opener = PoolBlobs { vols: self, reg, resolved: resolved.clone(), spec, taken: Mutex::new(Vec::new()) };
         let opened = lazy_image_formats::open_oci(&resolved, &opener).await;
@@ -876,29 +882,9 @@ struct PoolBlobs<'a> {
 #[async_trait::async_trait]
 impl lazy_image_formats::BlobOpener for PoolBlobs<'_> {
     async fn open(&self, digest: &str) -> lazy_image_engine::Result<LazyImage> {
-        let layer = self.resolved.layers.iter().find(|l| l.digest == digest).ok_or_else(|| {
-            lazy_image_engine::Error::new(lazy_image_engine::ErrorKind::NotFound, format!("layer {digest} of {}", self.resolved.reference))
-        })?;
+        let layer = self.resolved.layer(digest)?;
         let key = blob_key(digest);
-        let mut pool = self.vols.pool.lock().await;
-        let image = match pool.open.get_mut(&key) {
-            Some(p) => {
-                p.refs += 1;
-                p.image.clone()
-            }
-            None => {
-                let mut cfg = ImageConfig::new(&self.vols.cfg.cache_dir);
-                cfg.cache_limit = self.vols.cfg.cache_limit;
-                if let Some(cs) = self.spec.chunk_size {
-                    cfg.chunk_size = cs;
-                }
-                cfg.blob_digest = Some(digest.to_string());
-                cfg.manifest = self.reg.chunk_manifest(layer).await?;
-                let image = LazyImage::open(Arc::new(self.reg.blob_source(layer)), cfg).await?;
-                pool.open.insert(key.clone(), Pooled { image: image.clone(), refs: 1, filler: None });
-                image
-            }
-        };
+        let image = self.vols.take_pooled(&key, self.reg.open_layer(layer, self.vols.image_config(self.spec))).await?;
         lock(&self.taken).push(key);
         Ok(image)
     }

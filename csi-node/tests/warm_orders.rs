@@ -55,6 +55,15 @@ async fn setup() -> Setup {
     Setup { _tmp: tmp, server, fake, volumes, images, cache }
 }
 
+/// A reporter that writes every change at once (no minimum interval, no heartbeat soon).
+fn eager_reporter(s: &Setup) -> Reporter {
+    let eager = Timing {
+        policy: ReportPolicy { min_interval: Duration::ZERO, heartbeat: Duration::from_secs(3600) },
+        poll: Duration::from_secs(1),
+    };
+    Reporter::new(s.fake.client(), "n1", s.volumes.clone(), eager)
+}
+
 fn order(s: &Setup, name: &str, file: &str) -> serde_json::Value {
     json!({"image": name, "attributes": {"url": s.server.url(file), "chunkSize": "64K"}})
 }
@@ -95,11 +104,7 @@ fn cache_dirs(s: &Setup) -> Vec<(String, bool, u64, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_fill_pin_and_release_and_reports_follow_the_policy() {
     let s = setup().await;
-    let eager = Timing {
-        policy: ReportPolicy { min_interval: Duration::ZERO, heartbeat: Duration::from_secs(3600) },
-        poll: Duration::from_secs(1),
-    };
-    let mut r = Reporter::new(s.fake.client(), "n1", s.volumes.clone(), eager);
+    let mut r = eager_reporter(&s);
 
     // First round: the NodeCache is made, owned by its Node, and the first report written.
     r.tick().await;
@@ -182,11 +187,7 @@ async fn orders_fill_pin_and_release_and_reports_follow_the_policy() {
 async fn an_order_for_a_registry_image_warms_every_layer() {
     use sha2::{Digest, Sha256};
     let s = setup().await;
-    let eager = Timing {
-        policy: ReportPolicy { min_interval: Duration::ZERO, heartbeat: Duration::from_secs(3600) },
-        poll: Duration::from_secs(1),
-    };
-    let mut r = Reporter::new(s.fake.client(), "n1", s.volumes.clone(), eager);
+    let mut r = eager_reporter(&s);
     r.tick().await;
     let (a, b) = (&s.images[0][..MIB / 2], &s.images[1][..MIB / 2]);
     let layer = |image: &[u8], base: Option<&[u8]>| {

@@ -181,6 +181,16 @@ pub struct Resolved {
     pub layers: Vec<Layer>,
 }
 
+impl Resolved {
+    /// The layer with this digest.
+    pub fn layer(&self, digest: &str) -> Result<&Layer> {
+        self.layers
+            .iter()
+            .find(|l| l.digest == digest)
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("layer {digest} of {}", self.reference)))
+    }
+}
+
 /// A registry's repository, with the authorization it has earned so far.
 pub struct Registry {
     r: Reference,
@@ -446,6 +456,14 @@ impl Registry {
             ));
         }
         Ok(Some(m))
+    }
+
+    /// A layer as a lazily fetched image with the cache settings `cfg`: checked whole against
+    /// its digest once complete, and chunk by chunk when a chunk manifest vouches for it.
+    pub async fn open_layer(self: &Arc<Self>, layer: &Layer, mut cfg: crate::ImageConfig) -> Result<crate::LazyImage> {
+        cfg.blob_digest = Some(layer.digest.clone());
+        cfg.manifest = self.chunk_manifest(layer).await?;
+        crate::LazyImage::open(Arc::new(self.blob_source(layer)), cfg).await
     }
 
     /// A lazily read layer blob of this repository.

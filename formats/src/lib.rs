@@ -21,27 +21,26 @@ pub trait BlobOpener: Send + Sync {
 /// the top blob (for fills and closing) and the view a backend serves.
 pub async fn open_view(url: &str, lowers: &[String], opener: &dyn BlobOpener) -> Result<(LazyImage, View)> {
     let blob = opener.open(url).await?;
-    let head = blob.read(0, blob.size().min(72)).await?;
-    if overlaybd::has_magic(&head) {
-        let mut blobs = Vec::with_capacity(lowers.len() + 1);
-        for l in lowers {
-            blobs.push((l.clone(), opener.open(l).await?));
-        }
-        blobs.push((url.to_string(), blob.clone()));
-        return Ok((blob, overlaybd::open_stack(blobs).await?));
+    if lowers.is_empty() {
+        return Ok((blob.clone(), view_of(url, blob, opener).await?));
     }
-    if !lowers.is_empty() {
+    if layered_format(&blob).await? != Some(Layered::OverlayBd) {
         return Err(refuse(url, "only an OverlayBD layer stacks on lower layers"));
     }
-    Ok((blob.clone(), view_of(url, blob, opener).await?))
+    let mut blobs = Vec::with_capacity(lowers.len() + 1);
+    for l in lowers {
+        blobs.push((l.clone(), opener.open(l).await?));
+    }
+    blobs.push((url.to_string(), blob.clone()));
+    Ok((blob, overlaybd::open_stack(blobs).await?))
 }
 
 /// The device a blob found at `url` holds, by its first bytes: a qcow2 image with its backing
 /// chain (opened through `opener`), a lone OverlayBD layer, or the blob itself.
 pub async fn view_of(url: &str, blob: LazyImage, opener: &dyn BlobOpener) -> Result<View> {
     match layered_format(&blob).await? {
-        Some("qcow2") => qcow2::Qcow2::open(blob, url, opener, Vec::new()).await,
-        Some(_) => overlaybd::open_stack(vec![(url.to_string(), blob)]).await,
+        Some(Layered::Qcow2) => qcow2::Qcow2::open(blob, url, opener, Vec::new()).await,
+        Some(Layered::OverlayBd) => overlaybd::open_stack(vec![(url.to_string(), blob)]).await,
         None => Ok(blob.view()),
     }
 }
@@ -75,19 +74,26 @@ pub async fn open_oci(resolved: &lazy_image_engine::oci::Resolved, opener: &dyn 
         return Ok((top, overlaybd::open_stack(blobs).await?));
     }
     match layered_format(&top).await? {
-        Some("OverlayBD") => Ok((top, overlaybd::open_stack(blobs).await?)),
-        Some(f) => Err(refuse(&what, format!("a {f} image in a registry is not supported (its backing files have no place there)"))),
-        _ => Ok((top.clone(), top.view())),
+        Some(Layered::OverlayBd) => Ok((top, overlaybd::open_stack(blobs).await?)),
+        Some(Layered::Qcow2) => Err(refuse(&what, "a qcow2 image in a registry is not supported (its backing files have no place there)")),
+        None => Ok((top.clone(), top.view())),
     }
 }
 
-/// The layered format a blob holds, by its first bytes, if any: "qcow2" or "OverlayBD".
-pub async fn layered_format(blob: &LazyImage) -> Result<Option<&'static str>> {
+/// A format whose blob is not the device itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layered {
+    Qcow2,
+    OverlayBd,
+}
+
+/// The layered format a blob holds, by its first bytes, if any.
+async fn layered_format(blob: &LazyImage) -> Result<Option<Layered>> {
     let head = blob.read(0, blob.size().min(72)).await?;
     Ok(if overlaybd::has_magic(&head) {
-        Some("OverlayBD")
-    } else if head.len() >= 72 && head[..4] == qcow2::MAGIC {
-        Some("qcow2")
+        Some(Layered::OverlayBd)
+    } else if qcow2::has_magic(&head) {
+        Some(Layered::Qcow2)
     } else {
         None
     })

@@ -231,12 +231,14 @@ pub struct Qcow2 {
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
+/// True when `head` (a blob's first bytes) is the start of a qcow2 header.
+pub fn has_magic(head: &[u8]) -> bool {
+    head.len() >= HEADER_V2 && head[..4] == MAGIC
+}
+
 /// True when the blob starts with the qcow2 magic.
 pub async fn is_qcow2(blob: &LazyImage) -> Result<bool> {
-    if blob.size() < HEADER_V2 as u64 {
-        return Ok(false);
-    }
-    Ok(blob.read(0, 4).await?[..] == MAGIC)
+    Ok(has_magic(&blob.read(0, blob.size().min(HEADER_V2 as u64)).await?))
 }
 
 impl Qcow2 {

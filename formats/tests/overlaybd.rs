@@ -18,14 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn tools_present() -> bool {
-    let ok = ["mkfs.ext4", "debugfs", "mkfs.erofs", "mksquashfs"]
-        .iter()
-        .all(|t| Command::new("sh").arg("-c").arg(format!("command -v {t}")).output().is_ok_and(|o| o.status.success()));
-    if !ok {
-        assert!(std::env::var_os("CI").is_none(), "CI must provide mkfs.ext4, debugfs, mkfs.erofs and mksquashfs");
-        eprintln!("skipping: mkfs.ext4, debugfs, mkfs.erofs or mksquashfs missing");
-    }
-    ok
+    common::tools_present(&["mkfs.ext4", "debugfs", "mkfs.erofs", "mksquashfs"], "e2fsprogs, erofs-utils, squashfs-tools")
 }
 
 fn run(cmd: &mut Command) {

@@ -15,12 +15,7 @@ use std::process::Command;
 use std::sync::Mutex;
 
 fn tools_present() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|t| Command::new(t).arg("--version").output().is_ok_and(|o| o.status.success()));
-    if !ok {
-        assert!(std::env::var_os("CI").is_none(), "CI must provide qemu-img and qemu-io (qemu-utils)");
-        eprintln!("skipping: qemu-img/qemu-io not installed (apt install qemu-utils)");
-    }
-    ok
+    common::tools_present(&["qemu-img", "qemu-io"], "qemu-utils")
 }
 
 fn run(cmd: &mut Command) {

@@ -91,13 +91,7 @@ struct RegistryBlobs<'a> {
 #[async_trait::async_trait]
 impl BlobOpener for RegistryBlobs<'_> {
     async fn open(&self, digest: &str) -> lazy_image_engine::Result<LazyImage> {
-        let layer = self.resolved.layers.iter().find(|l| l.digest == digest).ok_or_else(|| {
-            lazy_image_engine::Error::new(lazy_image_engine::ErrorKind::NotFound, format!("layer {digest} of {}", self.resolved.reference))
-        })?;
-        let mut cfg = cache_config(self.a);
-        cfg.blob_digest = Some(layer.digest.clone());
-        cfg.manifest = self.reg.chunk_manifest(layer).await?;
-        LazyImage::open(Arc::new(self.reg.blob_source(layer)), cfg).await
+        self.reg.open_layer(self.resolved.layer(digest)?, cache_config(self.a)).await
     }
 }
 

@@ -436,15 +436,9 @@ pub fn qcow2_images_mount(env: &Env) {
     check_sums(&env.p("packed"), &sums);
     env.umount("packed", child);
 
-    let mut bytes = std::fs::read(srv.join("base.img")).unwrap();
-    let mut file0 = std::fs::read(env.p("qtree/file0.bin")).unwrap();
-    let at = bytes.windows(64).position(|w| w == &file0[..64]).expect("file0's data in the image");
-    for (b, f) in bytes[at..at + 4096].iter_mut().zip(file0.iter_mut()) {
-        *b ^= 0x3c;
-        *f ^= 0x3c;
-    }
+    let (bytes, at, sum) = change_file_in_image(&srv.join("base.img"), &env.p("qtree/file0.bin"), 4096, 0x3c);
     std::fs::write(env.p("piece.bin"), &bytes[at..at + 4096]).unwrap();
-    sums.insert("file0.bin".into(), hex::encode(Sha256::digest(&file0)));
+    sums.insert("file0.bin".into(), sum);
     qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.img", "-F", "raw", "top.qcow2"]);
     let write = format!("write -s {} {at} 4096", env.p("piece.bin").display());
     sh(Command::new("qemu-io").args(["-f", "qcow2", "-c", &write, "top.qcow2"]).current_dir(&srv));
@@ -454,26 +448,37 @@ pub fn qcow2_images_mount(env: &Env) {
     env.umount("top", child);
 }
 
+/// Flips `len` bytes of `file`'s data where it lies in the filesystem image `image` (found by
+/// its first 64 bytes), as a writer changing the file in place would: returns the changed image
+/// (the file on disk is left alone), where the change starts, and the SHA-256 the file has in it.
+pub fn change_file_in_image(image: &Path, file: &Path, len: usize, x: u8) -> (Vec<u8>, usize, String) {
+    let mut bytes = std::fs::read(image).unwrap();
+    let mut data = std::fs::read(file).unwrap();
+    let at = bytes.windows(64).position(|w| w == &data[..64]).expect("the file's data in the image");
+    for (b, f) in bytes[at..at + len].iter_mut().zip(data.iter_mut()) {
+        *b ^= x;
+        *f ^= x;
+    }
+    (bytes, at, hex::encode(Sha256::digest(&data)))
+}
+
+/// `lazy-image convert ARGS` in `dir`; its output.
+pub fn convert(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN).arg("convert").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "convert {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// OverlayBD layers from `lazy-image convert`: a base layer and a zstd ZFile diff layer of the
 /// same ext4 with one file's data changed, served over HTTP and mounted as a stack.
 pub fn overlaybd_layers_mount(env: &Env) {
     let mut sums = make_tree(&env.p("otree"), 23, &[200_000, 3 << 20]);
     let srv = env.p("srv");
     make_image("ext4", &env.p("otree"), &srv.join("base.img"));
-    let mut bytes = std::fs::read(srv.join("base.img")).unwrap();
-    let mut file0 = std::fs::read(env.p("otree/file0.bin")).unwrap();
-    let at = bytes.windows(64).position(|w| w == &file0[..64]).expect("file0's data in the image");
-    for (b, f) in bytes[at..at + 8192].iter_mut().zip(file0.iter_mut()) {
-        *b ^= 0x5a;
-        *f ^= 0x5a;
-    }
+    let (bytes, _, sum) = change_file_in_image(&srv.join("base.img"), &env.p("otree/file0.bin"), 8192, 0x5a);
     std::fs::write(srv.join("new.img"), &bytes).unwrap();
-    sums.insert("file0.bin".into(), hex::encode(Sha256::digest(&file0)));
-    let convert = |args: &[&str]| {
-        let out = Command::new(BIN).arg("convert").args(args).current_dir(&srv).output().unwrap();
-        assert!(out.status.success(), "convert {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    sums.insert("file0.bin".into(), sum);
+    let convert = |args: &[&str]| convert(&srv, args);
     convert(&["base.img", "base.lsmt"]);
     let said = convert(&["new.img", "new.zfile", "--base", "base.img", "--compress", "zstd", "--block-size", "16K"]);
     assert!(said.contains("OverlayBD layer") && said.contains(", on layer "), "{said}");
@@ -510,20 +515,11 @@ pub fn registry_images_mount(env: &Env) {
     let work = env.p("rwork");
     std::fs::create_dir_all(&work).unwrap();
     make_image("ext4", &env.p("rtree"), &work.join("base.img"));
-    let mut bytes = std::fs::read(work.join("base.img")).unwrap();
     let base_sums = sums.clone();
-    let mut file0 = std::fs::read(env.p("rtree/file0.bin")).unwrap();
-    let at = bytes.windows(64).position(|w| w == &file0[..64]).expect("file0's data in the image");
-    for (b, f) in bytes[at..at + 4096].iter_mut().zip(file0.iter_mut()) {
-        *b ^= 0xa5;
-        *f ^= 0xa5;
-    }
+    let (bytes, _, sum) = change_file_in_image(&work.join("base.img"), &env.p("rtree/file0.bin"), 4096, 0xa5);
     std::fs::write(work.join("v2.img"), &bytes).unwrap();
-    sums.insert("file0.bin".into(), hex::encode(Sha256::digest(&file0)));
-    let convert = |args: &[&str]| {
-        let out = Command::new(BIN).arg("convert").args(args).current_dir(&work).output().unwrap();
-        assert!(out.status.success(), "convert {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
+    sums.insert("file0.bin".into(), sum);
+    let convert = |args: &[&str]| convert(&work, args);
     convert(&["base.img", "base.layer", "--compress", "lz4"]);
     convert(&["v2.img", "v2.layer", "--base", "base.img", "--compress", "zstd"]);
     convert(&["v2.img", "v2b.layer", "--base", "base.img"]);

@@ -4,6 +4,7 @@
 //! A stack of layers reads as one device: the topmost layer that maps a sector wins, and
 //! sectors no layer maps read as zeros.
 
+use super::{le32, le64, read_full};
 use crate::{corrupt, refuse};
 use lazy_image_engine::Result;
 use sha2::{Digest, Sha256};
@@ -28,14 +29,6 @@ pub const MAX_LAYERS: usize = 255;
 /// Longest extent one record holds, in sectors.
 pub const MAX_EXTENT: u64 = (1 << 14) - 1;
 const INVALID_OFFSET: u64 = (1 << 50) - 1;
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
-}
 
 /// True when `head` starts with the LSMT magic.
 pub fn has_magic(head: &[u8]) -> bool {
@@ -323,19 +316,6 @@ fn ht_bytes(l: &Layer, flags: u32) -> [u8; SPACE as usize] {
     b[132] = 1;
     b[133] = 1;
     b
-}
-
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

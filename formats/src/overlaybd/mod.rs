@@ -18,6 +18,28 @@ use lsmt::{Extent, SECTOR};
 use std::sync::Arc;
 use zfile::ZFile;
 
+pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
+}
+
+/// Fills `buf` from `r` up to its end; fewer bytes only at the end of `r`.
+pub(crate) fn read_full(r: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// True when a blob's first bytes are an OverlayBD layer's (LSMT, or a ZFile holding one).
 pub fn has_magic(head: &[u8]) -> bool {
     lsmt::has_magic(head) || zfile::has_magic(head)

@@ -11,6 +11,7 @@
 //! such files all the same: the table gives each block's exact length and a block must
 //! decompress to exactly its size, so nothing about them is ambiguous.
 
+use super::{le32, le64, read_full};
 use crate::{corrupt, refuse};
 use lazy_image_engine::{LazyImage, Result};
 use std::io::{Read, Seek, Write};
@@ -80,14 +81,6 @@ impl std::str::FromStr for Algo {
 /// inversion before or after (the `crc32c` crate inverts both).
 pub fn raw_crc32c(seed: u32, data: &[u8]) -> u32 {
     !crc32c::crc32c_append(!seed, data)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
 }
 
 /// The fields of a header or trailer this reader uses.
@@ -392,16 +385,18 @@ fn header_bytes(h: &Header, flags: u64) -> [u8; SPACE as usize] {
 /// Compresses `src` (all of it, from its start) into a ZFile written to `out` as the reference
 /// tools lay one out: header, blocks, table, trailer. Returns the compressed file's size.
 pub fn write<R: Read, W: Write + Seek>(src: &mut R, out: &mut W, o: WriteOptions) -> std::io::Result<u64> {
-    if !o.block_size.is_power_of_two() || !WRITE_BLOCK_SIZES.contains(&o.block_size) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!(
-                "block size {} is not a power of two from 4 KiB to 32 KiB (OverlayBD's reader refuses blocks that compress to more than 64 KiB)",
-                o.block_size
-            ),
-        ));
-    }
+    check_write_block_size(u64::from(o.block_size)).map_err(|m| std::io::Error::new(std::io::ErrorKind::InvalidInput, m))?;
     write_blocks(src, out, o, true)
+}
+
+/// The block sizes this writer takes (`WRITE_BLOCK_SIZES`, powers of two), or why not.
+pub fn check_write_block_size(bs: u64) -> std::result::Result<u32, String> {
+    match u32::try_from(bs) {
+        Ok(b) if b.is_power_of_two() && WRITE_BLOCK_SIZES.contains(&b) => Ok(b),
+        _ => Err(format!(
+            "block size {bs} is not a power of two from 4K to 32K (OverlayBD's reader refuses blocks that compress to more than 64 KiB, as incompressible 64 KiB blocks do)"
+        )),
+    }
 }
 
 /// `write` for any block size; `reference_limits` fails a file the reference reader would
@@ -485,19 +480,6 @@ pub fn check_reference_limits(lens: &[u32], block_size: u32) -> std::result::Res
         }
     }
     Ok(())
-}
-
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

@@ -41,6 +41,19 @@ impl BlobOpener for Mem {
     }
 }
 
+/// True when every tool is on the PATH. In CI a missing one fails the test instead of skipping
+/// it; `package` says where they come from.
+pub fn tools_present(tools: &[&str], package: &str) -> bool {
+    let ok = tools
+        .iter()
+        .all(|t| std::process::Command::new("sh").arg("-c").arg(format!("command -v {t}")).output().is_ok_and(|o| o.status.success()));
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide {tools:?} ({package})");
+        eprintln!("skipping: one of {tools:?} is missing ({package})");
+    }
+    ok
+}
+
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
