@@ -1,6 +1,6 @@
 """What the benchmark scripts share: paths, commands, waiting, the page cache, timed reads."""
 
-import contextlib, hashlib, json, os, subprocess, time
+import contextlib, hashlib, json, os, subprocess, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/debug/lazy-image")
@@ -40,11 +40,11 @@ def wait_port(port):
 
 
 @contextlib.contextmanager
-def lazy_mount(url, mnt, cache, run, lowers=()):
-    """`lazy-image mount URL MNT` on the FUSE backend (with `--lower` for each of `lowers`)
-    for the length of a `with`, unmounted after."""
+def lazy_mount(url, mnt, cache, run, lowers=(), extra=()):
+    """`lazy-image mount URL MNT` on the FUSE backend (with `--lower` for each of `lowers`, and
+    `extra` arguments) for the length of a `with`, unmounted after."""
     os.makedirs(mnt, exist_ok=True)
-    argv = [BIN, "mount", url, mnt, "--backend", "fuse", "--cache-dir", cache, "--run-dir", run]
+    argv = [BIN, "mount", url, mnt, "--backend", "fuse", "--cache-dir", cache, "--run-dir", run, *extra]
     for lower in lowers:
         argv += ["--lower", lower]
     proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
@@ -81,3 +81,17 @@ def timed_dd(path, wrap=lambda argv: argv, want=None):
                 h.update(b)
         assert h.hexdigest() == want, f"bench: {path} read wrong bytes"
     return secs
+
+
+def bench_workdir(name, file_mib, file_name="big.bin"):
+    """Builds the binary and makes a work directory under /var/tmp with `srv/` and `tree/`, the
+    tree holding `file_name` of `file_mib` MiB of random bytes. Returns (work, srv, tree)."""
+    sh("cargo", "build", "-q", "--bin", "lazy-image", cwd=ROOT)
+    work = tempfile.mkdtemp(prefix=f"lazy-{name}-bench-", dir="/var/tmp")
+    srv, tree = os.path.join(work, "srv"), os.path.join(work, "tree")
+    os.makedirs(srv)
+    os.makedirs(tree)
+    with open(os.path.join(tree, file_name), "wb") as f:
+        for _ in range(file_mib):
+            f.write(os.urandom(1 << 20))
+    return work, srv, tree

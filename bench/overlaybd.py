@@ -14,9 +14,9 @@ filled: the base layer's bytes each fetched from the origin.
 Run as root:
     python3 bench/overlaybd.py [--file-mib 256 --repeats 3]"""
 
-import argparse, hashlib, json, os, random, statistics, subprocess, tempfile, time
+import argparse, hashlib, json, os, random, statistics, subprocess, time
 
-from common import BIN, ROOT, cache_stats, drop_caches, free_port, lazy_mount, sh, timed_dd, wait_port
+from common import BIN, bench_workdir, cache_stats, drop_caches, free_port, lazy_mount, sh, timed_dd, wait_port
 
 
 def fio_iops(path, seconds):
@@ -63,15 +63,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fio-seconds", type=int, default=8)
     a = ap.parse_args()
-    sh("cargo", "build", "-q", "--bin", "lazy-image", cwd=ROOT)
-    work = tempfile.mkdtemp(prefix="lazy-overlaybd-bench-", dir="/var/tmp")
-    srv, tree = os.path.join(work, "srv"), os.path.join(work, "tree")
-    os.makedirs(srv)
+    work, srv, tree = bench_workdir("overlaybd", a.file_mib)
     os.makedirs(os.path.join(tree, "small"))
     rnd = random.Random(1)
-    with open(os.path.join(tree, "big.bin"), "wb") as f:
-        for _ in range(a.file_mib):
-            f.write(os.urandom(1 << 20))
     for i in range(200):
         with open(os.path.join(tree, "small", f"s{i}.bin"), "wb") as f:
             f.write(os.urandom(rnd.randint(4 << 10, 64 << 10)))

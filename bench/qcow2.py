@@ -6,9 +6,9 @@ bytes), then the page cache is dropped and it reads it again (warm). Pairs alter
 first; medians of --repeats. Every read is checked once. Run as root (FUSE backend here):
     python3 bench/qcow2.py [--file-mib 256 --repeats 3]"""
 
-import argparse, hashlib, os, statistics, subprocess, tempfile
+import argparse, hashlib, os, statistics, subprocess
 
-from common import BIN, ROOT, cache_stats, drop_caches, free_port, lazy_mount, sh, timed_dd, wait_port
+from common import BIN, bench_workdir, cache_stats, drop_caches, free_port, lazy_mount, sh, timed_dd, wait_port
 
 
 
@@ -29,14 +29,7 @@ def main():
     ap.add_argument("--file-mib", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    sh("cargo", "build", "-q", "--bin", "lazy-image", cwd=ROOT)
-    work = tempfile.mkdtemp(prefix="lazy-qcow2-bench-", dir="/var/tmp")
-    srv, tree = os.path.join(work, "srv"), os.path.join(work, "tree")
-    os.makedirs(srv)
-    os.makedirs(tree)
-    with open(os.path.join(tree, "big.bin"), "wb") as f:
-        for _ in range(a.file_mib):
-            f.write(os.urandom(1 << 20))
+    work, srv, tree = bench_workdir("qcow2", a.file_mib)
     want = hashlib.sha256(open(os.path.join(tree, "big.bin"), "rb").read()).hexdigest()
     sh("mkfs.ext4", "-q", "-F", "-d", tree, os.path.join(srv, "flat.img"), f"{a.file_mib + 64}M")
     sh("qemu-img", "convert", "-O", "qcow2", os.path.join(srv, "flat.img"), os.path.join(srv, "image.qcow2"))

@@ -22,6 +22,12 @@ impl FsType {
         }
     }
 
+    /// Whether the filesystem can be mounted read-write (over a writable layer); erofs and
+    /// squashfs are read-only formats.
+    pub fn writable(self) -> bool {
+        matches!(self, FsType::Ext4)
+    }
+
     /// Mount data: ext4 must not replay a journal on a read-only device.
     pub fn mount_data(self) -> &'static str {
         match self {

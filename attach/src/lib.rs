@@ -23,7 +23,9 @@ pub use error::{AttachError, AttachErrorKind};
 pub use fsdetect::{detect, device_block_size, FsType};
 pub use fuse::{FuseExport, FuseSessionInfo, IMAGE_FILE_NAME, IO_URING_ENV as FUSE_IO_URING_ENV};
 pub use loopdev::LoopDevice;
-pub use mount::{bind_readonly, is_mountpoint, mount_points_of, mount_readonly, mount_source, statvfs, unmount, unmount_detach};
+pub use mount::{
+    bind, bind_readonly, is_mountpoint, mount_device, mount_points_of, mount_readonly, mount_source, statvfs, unmount, unmount_detach,
+};
 pub use record::{DeviceRecord, Takeover};
 pub use ublk::{UblkDevice, UblkOptions};
 
@@ -115,8 +117,8 @@ pub struct Attachment {
 }
 
 impl Attachment {
-    /// Exposes `image` as a block device with `backend` and mounts its filesystem read-only at
-    /// `mountpoint`. `work_dir` holds the FUSE mount of that backend. With `fuse_handover`, a
+    /// Exposes `image` as a block device with `backend` and mounts its filesystem at
+    /// `mountpoint`: read-only, or read-write when the view is writable (a writable layer). `work_dir` holds the FUSE mount of that backend. With `fuse_handover`, a
     /// FUSE session is set up to be handed to a holder and taken over by a later process
     /// (`FuseExport::start`, `fuse_handover`, `resume_fuse`). On failure everything done so far
     /// is undone.
@@ -133,6 +135,13 @@ impl Attachment {
             Some(f) => f,
             None => detect(&*image).await?,
         };
+        let writable = image.writable();
+        if writable && !fs.writable() {
+            return Err(AttachError::new(
+                AttachErrorKind::InvalidInput,
+                format!("the image holds {}, a read-only filesystem: a writable volume needs ext4", fs.name()),
+            ));
+        }
         if !mountpoint.is_dir() {
             return Err(AttachError::new(
                 AttachErrorKind::InvalidInput,
@@ -143,7 +152,7 @@ impl Attachment {
             return Err(AttachError::new(AttachErrorKind::Busy, format!("{} is already a mount point", mountpoint.display())));
         }
         // A complete cache is a plain file holding the image: no server needed in between.
-        let complete = if backend == Backend::Fuse { image.complete_file() } else { None };
+        let complete = if backend == Backend::Fuse && !writable { image.complete_file() } else { None };
         let device = match (backend, complete) {
             (Backend::Ublk, _) => {
                 let opts = ublk_opts.clone();
@@ -151,7 +160,7 @@ impl Attachment {
                 let dev = blocking(move || UblkDevice::create(image, block, &opts)).await?;
                 let mp = mountpoint.to_path_buf();
                 let path = dev.path();
-                if let Err(e) = blocking(move || mount_readonly(&path, &mp, fs)).await {
+                if let Err(e) = blocking(move || mount_device(&path, &mp, fs, writable)).await {
                     let _ = blocking(move || dev.delete()).await;
                     return Err(e);
                 }
@@ -159,7 +168,7 @@ impl Attachment {
             }
             (Backend::Fuse, Some(file)) => {
                 let mp = mountpoint.to_path_buf();
-                let dev = blocking(move || loop_and_mount(LoopDevice::attach_file_readonly, &file, &mp, fs)).await?;
+                let dev = blocking(move || loop_and_mount(LoopDevice::attach_file_readonly, &file, &mp, fs, false)).await?;
                 Device::Loop { dev, fuse: None }
             }
             (Backend::Fuse, None) => {
@@ -168,7 +177,8 @@ impl Attachment {
                 let file = fuse.image_path();
                 // Loop setup and mount block on the FUSE file, which this process serves: keep
                 // them off the runtime threads that answer FUSE reads.
-                let res = blocking(move || loop_and_mount(LoopDevice::attach_readonly, &file, &mp, fs)).await;
+                let attach = if writable { LoopDevice::attach_writable } else { LoopDevice::attach_readonly };
+                let res = blocking(move || loop_and_mount(attach, &file, &mp, fs, writable)).await;
                 match res {
                     Ok(dev) => Device::Loop { dev, fuse: Some(fuse) },
                     Err(e) => {
@@ -313,9 +323,10 @@ fn loop_and_mount(
     file: &Path,
     mountpoint: &Path,
     fs: FsType,
+    writable: bool,
 ) -> Result<LoopDevice, AttachError> {
     let claim = attach(file)?;
-    mount_readonly(claim.device().path(), mountpoint, fs)?;
+    mount_device(claim.device().path(), mountpoint, fs, writable)?;
     Ok(claim.release())
 }
 

@@ -117,7 +117,14 @@ impl LoopDevice {
     /// Attaches the FUSE image file read-only with direct I/O, so blocks are cached once (in the
     /// filesystem above), not again in the FUSE file's page cache; buffered I/O if refused.
     pub(crate) fn attach_readonly(file: &Path) -> Result<LoopClaim, AttachError> {
-        let claim = Self::attach(file, true)?;
+        let claim = Self::attach(file, true, false)?;
+        claim.dev.tune_queue();
+        Ok(claim)
+    }
+
+    /// As `attach_readonly`, writable: the FUSE file of a writable layer.
+    pub(crate) fn attach_writable(file: &Path) -> Result<LoopClaim, AttachError> {
+        let claim = Self::attach(file, true, true)?;
         claim.dev.tune_queue();
         Ok(claim)
     }
@@ -125,12 +132,13 @@ impl LoopDevice {
     /// Attaches a local file read-only with buffered I/O: with direct I/O the file underneath
     /// gets no readahead, and sequential reads of a complete cache file were much slower.
     pub(crate) fn attach_file_readonly(file: &Path) -> Result<LoopClaim, AttachError> {
-        Self::attach(file, false)
+        Self::attach(file, false, false)
     }
 
-    fn attach(file: &Path, direct_io: bool) -> Result<LoopClaim, AttachError> {
+    fn attach(file: &Path, direct_io: bool, writable: bool) -> Result<LoopClaim, AttachError> {
         let backing = OpenOptions::new()
             .read(true)
+            .write(writable)
             .custom_flags(libc::O_CLOEXEC)
             .open(file)
             .map_err(|e| AttachError::os(format!("opening {} for a loop device", file.display()), e))?;
@@ -142,7 +150,8 @@ impl LoopDevice {
         })?;
 
         let mut config = LoopConfig { fd: backing.as_raw_fd() as u32, block_size: 0, info: zeroed_info(), reserved: [0; 8] };
-        config.info.lo_flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | if direct_io { LO_FLAGS_DIRECT_IO } else { 0 };
+        config.info.lo_flags =
+            if writable { 0 } else { LO_FLAGS_READ_ONLY } | LO_FLAGS_AUTOCLEAR | if direct_io { LO_FLAGS_DIRECT_IO } else { 0 };
         let name = file.as_os_str().as_bytes();
         let n = name.len().min(LO_NAME_SIZE - 1);
         config.info.lo_file_name[..n].copy_from_slice(&name[..n]);
@@ -156,7 +165,13 @@ impl LoopDevice {
                 return Err(AttachError::os("finding a free loop device", std::io::Error::last_os_error()));
             }
             let path = PathBuf::from(format!("/dev/loop{nr}"));
-            let dev = open_device(&path).map_err(|e| AttachError::os(format!("opening {}", path.display()), e))?;
+            // A loop device configured through a read-only descriptor is read-only.
+            let dev = OpenOptions::new()
+                .read(true)
+                .write(writable)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|e| AttachError::os(format!("opening {}", path.display()), e))?;
             let configure = |config: &LoopConfig| {
                 // SAFETY: LOOP_CONFIGURE reads a struct loop_config, which `config` is laid out as;
                 // the backing fd stays open for the call (the kernel takes its own reference).

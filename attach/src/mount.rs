@@ -1,4 +1,4 @@
-//! Read-only mounts and unmounts via the syscalls, and a mount-table lookup. All of them act in
+//! Mounts (read-only, or read-write over a writable layer) and unmounts via the syscalls, and a mount-table lookup. All of them act in
 //! the namespace users see (`namespace::in_host_namespace`), also from a ublk server that lives
 //! in a private one.
 
@@ -13,19 +13,31 @@ fn cstr(p: &Path) -> Result<CString, AttachError> {
 }
 
 pub fn mount_readonly(dev: &Path, target: &Path, fs: FsType) -> Result<(), AttachError> {
-    crate::namespace::in_host_namespace(|| mount_readonly_here(dev, target, fs))
+    mount_device(dev, target, fs, false)
 }
 
-fn mount_readonly_here(dev: &Path, target: &Path, fs: FsType) -> Result<(), AttachError> {
+/// Mounts `dev`'s filesystem at `target`, read-write when `writable` (a writable layer's device).
+pub fn mount_device(dev: &Path, target: &Path, fs: FsType, writable: bool) -> Result<(), AttachError> {
+    crate::namespace::in_host_namespace(|| mount_here(dev, target, fs, writable))
+}
+
+fn mount_here(dev: &Path, target: &Path, fs: FsType, writable: bool) -> Result<(), AttachError> {
     let (src, tgt) = (cstr(dev)?, cstr(target)?);
     let fstype = CString::new(fs.name()).map_err(|_| AttachError::new(AttachErrorKind::InvalidInput, "fs name"))?;
-    let data = CString::new(fs.mount_data()).map_err(|_| AttachError::new(AttachErrorKind::InvalidInput, "mount data"))?;
-    let flags = libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID;
+    let data = CString::new(if writable { "" } else { fs.mount_data() })
+        .map_err(|_| AttachError::new(AttachErrorKind::InvalidInput, "mount data"))?;
+    let flags = if writable { 0 } else { libc::MS_RDONLY } | libc::MS_NODEV | libc::MS_NOSUID;
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
     let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) };
     if rc != 0 {
         return Err(AttachError::os(
-            format!("mounting {} ({}) read-only at {}", dev.display(), fs.name(), target.display()),
+            format!(
+                "mounting {} ({}) {} at {}",
+                dev.display(),
+                fs.name(),
+                if writable { "read-write" } else { "read-only" },
+                target.display()
+            ),
             std::io::Error::last_os_error(),
         ));
     }
@@ -34,6 +46,11 @@ fn mount_readonly_here(dev: &Path, target: &Path, fs: FsType) -> Result<(), Atta
 
 /// Bind-mounts `src` at `target` read-only (nosuid, nodev), as a pod's view of a staged volume.
 pub fn bind_readonly(src: &Path, target: &Path) -> Result<(), AttachError> {
+    bind(src, target, true)
+}
+
+/// Bind-mounts `src` at `target` (nosuid, nodev; read-only when `readonly`).
+pub fn bind(src: &Path, target: &Path, readonly: bool) -> Result<(), AttachError> {
     crate::namespace::in_host_namespace(|| {
         let (s, t) = (cstr(src)?, cstr(target)?);
         // SAFETY: valid NUL-terminated paths; NULL fstype/data are allowed for a bind mount.
@@ -45,7 +62,7 @@ pub fn bind_readonly(src: &Path, target: &Path) -> Result<(), AttachError> {
             ));
         }
         // A bind mount takes its flags only from a remount.
-        let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+        let flags = libc::MS_REMOUNT | libc::MS_BIND | if readonly { libc::MS_RDONLY } else { 0 } | libc::MS_NOSUID | libc::MS_NODEV;
         // SAFETY: as above.
         let rc = unsafe { libc::mount(std::ptr::null(), t.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
         if rc != 0 {

@@ -140,6 +140,14 @@ pub struct MountArgs {
     /// Once complete, the next FUSE+loop mount reads the cache file directly.
     #[arg(long)]
     pub prefetch: bool,
+    /// Mount read-write: writes land in a local copy-on-write layer under the run directory,
+    /// thrown away at unmount; the image and its cache are never written (ext4 only).
+    #[arg(long)]
+    pub writable: bool,
+    /// Most bytes of changed blocks the writable layer may hold (default: the image's size);
+    /// writes needing more fail with ENOSPC.
+    #[arg(long, value_parser = crate::units::parse_size, requires = "writable")]
+    pub writable_size: Option<u64>,
     #[command(flatten)]
     pub ublk: UblkArgs,
 }

@@ -16,11 +16,20 @@ pub struct MountRecord {
     pub cache_dir: PathBuf,
     /// The block device under the mount (the same record the CSI node plugin keeps).
     pub device: DeviceRecord,
+    /// The writable layer's directory, for a read-write mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<PathBuf>,
 }
 
 pub fn record_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {
     let h = hex::encode(Sha256::digest(mountpoint.as_os_str().as_encoded_bytes()));
     run_dir.join("mounts").join(format!("{}.json", &h[..24]))
+}
+
+/// Where the writable layer of a read-write mount at `mountpoint` lives.
+pub fn layer_dir(run_dir: &Path, mountpoint: &Path) -> PathBuf {
+    let h = hex::encode(Sha256::digest(mountpoint.as_os_str().as_encoded_bytes()));
+    run_dir.join("layers").join(&h[..24])
 }
 
 pub fn write(run_dir: &Path, rec: &MountRecord) -> Result<PathBuf> {

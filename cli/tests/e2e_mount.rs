@@ -57,6 +57,16 @@ fn fuse_local_sources_read_once_and_refuse_a_changed_source() {
 }
 
 #[test]
+fn fuse_writable_layer() {
+    if !host_ready() {
+        return;
+    }
+    let env = Env::new("fuse");
+    writable_layer(&env);
+    assert_eq!(loop_devices_on(&env.p("cache")), 0, "no loop device left behind");
+}
+
+#[test]
 fn fuse_qcow2_images_mount() {
     if !host_ready() {
         return;

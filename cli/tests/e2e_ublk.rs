@@ -162,6 +162,51 @@ fn ublk_registry_images_mount() {
     assert_no_devices_left();
 }
 
+#[test]
+#[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]
+fn ublk_writable_layer() {
+    if !ublk_ready() {
+        return;
+    }
+    writable_layer(&Env::new("ublk"));
+    assert_no_devices_left();
+}
+
+/// kill -9 the daemon of a writable mount after its writes were acknowledged (synced): the
+/// restarted daemon takes the device over with the same layer, every write is still there, and
+/// writing goes on.
+#[test]
+#[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]
+fn ublk_writable_layer_survives_kill9() {
+    if !ublk_ready() {
+        return;
+    }
+    let env = Env::new("ublk");
+    let sums = make_tree(&env.p("tree"), 23, &[2 << 20, 50_000]);
+    make_image("ext4", &env.p("tree"), &env.p("srv/k.img"));
+    let url = format!("{}/k.img", env.base);
+    let mut daemon = KillOnDrop::new(env.mount(&url, "k", &["--writable"]));
+    let dev = lazy_image_attach::mount_source(&env.p("k")).unwrap().expect("mounted from a device");
+    assert_eq!(std::fs::read_to_string(format!("/sys/block/{}/ro", dev.file_name().unwrap().to_string_lossy())).unwrap().trim(), "0");
+    let written = make_tree(&env.p("fresh"), 24, &[3 << 20]);
+    std::fs::copy(env.p("fresh/file0.bin"), env.p("k/written-before.bin")).unwrap();
+    syncfs(&env.p("k")).unwrap();
+    daemon.child().kill().unwrap(); // SIGKILL
+    daemon.child().wait().unwrap();
+    assert!(lazy_mounted(&env.p("k")), "the mount survives its daemon");
+    let new_daemon = KillOnDrop::new(env.mount(&url, "k", &["--writable"]));
+    assert!(env.log("k").contains("took over /dev/ublkb"), "{}", env.log("k"));
+    drop_caches();
+    check_sums(&env.p("k"), &sums);
+    assert_eq!(hex::encode(Sha256::digest(std::fs::read(env.p("k/written-before.bin")).unwrap())), written["file0.bin"]);
+    std::fs::copy(env.p("fresh/file0.bin"), env.p("k/written-after.bin")).unwrap();
+    syncfs(&env.p("k")).unwrap();
+    drop_caches();
+    assert_eq!(hex::encode(Sha256::digest(std::fs::read(env.p("k/written-after.bin")).unwrap())), written["file0.bin"]);
+    env.umount("k", new_daemon.release());
+    assert_no_devices_left();
+}
+
 /// The kernel sees a read-only disk: writes to the device itself fail.
 #[test]
 #[ignore = "needs ublk: runs in the VM (tests/e2e/vm/run.sh)"]

@@ -70,16 +70,25 @@ pub struct VolumeSpec {
     /// Fetch the whole image in the background while the volume is staged.
     #[serde(default)]
     pub prefetch: bool,
+    /// A writable volume: writes land in a per-volume copy-on-write layer on the node, dropped
+    /// with the volume. Only with an access mode that writes on one node.
+    #[serde(default)]
+    pub writable: bool,
+    /// Most bytes of changed blocks the writable layer may hold (default: the image's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writable_size: Option<u64>,
 }
 
 impl VolumeSpec {
     pub fn from_attributes(attrs: &HashMap<String, String>) -> Result<Self, Invalid> {
         for k in attrs.keys() {
-            let known = matches!(k.as_str(), "url" | "device" | "format" | "digest" | "manifestUrl" | "chunkSize" | "prefetch")
-                || PASSTHROUGH_PREFIXES.iter().any(|p| k.starts_with(p));
+            let known = matches!(
+                k.as_str(),
+                "url" | "device" | "format" | "digest" | "manifestUrl" | "chunkSize" | "prefetch" | "writable" | "writableSize"
+            ) || PASSTHROUGH_PREFIXES.iter().any(|p| k.starts_with(p));
             if !known {
                 return Err(invalid(format!(
-                    "unknown volume attribute {k:?} (expected url, device, format, digest, manifestUrl, chunkSize, prefetch)"
+                    "unknown volume attribute {k:?} (expected url, device, format, digest, manifestUrl, chunkSize, prefetch, writable, writableSize)"
                 )));
             }
         }
@@ -137,10 +146,25 @@ impl VolumeSpec {
             Some("true") => true,
             Some(v) => return Err(invalid(format!("volume attribute prefetch {v:?} must be \"true\" or \"false\""))),
         };
+        let writable = match attrs.get("writable").map(String::as_str) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(v) => return Err(invalid(format!("volume attribute writable {v:?} must be \"true\" or \"false\""))),
+        };
+        let writable_size = match attrs.get("writableSize") {
+            None => None,
+            Some(_) if !writable => {
+                return Err(invalid("volume attribute writableSize is for writable volumes: set writable: \"true\" too"))
+            }
+            Some(v) => match parse_size(v) {
+                Some(n) if n >= 1 << 20 => Some(n),
+                _ => return Err(invalid(format!("volume attribute writableSize {v:?} is not a size of at least 1Mi (e.g. 512Mi, 10Gi)"))),
+            },
+        };
         if url.starts_with(DEVICE_SCHEME) && digest.is_some() && manifest_url.is_none() {
             return Err(invalid("a device's digest needs volume attribute manifestUrl (there is no <url>.manifest beside a device)"));
         }
-        Ok(VolumeSpec { url, format, digest, manifest_url, chunk_size, prefetch })
+        Ok(VolumeSpec { url, format, digest, manifest_url, chunk_size, prefetch, writable, writable_size })
     }
 }
 
@@ -148,10 +172,15 @@ fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let (num, mult) = match s.find(|c: char| c.is_ascii_alphabetic()) {
         Some(i) => {
-            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+            // K, Ki, KiB and KB alike: binary units.
+            let unit = s[i..].to_ascii_uppercase();
+            let unit = unit.strip_suffix('B').unwrap_or(&unit);
+            let m: u64 = match unit.strip_suffix('I').unwrap_or(unit) {
                 "" => 1,
                 "K" => 1 << 10,
                 "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
                 _ => return None,
             };
             (&s[..i], m)
@@ -270,6 +299,20 @@ mod tests {
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("prefetch", "true")])).unwrap().prefetch);
         assert!(!VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x")])).unwrap().prefetch);
         assert!(VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("prefetch", "yes")])).is_err());
+        let w = VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("writable", "true"), ("writableSize", "2Gi")])).unwrap();
+        assert_eq!((w.writable, w.writable_size), (true, Some(2 << 30)));
+        let w = VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("writable", "true")])).unwrap();
+        assert_eq!((w.writable, w.writable_size), (true, None));
+        assert!(!VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x")])).unwrap().writable);
+        for bad in [
+            &[("url", "http://h/x"), ("writable", "yes")][..],
+            &[("url", "http://h/x"), ("writableSize", "1Gi")],
+            &[("url", "http://h/x"), ("writable", "true"), ("writableSize", "10K")],
+            &[("url", "http://h/x"), ("writable", "true"), ("writableSize", "lots")],
+        ] {
+            let err = VolumeSpec::from_attributes(&attrs(bad)).expect_err("refused");
+            assert!(err.to_string().contains("writable"), "{err}");
+        }
         let d = format!("sha256:{}", "a".repeat(64));
         let s = VolumeSpec::from_attributes(&attrs(&[("url", "http://h/x"), ("digest", &d.to_uppercase().replace("SHA256", "sha256"))]))
             .unwrap();

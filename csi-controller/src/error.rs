@@ -52,7 +52,8 @@ impl ControllerError {
             EngineKind::OriginStatus(401) | EngineKind::OriginStatus(403) => Kind::PermissionDenied,
             EngineKind::OriginStatus(s) if s >= 500 || s == 408 || s == 429 => Kind::Unavailable,
             EngineKind::Transport | EngineKind::DeadlineExceeded | EngineKind::Protocol => Kind::Unavailable,
-            EngineKind::OriginStatus(_) | EngineKind::OriginChanged => Kind::FailedPrecondition,
+            EngineKind::OriginStatus(_) | EngineKind::OriginChanged | EngineKind::ReadOnly => Kind::FailedPrecondition,
+            EngineKind::NoSpace => Kind::Internal,
             EngineKind::Integrity | EngineKind::CacheBusy | EngineKind::CacheIo => Kind::Internal,
         };
         Self::new(kind, format!("{what}: {}", e.report()))

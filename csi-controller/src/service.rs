@@ -42,9 +42,10 @@ pub struct Controller {
     pub provisioner: Arc<Provisioner>,
 }
 
-/// lazy-image volumes are read-only filesystems: every capability asked for must be a reader's
-/// mode with mount access. The message ends up in `kubectl describe pvc`.
-fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<()> {
+/// lazy-image volumes are filesystems: every capability asked for must be mount access, with a
+/// reader's mode, or a single node's writer mode for a writable volume (its changes live on one
+/// node). The message ends up in `kubectl describe pvc`.
+fn check_capabilities(caps: &[csi::VolumeCapability], writable: bool) -> Result<()> {
     if caps.is_empty() {
         return Err(ControllerError::invalid("volume_capabilities is required"));
     }
@@ -61,9 +62,16 @@ fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<()> {
         let mode = cap.access_mode.as_ref().map(|m| m.mode).unwrap_or_default();
         match Mode::try_from(mode) {
             Ok(Mode::SingleNodeReaderOnly) | Ok(Mode::MultiNodeReaderOnly) => {}
+            Ok(Mode::SingleNodeWriter | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter) if writable => {}
+            Ok(m) if writable => {
+                return Err(ControllerError::invalid(format!(
+                    "a writable lazy-image volume is written on one node: the claim must ask for ReadWriteOnce, ReadWriteOncePod or ReadOnlyMany (it asked for access mode {})",
+                    m.as_str_name()
+                )))
+            }
             Ok(m) => {
                 return Err(ControllerError::invalid(format!(
-                    "lazy-image volumes are read-only images: the claim must ask for ReadOnlyMany (it asked for access mode {})",
+                    "lazy-image volumes are read-only images: the claim must ask for ReadOnlyMany, or set writable: \"true\" in the storage class for ReadWriteOnce (it asked for access mode {})",
                     m.as_str_name()
                 )))
             }
@@ -99,7 +107,7 @@ impl csi::controller_server::Controller for Controller {
             if r.name.is_empty() {
                 return Err(ControllerError::invalid("name is required"));
             }
-            check_capabilities(&r.volume_capabilities)?;
+            check_capabilities(&r.volume_capabilities, r.parameters.get("writable").is_some_and(|w| w == "true"))?;
             if r.volume_content_source.is_some() {
                 return Err(ControllerError::invalid(
                     "lazy-image volumes cannot be made from a snapshot or another volume: their content is the image",
@@ -146,9 +154,9 @@ impl csi::controller_server::Controller for Controller {
                     ))
                 }
             };
-            lazy_image_csi_common::attributes::VolumeSpec::from_attributes(&context)?;
+            let spec = lazy_image_csi_common::attributes::VolumeSpec::from_attributes(&context)?;
             let mut out = csi::ValidateVolumeCapabilitiesResponse::default();
-            match check_capabilities(&r.volume_capabilities) {
+            match check_capabilities(&r.volume_capabilities, spec.writable) {
                 Ok(()) => {
                     out.confirmed = Some(csi::validate_volume_capabilities_response::Confirmed {
                         volume_context: r.volume_context.clone(),

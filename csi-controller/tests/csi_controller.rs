@@ -336,6 +336,15 @@ async fn bad_input_matrix() {
             "ReadOnlyMany",
         ),
         (
+            "ReadWriteMany claim of a writable class",
+            with(&|r| {
+                r.volume_capabilities = vec![cap(Mode::MultiNodeMultiWriter)];
+                r.parameters.insert("writable".into(), "true".into());
+            }),
+            Code::InvalidArgument,
+            "ReadWriteOnce",
+        ),
+        (
             "ReadWriteOncePod claim",
             with(&|r| r.volume_capabilities = vec![cap(Mode::SingleNodeSingleWriter)]),
             Code::InvalidArgument,
@@ -493,4 +502,31 @@ async fn provisions_registry_images_pinned_by_digest() {
     let (code, msg) =
         code(c.create_volume(create("pvc-oci-3", "bare", 0, &[("url", &format!("oci+http://{}/models/none:v1", h.server.addr))])).await);
     assert_eq!(code, Code::NotFound, "{msg}");
+}
+
+/// A StorageClass with `writable: "true"`: ReadWriteOnce and ReadWriteOncePod claims are
+/// provisioned, with the attribute in the volume's context for the node, and validated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisions_writable_volumes_for_one_node_writers() {
+    let h = Harness::new().await;
+    let mut c = h.client().await;
+    let url = h.server.url("model.img");
+    for (name, mode) in [("pvc-rwo", Mode::SingleNodeWriter), ("pvc-rwop", Mode::SingleNodeSingleWriter)] {
+        let mut r = create(name, name, 0, &[("url", &url), ("writable", "true"), ("writableSize", "1Gi")]);
+        r.volume_capabilities = vec![cap(mode)];
+        let v = c.create_volume(r).await.unwrap_or_else(|e| panic!("{name}: {e}")).into_inner().volume.unwrap();
+        assert_eq!(v.volume_context.get("writable").map(String::as_str), Some("true"), "{v:?}");
+        assert_eq!(v.volume_context.get("writableSize").map(String::as_str), Some("1Gi"), "{v:?}");
+        let ok = c
+            .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: name.into(),
+                volume_capabilities: vec![cap(mode)],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(ok.confirmed.is_some(), "{ok:?}");
+        c.delete_volume(csi::DeleteVolumeRequest { volume_id: name.into(), ..Default::default() }).await.unwrap();
+    }
 }

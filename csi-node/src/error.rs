@@ -63,6 +63,8 @@ impl NodeError {
             EngineKind::OriginChanged | EngineKind::CacheBusy => NodeErrorKind::FailedPrecondition,
             EngineKind::Integrity => NodeErrorKind::Corrupt,
             EngineKind::CacheIo => NodeErrorKind::Internal,
+            EngineKind::ReadOnly => NodeErrorKind::FailedPrecondition,
+            EngineKind::NoSpace => NodeErrorKind::ResourceExhausted,
         };
         NodeError::new(kind, format!("{what}: {}", e.report()))
     }

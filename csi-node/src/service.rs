@@ -93,10 +93,15 @@ impl Node {
         context: &HashMap<String, String>,
         secrets: &HashMap<String, String>,
     ) -> NodeResult<StageArgs> {
+        let mut spec = VolumeSpec::from_attributes(context)?;
+        spec.writable = spec::access::writable(cap, spec.writable)?;
+        if !spec.writable {
+            spec.writable_size = None;
+        }
         Ok(StageArgs {
             volume_id: volume_id.to_string(),
             staging_path,
-            spec: VolumeSpec::from_attributes(context)?,
+            spec,
             credentials: Credentials::from_secrets(secrets)?,
             fs_type: fs_type_of(cap),
         })
@@ -105,17 +110,17 @@ impl Node {
     async fn publish(&self, r: csi::NodePublishVolumeRequest) -> NodeResult<()> {
         spec::check_volume_id(&r.volume_id)?;
         let target = spec::check_path("target_path", &r.target_path, &self.kubelet_root)?;
-        spec::access::check_publish(r.volume_capability.as_ref(), r.readonly)?;
+        let writes = spec::access::publish_writes(r.volume_capability.as_ref(), r.readonly)?.map(|m| m.as_str_name());
         let ephemeral = r.volume_context.get(EPHEMERAL_KEY).is_some_and(|v| v == "true");
         if ephemeral {
             let mut context = r.volume_context.clone();
             context.retain(|k, _| k != EPHEMERAL_KEY);
             let staging = self.volumes.ephemeral_staging(&r.volume_id);
             let args = self.stage_args(&r.volume_id, staging, r.volume_capability.as_ref(), &context, &r.secrets)?;
-            return self.volumes.publish(&r.volume_id, None, &target, Some(args)).await;
+            return self.volumes.publish(&r.volume_id, None, &target, writes, Some(args)).await;
         }
         let staging = spec::check_path("staging_target_path", &r.staging_target_path, &self.kubelet_root)?;
-        self.volumes.publish(&r.volume_id, Some(&staging), &target, None).await
+        self.volumes.publish(&r.volume_id, Some(&staging), &target, writes, None).await
     }
 }
 

@@ -21,7 +21,8 @@ pub fn check_path(field: &str, p: &str, kubelet_root: &Path) -> NodeResult<PathB
     Ok(path)
 }
 
-/// Access kubelet may ask for. The device and every mount are read-only whatever the mode:
+/// Access kubelet may ask for. The device and every mount are read-only whatever the mode, but
+/// for a volume whose attributes say `writable: "true"` staged with a single node's writer mode.
 /// kubelet sends SINGLE_NODE_WRITER for every inline volume and for a PV whose first access mode
 /// is ReadWriteOnce, with `readonly` set when the pod or the PV says `readOnly: true`. Only
 /// mount (not block) access.
@@ -31,7 +32,7 @@ pub mod access {
     use lazy_image_proto::csi::v1::volume_capability::AccessType;
     use lazy_image_proto::csi::v1::VolumeCapability;
 
-    /// Checks the capability; returns the mode when it is a writer's (for `check_publish`).
+    /// Checks the capability; returns the mode when it is a writer's.
     pub fn check(cap: Option<&VolumeCapability>) -> NodeResult<Option<Mode>> {
         let cap = cap.ok_or_else(|| NodeError::invalid("volume_capability is required"))?;
         match &cap.access_type {
@@ -57,17 +58,26 @@ pub mod access {
         }
     }
 
-    /// NodePublishVolume: a writer's mode is served read-only when the request says `readonly`;
-    /// without it the pod expects to write, which an image volume cannot give.
-    pub fn check_publish(cap: Option<&VolumeCapability>, readonly: bool) -> NodeResult<()> {
+    /// Whether a volume whose attributes say `writable` is writable with this capability: with
+    /// a single node's writer mode, yes; with a reader's mode, no (its device stays read-only);
+    /// a writer's mode on many nodes is refused, since a volume's changes live on one node.
+    pub fn writable(cap: Option<&VolumeCapability>, asked: bool) -> NodeResult<bool> {
         match check(cap)? {
-            Some(m) if !readonly => Err(NodeError::invalid(format!(
-                "access mode {} without readonly asks for a writable volume, and lazy-image volumes are read-only images: \
-                 set readOnly: true on the pod's csi volume (or on the PV's csi source), or give the PV the access mode ReadOnlyMany",
+            _ if !asked => Ok(false),
+            None => Ok(false),
+            Some(Mode::SingleNodeWriter | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter) => Ok(true),
+            Some(m) => Err(NodeError::invalid(format!(
+                "access mode {} writes from many nodes, and a writable lazy-image volume's changes live on the node that stages it: \
+                 use ReadWriteOnce or ReadWriteOncePod",
                 m.as_str_name()
             ))),
-            _ => Ok(()),
         }
+    }
+
+    /// NodePublishVolume: whether the pod writes (a writer's mode without `readonly`). A volume
+    /// that is not writable serves a writer's mode only read-only (`Volumes::publish` says so).
+    pub fn publish_writes(cap: Option<&VolumeCapability>, readonly: bool) -> NodeResult<Option<Mode>> {
+        Ok(check(cap)?.filter(|_| !readonly))
     }
 }
 

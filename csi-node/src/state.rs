@@ -174,8 +174,16 @@ mod tests {
     /// back in the same shape (so a rolled-back plugin reads them too).
     #[test]
     fn records_of_every_device_keep_their_shape() {
-        let spec =
-            VolumeSpec { url: "http://o/x".into(), format: None, digest: None, manifest_url: None, chunk_size: None, prefetch: false };
+        let spec = VolumeSpec {
+            url: "http://o/x".into(),
+            format: None,
+            digest: None,
+            manifest_url: None,
+            chunk_size: None,
+            prefetch: false,
+            writable: false,
+            writable_size: None,
+        };
         let base = serde_json::json!({
             "volume_id": "v1", "staging_path": "/k/s", "spec": spec, "credentials": null, "fs": "erofs",
             "targets": ["/k/t1"], "ephemeral": false,

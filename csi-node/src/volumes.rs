@@ -18,8 +18,8 @@ use lazy_image_csi_common::attributes::DEVICE_SCHEME;
 use lazy_image_engine::oci;
 use lazy_image_engine::source::{local_source, HttpSourceOptions};
 use lazy_image_engine::{
-    load_manifest_from, resolve_manifest, FileSource, FillResume, HttpSource, ImageConfig, LazyImage, Manifest, RangeSource, StatsSnapshot,
-    View,
+    load_manifest_from, resolve_manifest, CowView, FileSource, FillResume, HttpSource, ImageConfig, LazyImage, Manifest, RangeSource,
+    StatsSnapshot, View,
 };
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -241,9 +241,9 @@ impl Volumes {
     }
 
     /// The pooled blob of `spec` (with the volume's credentials), opened if no volume has it:
-    /// volumes that differ only in `prefetch` share it (and its one cache).
+    /// volumes that differ only in `prefetch` or in a writable layer share it (and its one cache).
     async fn pool_blob(&self, spec: &VolumeSpec, creds: Option<&Credentials>) -> NodeResult<(String, LazyImage)> {
-        let image_spec = VolumeSpec { prefetch: false, ..spec.clone() };
+        let image_spec = VolumeSpec { prefetch: false, writable: false, writable_size: None, ..spec.clone() };
         let key = serde_json::to_string(&(image_spec, creds.map(|c| &c.0))).map_err(|e| NodeError::internal(format!("image key: {e}")))?;
         let image = self
             .take_pooled(&key, async {
@@ -355,6 +355,43 @@ impl Volumes {
         self.cfg.state_dir.join("work").join(volume_id)
     }
 
+    /// Where a writable volume's copy-on-write layer lives (on the node, beside the records).
+    fn layer_dir(&self, volume_id: &str) -> PathBuf {
+        self.cfg.state_dir.join("layers").join(volume_id)
+    }
+
+    /// A writable volume's image with its layer over it: a new, empty layer at staging
+    /// (`fresh`: one left by an earlier staging of the same id is not this volume's), the one
+    /// the volume had when re-adopting it after a restart.
+    async fn with_layer(&self, id: &str, spec: &VolumeSpec, mut image: PooledImage, fresh: bool) -> NodeResult<PooledImage> {
+        if !spec.writable {
+            return Ok(image);
+        }
+        if fresh {
+            self.remove_layer(id);
+        }
+        let limit = spec.writable_size.unwrap_or(image.view.size());
+        match CowView::open(image.view.clone(), &self.layer_dir(id), limit) {
+            Ok(layer) => {
+                image.view = layer;
+                Ok(image)
+            }
+            Err(e) => {
+                self.release_image(image).await;
+                Err(NodeError::engine(&format!("volume {id}: its writable layer"), &e))
+            }
+        }
+    }
+
+    fn remove_layer(&self, id: &str) {
+        let dir = self.layer_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(volume_id = id, dir = %dir.display(), error = %e, "removing the writable layer");
+            }
+        }
+    }
+
     /// NodeStageVolume: one device and one read-only mount at the staging path.
     pub async fn stage(&self, a: StageArgs) -> NodeResult<()> {
         let _g = self.begin(&a.volume_id)?;
@@ -398,12 +435,14 @@ impl Volumes {
             ));
         }
         let image = self.open_image(&a.spec, a.credentials.as_ref()).await?;
+        let image = self.with_layer(&id, &a.spec, image, true).await?;
         let (handover, work) = (self.cfg.fd_holder.is_some(), self.work_dir(&id));
         let att = Attachment::attach(image.view.clone(), &work, &a.staging_path, fs, self.cfg.backend, &self.cfg.ublk, handover);
         let att = match att.await {
             Ok(att) => att,
             Err(e) => {
                 self.release_image(image).await;
+                self.remove_layer(&id);
                 return Err(NodeError::attach(&format!("volume {id}"), &e));
             }
         };
@@ -422,6 +461,7 @@ impl Volumes {
         if let Err(e) = self.state.save(&rec) {
             let _ = att.detach().await;
             self.release_image(image).await;
+            self.remove_layer(&id);
             return Err(e);
         }
         tracing::info!(
@@ -470,6 +510,7 @@ impl Volumes {
         if let Some(img) = live.image.take() {
             self.release_image(img).await;
         }
+        self.remove_layer(volume_id);
         self.state.remove(volume_id)?;
         let _ = std::fs::remove_dir_all(self.work_dir(volume_id));
         if matches!(live.rec.device, DeviceRecord::Fuse { session: Some(_), .. }) {
@@ -487,16 +528,30 @@ impl Volumes {
         Ok(())
     }
 
-    /// NodePublishVolume: a read-only bind mount of the staged volume at `target`. An ephemeral
-    /// volume is staged here first, from `ephemeral`'s spec.
+    /// NodePublishVolume: a bind mount of the staged volume at `target`, read-write when the pod
+    /// writes (`writes`: its writer's access mode) to a writable volume, read-only otherwise. An
+    /// ephemeral volume is staged here first, from `ephemeral`'s spec.
     pub async fn publish(
         &self,
         volume_id: &str,
         staging_path: Option<&Path>,
         target: &Path,
+        writes: Option<&str>,
         ephemeral: Option<StageArgs>,
     ) -> NodeResult<()> {
         let _g = self.begin(volume_id)?;
+        let refuse_write = |mode: &str| {
+            Err(NodeError::invalid(format!(
+                "access mode {mode} without readonly asks for a writable volume, and this lazy-image volume is a read-only image: \
+                 set readOnly: true on the pod's csi volume (or on the PV's csi source), give the PV the access mode ReadOnlyMany, \
+                 or set the volume attribute writable: \"true\" for a writable copy-on-write volume"
+            )))
+        };
+        if let (Some(m), Some(a)) = (writes, &ephemeral) {
+            if !a.spec.writable {
+                return refuse_write(m);
+            }
+        }
         if let Some(a) = ephemeral {
             let known = lock(&self.live).get(volume_id).map(|l| l.rec.ephemeral);
             match known {
@@ -526,6 +581,9 @@ impl Volumes {
             if let Some(why) = &l.broken {
                 return Err(NodeError::new(NodeErrorKind::Unavailable, format!("volume {volume_id} is not being served: {why}")));
             }
+            if let Some(m) = writes.filter(|_| !l.rec.spec.writable) {
+                return refuse_write(m);
+            }
             if l.rec.targets.contains(target) && lazy_image_attach::is_mountpoint(target).unwrap_or(false) {
                 return Ok(()); // already done
             }
@@ -538,7 +596,7 @@ impl Volumes {
                 format!("target path {} already has something mounted", target.display()),
             ));
         }
-        lazy_image_attach::bind_readonly(&staging, target).map_err(attach_err(volume_id))?;
+        lazy_image_attach::bind(&staging, target, writes.is_none()).map_err(attach_err(volume_id))?;
         let rec = {
             let mut live = lock(&self.live);
             let Some(l) = live.get_mut(volume_id) else {
@@ -702,6 +760,7 @@ impl Volumes {
             None => rec.spec.clone(),
         };
         let image = self.open_image(&spec, rec.credentials.as_ref()).await?;
+        let image = self.with_layer(id, &spec, image, false).await?;
         // The kernel quiesces a ublk device a moment after its server died: wait that long.
         let takeover = rec.device.takeover(&rec.staging_path, std::time::Duration::from_secs(5));
         match takeover.map_err(attach_err(id))? {
@@ -758,9 +817,11 @@ impl Volumes {
             }
         };
         let session = self.hand_over(id, &att).await;
+        // Targets are recorded without their readonly flag: a writable volume's come back
+        // read-write.
         for t in &rec.targets {
             let _ = std::fs::create_dir_all(t);
-            if let Err(e) = lazy_image_attach::bind_readonly(&rec.staging_path, t) {
+            if let Err(e) = lazy_image_attach::bind(&rec.staging_path, t, !rec.spec.writable) {
                 tracing::error!(volume_id = %id, target = %t.display(), error = %e, "restoring a pod's mount");
             }
         }

@@ -1399,3 +1399,135 @@ async fn http_get(port: u16, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+fn syncfs(dir: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir)?;
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writable volumes (attribute `writable: "true"`) as kubelet and csi-sanity send them: a PV
+/// staged with SINGLE_NODE_WRITER and published without readonly (every call twice), and an
+/// inline volume. Files written read back from the device; a read-only volume of the same image
+/// on the node and a readonly publish of the writable one behave as read-only; a plugin killed
+/// and restarted keeps the volume's writes and goes on writing; teardown drops the layer; a
+/// writer's mode on many nodes is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writable_volumes() {
+    if !prerequisites_met() {
+        return;
+    }
+    let mut h = Harness::new().await;
+    let out = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(h.p("tree")).arg(h.p("srv/rw.img")).arg("64M").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let url = h.url("rw.img");
+    let attrs: HashMap<String, String> = [("url", url.as_str()), ("writable", "true"), ("writableSize", "32Mi")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut node = h.node().await;
+
+    let stage = csi::NodeStageVolumeRequest {
+        volume_id: "vol-w".into(),
+        staging_target_path: h.staging("vol-w"),
+        volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+        volume_context: attrs.clone(),
+        ..Default::default()
+    };
+    let publish = csi::NodePublishVolumeRequest {
+        volume_id: "vol-w".into(),
+        staging_target_path: h.staging("vol-w"),
+        target_path: h.target("pod", "vol-w"),
+        volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+        readonly: false,
+        volume_context: attrs.clone(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        node.node_stage_volume(stage.clone()).await.unwrap_or_else(|e| panic!("stage: {e}\n{}", h.log()));
+    }
+    for _ in 0..2 {
+        node.node_publish_volume(publish.clone()).await.unwrap_or_else(|e| panic!("publish: {e}\n{}", h.log()));
+    }
+    let target = publish.target_path.clone();
+    h.check_files(&target);
+    let mut written = vec![0u8; 3 << 20];
+    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut written);
+    std::fs::write(Path::new(&target).join("written.bin"), &written).unwrap();
+    std::fs::remove_file(Path::new(&target).join("hello.txt")).unwrap();
+    syncfs(&target).expect("the writable layer takes the writes");
+    check_stats(&mut node, "vol-w", &target).await;
+
+    // The same image read-only beside it: the original files, and no writing.
+    node.node_stage_volume(h.stage_req("vol-r", &url)).await.unwrap();
+    node.node_publish_volume(h.publish_req("vol-r", "pod")).await.unwrap();
+    let ro_target = h.target("pod", "vol-r");
+    h.check_files(&ro_target);
+    assert!(!Path::new(&ro_target).join("written.bin").exists());
+    // The writable volume published readonly to a second pod: read-only there.
+    let ro_publish = csi::NodePublishVolumeRequest { target_path: h.target("pod-2", "vol-w"), readonly: true, ..publish.clone() };
+    node.node_publish_volume(ro_publish.clone()).await.unwrap();
+    let err = std::fs::write(Path::new(&ro_publish.target_path).join("x"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    assert!(std::fs::read(Path::new(&ro_publish.target_path).join("written.bin")).unwrap() == written);
+
+    // kill -9 and restart: the volume is taken over with its layer.
+    h.kill();
+    h.start().await;
+    let mut node = h.node().await;
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert!(std::fs::read(Path::new(&target).join("written.bin")).unwrap() == written, "written bytes after the restart");
+    assert!(!Path::new(&target).join("hello.txt").exists());
+    std::fs::write(Path::new(&target).join("after.bin"), &written[..100_000]).unwrap();
+    syncfs(&target).expect("writes go on after the restart");
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert!(std::fs::read(Path::new(&target).join("after.bin")).unwrap() == written[..100_000]);
+    assert!(h.p("state/layers/vol-w").exists());
+
+    for p in [&publish, &ro_publish] {
+        for _ in 0..2 {
+            node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: "vol-w".into(), target_path: p.target_path.clone() })
+                .await
+                .unwrap();
+        }
+    }
+    for _ in 0..2 {
+        node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-w".into(), staging_target_path: h.staging("vol-w") })
+            .await
+            .unwrap();
+    }
+    assert!(!h.p("state/layers/vol-w").exists(), "the layer is dropped at unstage");
+    h.check_files(&ro_target);
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: "vol-r".into(), target_path: ro_target.clone() })
+        .await
+        .unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: "vol-r".into(), staging_target_path: h.staging("vol-r") })
+        .await
+        .unwrap();
+
+    // An inline volume, as kubelet sends it (SINGLE_NODE_WRITER, readOnly unset).
+    let inline = h.kubelet_inline_publish("pod-i", "scratch", false, &[("url", &url), ("writable", "true")]);
+    node.node_publish_volume(inline.clone()).await.unwrap_or_else(|e| panic!("inline: {e}\n{}", h.log()));
+    std::fs::write(Path::new(&inline.target_path).join("scratch.bin"), &written).unwrap();
+    syncfs(&inline.target_path).unwrap();
+    h.check_files(&inline.target_path);
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: inline.volume_id.clone(),
+        target_path: inline.target_path.clone(),
+    })
+    .await
+    .unwrap();
+    let layers: Vec<_> = std::fs::read_dir(h.p("state/layers")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(layers.is_empty(), "layers left behind: {layers:?}");
+
+    // Writers on many nodes cannot share one node's layer.
+    let many = csi::NodeStageVolumeRequest { volume_capability: Some(mount_cap(Mode::MultiNodeMultiWriter)), ..stage.clone() };
+    let e = node.node_stage_volume(many).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("ReadWriteOnce"), "{}", e.message());
+    h.assert_clean();
+}

@@ -32,6 +32,10 @@ pub enum ErrorKind {
     DeadlineExceeded,
     /// Something we looked for does not exist (a local image file, a mount).
     NotFound,
+    /// A write to a read-only device.
+    ReadOnly,
+    /// A writable layer (or the disk under it) is full.
+    NoSpace,
 }
 
 impl ErrorKind {
@@ -47,7 +51,9 @@ impl ErrorKind {
             | ErrorKind::CacheIo
             | ErrorKind::CacheBusy
             | ErrorKind::DeadlineExceeded
-            | ErrorKind::NotFound => false,
+            | ErrorKind::NotFound
+            | ErrorKind::ReadOnly
+            | ErrorKind::NoSpace => false,
         }
     }
 
@@ -56,6 +62,8 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidInput => libc::EINVAL,
             ErrorKind::NotFound => libc::ENOENT,
+            ErrorKind::ReadOnly => libc::EROFS,
+            ErrorKind::NoSpace => libc::ENOSPC,
             ErrorKind::CacheBusy => libc::EBUSY,
             ErrorKind::DeadlineExceeded => libc::ETIMEDOUT,
             ErrorKind::Transport
@@ -83,6 +91,8 @@ impl fmt::Display for ErrorKind {
             ErrorKind::CacheBusy => f.write_str("cache is in use by another process"),
             ErrorKind::DeadlineExceeded => f.write_str("gave up after retries"),
             ErrorKind::NotFound => f.write_str("not found"),
+            ErrorKind::ReadOnly => f.write_str("read-only"),
+            ErrorKind::NoSpace => f.write_str("no space left"),
         }
     }
 }

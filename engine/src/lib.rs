@@ -2,6 +2,7 @@
 //! random access. Block-device front ends (FUSE+loop, ublk) and the CSI node plugin sit on top.
 
 pub mod cache;
+pub mod cow;
 pub mod error;
 mod filling;
 mod image;
@@ -18,6 +19,7 @@ pub use source::{
     local_source, open_local, DeviceSource, FakeSource, FileSource, HttpSource, HttpSourceOptions, ImageInfo, RangeSink, RangeSource,
 };
 
+pub use cow::CowView;
 use source::{RetryPolicy, Retrying};
 pub use stats::StatsSnapshot;
 use std::sync::Arc;

@@ -52,6 +52,37 @@ pub trait BlockView: Send + Sync + 'static {
     fn complete_file(&self) -> Option<PathBuf> {
         None
     }
+
+    /// Whether the device may be written (a writable layer over an image); every other view is
+    /// read-only and its write calls fail with `ReadOnly`.
+    fn writable(&self) -> bool {
+        false
+    }
+
+    /// `write` done on the caller's thread when it needs no wait (no block to copy from below
+    /// first): `None` means call `write`.
+    fn write_now(&self, _offset: u64, _src: &[u8]) -> Option<Result<()>> {
+        Some(Err(read_only()))
+    }
+
+    async fn write(&self, _offset: u64, _src: &[u8]) -> Result<()> {
+        Err(read_only())
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros, freeing what held them (discard and
+    /// write-zeroes both come here).
+    async fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(read_only())
+    }
+
+    /// Makes every acknowledged write durable.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn read_only() -> crate::Error {
+    crate::Error::new(crate::ErrorKind::ReadOnly, "this device is read-only")
 }
 
 #[async_trait]

@@ -1,5 +1,5 @@
 //! The FUSE wire format this server speaks (Linux `include/uapi/linux/fuse.h`, protocol 7.x):
-//! only the requests a single read-only file needs. All fields little-endian, at fixed offsets.
+//! only the requests a single file holding an image needs (read-only, or a writable layer's). All fields little-endian, at fixed offsets.
 
 pub const IN_HEADER: usize = 40;
 pub const OUT_HEADER: usize = 16;
@@ -9,8 +9,10 @@ pub const FORGET: u32 = 2;
 pub const GETATTR: u32 = 3;
 pub const OPEN: u32 = 14;
 pub const READ: u32 = 15;
+pub const WRITE: u32 = 16;
 pub const STATFS: u32 = 17;
 pub const RELEASE: u32 = 18;
+pub const FSYNC: u32 = 20;
 pub const FLUSH: u32 = 25;
 pub const INIT: u32 = 26;
 pub const OPENDIR: u32 = 27;
@@ -19,6 +21,10 @@ pub const RELEASEDIR: u32 = 29;
 pub const INTERRUPT: u32 = 36;
 pub const DESTROY: u32 = 38;
 pub const BATCH_FORGET: u32 = 42;
+pub const FALLOCATE: u32 = 43;
+
+/// `fuse_write_in`: the size of the header before a WRITE's bytes.
+pub const WRITE_IN: usize = 40;
 
 // INIT flags (flags | flags2 << 32).
 pub const ASYNC_READ: u64 = 1 << 0;

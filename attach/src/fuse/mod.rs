@@ -1,4 +1,5 @@
-//! A FUSE filesystem with a single read-only file whose bytes are the image, served by this
+//! A FUSE filesystem with a single file whose bytes are the image (read-only, or writable over a
+//! writable layer), served by this
 //! process. Two transports to the kernel, one request handler:
 //! - `/dev/fuse` read and write (every kernel): one session thread reads requests;
 //! - FUSE over io_uring (`uring`, when the kernel offers it: `enable_uring` of the fuse module):
@@ -143,7 +144,9 @@ struct ImageFs {
 
 impl ImageFs {
     fn attr(&self, out: &mut Out, ino: u64) {
-        let (size, mode, nlink) = if ino == ROOT { (0, libc::S_IFDIR | 0o555, 2) } else { (self.image.size(), libc::S_IFREG | 0o444, 1) };
+        let file_mode = if self.image.writable() { 0o644 } else { 0o444 };
+        let (size, mode, nlink) =
+            if ino == ROOT { (0, libc::S_IFDIR | 0o555, 2) } else { (self.image.size(), libc::S_IFREG | file_mode, 1) };
         out.u64(ino).u64(size).u64(size.div_ceil(512));
         out.u64(self.started).u64(self.started).u64(self.started);
         out.u32(0).u32(0).u32(0).u32(mode).u32(nlink).u32(0).u32(0).u32(0).u32(4096).u32(0);
@@ -170,7 +173,7 @@ impl ImageFs {
             }
             abi::GETATTR => -libc::ENOENT,
             abi::OPEN if h.nodeid != FILE => -libc::EISDIR,
-            abi::OPEN if abi::u32_at(arg, 0) as i32 & libc::O_ACCMODE != libc::O_RDONLY => -libc::EROFS,
+            abi::OPEN if abi::u32_at(arg, 0) as i32 & libc::O_ACCMODE != libc::O_RDONLY && !self.image.writable() => -libc::EROFS,
             abi::OPEN => {
                 out.u64(0).u32(abi::FOPEN_KEEP_CACHE).u32(0);
                 0
@@ -182,6 +185,25 @@ impl ImageFs {
             }
             abi::READ if h.nodeid != FILE => -libc::EINVAL,
             abi::READ => return self.read(abi::u64_at(arg, 8), abi::u32_at(arg, 16) as usize, reply),
+            abi::WRITE if h.nodeid != FILE => -libc::EINVAL,
+            abi::WRITE => return self.write(abi::u64_at(arg, 8), abi::u32_at(arg, 16) as usize, arg.get(abi::WRITE_IN..), reply),
+            abi::FSYNC if h.nodeid == FILE && self.image.writable() => {
+                let image = self.image.clone();
+                return self.on_runtime(async move { image.flush().await.map(|()| Vec::new()) }, reply);
+            }
+            // fallocate(PUNCH_HOLE | KEEP_SIZE) or (ZERO_RANGE [| KEEP_SIZE]): what the loop device
+            // sends for discard and write-zeroes; both make the range read as zeros.
+            abi::FALLOCATE if h.nodeid == FILE && self.image.writable() => {
+                let (offset, len, mode) = (abi::u64_at(arg, 8), abi::u64_at(arg, 16), abi::u32_at(arg, 24) as i32);
+                let zeroing = mode == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                    || mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE;
+                if !zeroing {
+                    -libc::EOPNOTSUPP
+                } else {
+                    let image = self.image.clone();
+                    return self.on_runtime(async move { image.write_zeroes(offset, len).await.map(|()| Vec::new()) }, reply);
+                }
+            }
             abi::READDIR if h.nodeid != ROOT => -libc::ENOTDIR,
             abi::READDIR => {
                 self.readdir(&mut out, abi::u64_at(arg, 8), abi::u32_at(arg, 16) as usize);
@@ -217,6 +239,42 @@ impl ImageFs {
             }
         }
         self.read_on_runtime(offset, size, reply);
+    }
+
+    /// A write from the loop device: done here when it needs no wait, else on the runtime (with
+    /// a copy of `data`, which is the transport's until the reply).
+    pub(super) fn write<D: Deliver>(&self, offset: u64, size: usize, data: Option<&[u8]>, reply: Reply<D>) {
+        let Some(data) = data.and_then(|d| d.get(..size)) else { return reply.send(-libc::EINVAL, &[]) };
+        let mut out = Out::default();
+        out.u32(size as u32).u32(0);
+        match self.image.write_now(offset, data) {
+            Some(Ok(())) => reply.send(0, &out.0),
+            Some(Err(e)) => {
+                tracing::warn!(offset, size, error = %e.report(), "image write failed");
+                reply.send(-e.kind().errno(), &[])
+            }
+            None => {
+                let (image, data) = (self.image.clone(), data.to_vec());
+                self.on_runtime(async move { image.write(offset, &data).await.map(|()| out.0) }, reply)
+            }
+        }
+    }
+
+    /// Answers with what `work` gives (the answer's body), done on the runtime.
+    fn on_runtime<D: Deliver>(
+        &self,
+        work: impl std::future::Future<Output = lazy_image_engine::Result<Vec<u8>>> + Send + 'static,
+        reply: Reply<D>,
+    ) {
+        self.rt.spawn(async move {
+            match work.await {
+                Ok(body) => reply.send(0, &body),
+                Err(e) => {
+                    tracing::warn!(error = %e.report(), "image request failed");
+                    reply.send(-e.kind().errno(), &[]);
+                }
+            }
+        });
     }
 
     /// Serves a read on the runtime: a miss (fetched from the origin) or a large read.
@@ -304,6 +362,7 @@ impl FuseExport {
     /// requests then come over `/dev/fuse` only, which the kernel can send again to the next
     /// server; io_uring queues die with their process and take their requests along.
     pub fn start(image: View, dir: &Path, rt: Handle, handover: bool) -> Result<Self, AttachError> {
+        let writable = image.writable();
         std::fs::create_dir_all(dir).map_err(|e| AttachError::os(format!("creating {}", dir.display()), e))?;
         if crate::is_mountpoint(dir)? {
             // Left behind by a process that died: it cannot be serving anyone now.
@@ -317,7 +376,8 @@ impl FuseExport {
         let dev =
             std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").map_err(|e| unsupported("opening /dev/fuse".into(), e))?;
         let dev = Arc::new(dev);
-        mount_fuse(&dev, dir).map_err(|e| unsupported(format!("mounting FUSE at {} (is /dev/fuse available?)", dir.display()), e))?;
+        mount_fuse(&dev, dir, writable)
+            .map_err(|e| unsupported(format!("mounting FUSE at {} (is /dev/fuse available?)", dir.display()), e))?;
         let started = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let want_uring = !handover && std::env::var(IO_URING_ENV).map_or(true, |v| v != "0");
         let mut export = FuseExport {
@@ -441,12 +501,12 @@ fn abort_connection(conn: u32) {
     let _ = std::fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1");
 }
 
-/// Mounts a FUSE filesystem served over `dev` at `dir`, read-only.
-fn mount_fuse(dev: &File, dir: &Path) -> std::io::Result<()> {
+/// Mounts a FUSE filesystem served over `dev` at `dir`, read-only unless `writable`.
+fn mount_fuse(dev: &File, dir: &Path, writable: bool) -> std::io::Result<()> {
     let invalid = |_| std::io::Error::from_raw_os_error(libc::EINVAL);
     let target = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(invalid)?;
     let data = CString::new(format!("fd={},rootmode=40000,user_id=0,group_id=0", dev.as_raw_fd())).map_err(invalid)?;
-    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    let flags = if writable { 0 } else { libc::MS_RDONLY } | libc::MS_NOSUID | libc::MS_NODEV;
     // SAFETY: NUL-terminated strings that outlive the call.
     let r = unsafe { libc::mount(c"lazy-image".as_ptr(), target.as_ptr(), c"fuse.lazy-image".as_ptr(), flags, data.as_ptr().cast()) };
     if r != 0 {

@@ -524,7 +524,7 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>, spin: std::time::
             let i = ud as usize;
             // SAFETY: the kernel handed this entry back with a request; it is ours until the
             // reply commits it. Copies are taken before the reply may overwrite the buffers.
-            let (h, commit_id, arg) = unsafe {
+            let (h, commit_id, arg, in_payload) = unsafe {
                 let header = std::slice::from_raw_parts(q.header(i), abi::RING_HEADER);
                 let h = InHeader::parse(header);
                 let commit_id = abi::u64_at(header, abi::RING_COMMIT_ID);
@@ -535,8 +535,18 @@ fn run(q: Arc<Queue>, fs: Arc<ImageFs>, stop: Arc<AtomicBool>, spin: std::time::
                     Some(h) if h.opcode == abi::LOOKUP => std::slice::from_raw_parts(q.payload(i), in_payload).to_vec(),
                     _ => header[abi::RING_OP_IN..abi::RING_OP_IN + 128].to_vec(),
                 };
-                (h, commit_id, arg)
+                (h, commit_id, arg, in_payload)
             };
+            // A write's bytes are in the entry's payload, which is ours until the reply commits.
+            if let Some(h) = h.filter(|h| h.opcode == abi::WRITE && h.nodeid == super::FILE) {
+                let (offset, size) = (abi::u64_at(&arg, 8), abi::u32_at(&arg, 16) as usize);
+                // SAFETY: entry `i` is ours until its commit; `in_payload` <= MAX_WRITE. The write
+                // copies what it keeps before the reply is sent.
+                let data = unsafe { std::slice::from_raw_parts(q.payload(i), in_payload) };
+                let reply = Reply::new(RingReply { queue: q.clone(), entry: i, unique: h.unique, commit_id });
+                fs.write(offset, size, Some(data), reply);
+                continue;
+            }
             // A read whose chunks are all cached goes to the cache file through this ring: no
             // other thread involved, and several disk reads in flight for sequential readers.
             if let Some(h) = h.filter(|h| h.opcode == abi::READ && h.nodeid == super::FILE) {

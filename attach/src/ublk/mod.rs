@@ -1,4 +1,4 @@
-//! The ublk backend: an image becomes a read-only `/dev/ublkbN` served by this process (queue
+//! The ublk backend: an image becomes a `/dev/ublkbN` (read-only unless its view is writable) served by this process (queue
 //! handling in `queue`). This module owns the device's life: add (with a timeout), recovery of
 //! a device whose server died (USER_RECOVERY: the kernel holds its I/O until a new server
 //! attaches), stop and delete, and cleanup of a device nobody will recover.
@@ -166,18 +166,28 @@ pub fn delete_device(id: u32) -> Result<(), AttachError> {
     }
 }
 
-/// Device parameters for an image: read-only, the given logical block size, the last block
+/// Device parameters for an image: read-only (or, over a writable layer, writable with a volatile
+/// cache, so filesystems flush, and discard), the given logical block size, the last block
 /// zero-padded when the image is not whole blocks.
-fn set_params(dev: &mut UblkDev, image_size: u64, lbs_shift: u8, chunk_size: u64, max_io_bytes: u32) {
+fn set_params(dev: &mut UblkDev, image_size: u64, lbs_shift: u8, chunk_size: u64, max_io_bytes: u32, writable: bool) {
     let dev_size = image_size.div_ceil(1 << lbs_shift) << lbs_shift;
     dev.tgt.dev_size = dev_size;
     // Room on the ring for the doorbell read beside one command per tag.
     dev.tgt.sq_depth = dev.dev_info.queue_depth + 8;
     dev.tgt.cq_depth = dev.dev_info.queue_depth * 2 + 8;
+    let block = lazy_image_engine::cow::BLOCK as u32;
     dev.tgt.params = sys::ublk_params {
-        types: sys::UBLK_PARAM_TYPE_BASIC,
+        types: sys::UBLK_PARAM_TYPE_BASIC | if writable { sys::UBLK_PARAM_TYPE_DISCARD } else { 0 },
+        discard: sys::ublk_param_discard {
+            discard_granularity: if writable { block } else { 0 },
+            // Both carry no data: one request may cover much more than a read or write.
+            max_discard_sectors: if writable { ZEROES_MAX_SECTORS } else { 0 },
+            max_write_zeroes_sectors: if writable { ZEROES_MAX_SECTORS } else { 0 },
+            max_discard_segments: if writable { 1 } else { 0 },
+            ..Default::default()
+        },
         basic: sys::ublk_param_basic {
-            attrs: sys::UBLK_ATTR_READ_ONLY,
+            attrs: if writable { sys::UBLK_ATTR_VOLATILE_CACHE } else { sys::UBLK_ATTR_READ_ONLY },
             logical_bs_shift: lbs_shift,
             physical_bs_shift: 12,
             io_opt_shift: chunk_size.trailing_zeros().min(20) as u8,
@@ -189,6 +199,9 @@ fn set_params(dev: &mut UblkDev, image_size: u64, lbs_shift: u8, chunk_size: u64
         ..Default::default()
     };
 }
+
+/// Largest discard or write-zeroes request (1 GiB).
+const ZEROES_MAX_SECTORS: u32 = (1 << 30) >> 9;
 
 enum Startup {
     /// The kernel gave the device this id (sent before START, so a timeout can still kill it).
@@ -206,7 +219,7 @@ pub struct UblkDevice {
 }
 
 impl UblkDevice {
-    /// Adds a new read-only device for `image`, with logical blocks of `block_size` (512 or
+    /// Adds a new device for `image` (read-only unless the view is writable), with logical blocks of `block_size` (512 or
     /// 4096: no larger than the filesystem's blocks), and starts serving it.
     pub fn create(image: View, block_size: u32, opts: &UblkOptions) -> Result<Self, AttachError> {
         Self::start(image, opts, Some(block_size), None)
@@ -345,13 +358,13 @@ fn run_server(
             return fail(ublk_err(format!("starting recovery of ublk device {id}"), e));
         }
     }
-    let (size, chunk) = (image.size(), image.chunk_size());
+    let (size, chunk, writable) = (image.size(), image.chunk_size(), image.writable());
     let max_io = opts.max_io_bytes;
     let ctx = Arc::new(queue::QueueContext { image, rt });
     let started_tx = tx.clone();
     let res = ctrl.run_target(
         move |dev: &mut UblkDev| {
-            set_params(dev, size, lbs_shift, chunk, max_io);
+            set_params(dev, size, lbs_shift, chunk, max_io, writable);
             Ok(())
         },
         move |qid, dev: &UblkDev| queue::serve_queue(qid, dev, &ctx),

@@ -201,6 +201,46 @@ fn mapped_read(windows: &QueueWindows, file: BorrowedFd<'_>, offset: u64, len: u
     windows.get(offset, len, len < MAPPED_MIN)
 }
 
+/// Runs `work` on the engine's runtime and waits for it here, woken by the doorbell.
+async fn on_runtime<T: Send + 'static>(
+    ctx: &QueueContext,
+    bell: &Arc<Doorbell>,
+    work: impl std::future::Future<Output = lazy_image_engine::Result<T>> + Send + 'static,
+) -> Result<T, i32> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    let bell = bell.clone();
+    ctx.rt.spawn(async move {
+        let _ = tx.send(work.await);
+        bell.ring();
+    });
+    match rx.await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e.report(), "ublk request failed");
+            Err(ublk_errno(&e))
+        }
+        Err(_) => Err(-libc::EIO),
+    }
+}
+
+/// A write (only a writable layer's view takes one): on this thread when it needs no wait,
+/// else on the runtime with a copy of the request's bytes.
+async fn write(ctx: &QueueContext, bell: &Arc<Doorbell>, offset: u64, src: Option<&[u8]>) -> i32 {
+    let Some(src) = src else { return -libc::EINVAL };
+    let res = match ctx.image.write_now(offset, src) {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => {
+            tracing::warn!(offset, len = src.len(), error = %e.report(), "ublk write failed");
+            Err(ublk_errno(&e))
+        }
+        None => {
+            let (image, data) = (ctx.image.clone(), src.to_vec());
+            on_runtime(ctx, bell, async move { image.write(offset, &data).await }).await
+        }
+    };
+    res.map_or_else(|e| e, |()| src.len() as i32)
+}
+
 /// Serves one request into `buf`, or from a mapped window (returned, for the commit); returns
 /// bytes done or a negative errno.
 async fn handle_io(
@@ -217,13 +257,18 @@ async fn handle_io(
     let len = (iod.nr_sectors as usize) << 9;
     match op {
         libublk::sys::UBLK_IO_OP_READ => {}
-        // Nothing is ever dirty on a read-only device.
-        libublk::sys::UBLK_IO_OP_FLUSH => return (0, None),
-        // The kernel already refuses writes to a read-only disk; this is the second line.
-        libublk::sys::UBLK_IO_OP_WRITE
-        | libublk::sys::UBLK_IO_OP_DISCARD
-        | libublk::sys::UBLK_IO_OP_WRITE_ZEROES
-        | libublk::sys::UBLK_IO_OP_WRITE_SAME => return (-libc::EROFS, None),
+        libublk::sys::UBLK_IO_OP_WRITE => return (write(ctx, bell, offset, buf.get(..len)).await, None),
+        libublk::sys::UBLK_IO_OP_FLUSH | libublk::sys::UBLK_IO_OP_DISCARD | libublk::sys::UBLK_IO_OP_WRITE_ZEROES => {
+            let image = ctx.image.clone();
+            let r = on_runtime(ctx, bell, async move {
+                match op {
+                    libublk::sys::UBLK_IO_OP_FLUSH => image.flush().await,
+                    _ => image.write_zeroes(offset, len as u64).await,
+                }
+            })
+            .await;
+            return (r.map_or_else(|e| e, |()| 0), None);
+        }
         _ => return (-libc::EOPNOTSUPP, None),
     }
     let Some(dst) = buf.get_mut(..len) else {

@@ -10,6 +10,7 @@ use crate::units::human;
 use anyhow::{bail, Context, Result};
 use lazy_image_attach::ublk::{self, DeviceState};
 use lazy_image_attach::{Attachment, Backend, DeviceRecord, FsType, Takeover, UblkOptions};
+use lazy_image_engine::{CowView, View};
 use std::path::Path;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
@@ -26,9 +27,18 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
     };
     let opts = ublk_options(&a.ublk);
     let mut takeover = None;
+    let layer_dir = run_state::layer_dir(&a.run_dir, &mountpoint);
     if let Some(rec) = run_state::read(&a.run_dir, &mountpoint)? {
         if run_state::pid_alive(rec.pid) {
             bail!("{} is already mounted by lazy-image (pid {})", mountpoint.display(), rec.pid);
+        }
+        if rec.layer.is_some() != a.writable {
+            bail!(
+                "{} was mounted {} by a daemon that died; take it over the same way, or run `lazy-image umount {}` first",
+                mountpoint.display(),
+                if a.writable { "read-only" } else { "with --writable" },
+                mountpoint.display()
+            );
         }
         match recoverable(&rec, &mountpoint, backend)? {
             Some(t) => takeover = Some((t, rec.fs)),
@@ -42,6 +52,16 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
     }
     eprintln!("lazy-image: probing {}", a.image.url);
     let (img, view) = super::open_device(&a.image, &a.lowers).await?;
+    let view = if a.writable {
+        if takeover.is_none() {
+            // A fresh mount starts from the image: a layer left by an earlier one is not its.
+            remove_layer(&layer_dir)?;
+        }
+        let limit = a.writable_size.unwrap_or(view.size());
+        CowView::open(view, &layer_dir, limit).map_err(|e| anyhow::anyhow!(e.report()))? as View
+    } else {
+        view
+    };
     let (have, total) = img.fill();
     // A qcow2 chain or layer stack reads other blobs too: the fill is the top blob's.
     let whose = if view.size() == img.size() && a.lowers.is_empty() { "" } else { " of the top blob" };
@@ -79,7 +99,12 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
                 backend.name(),
                 if backend == Backend::Fuse { " (no /dev/ublk-control, or --backend fuse)" } else { "" }
             );
-            let att = Attachment::attach(view.clone(), &work, &mountpoint, fs, backend, &opts, false).await?;
+            let att = Attachment::attach(view.clone(), &work, &mountpoint, fs, backend, &opts, false).await;
+            let att = att.inspect_err(|_| {
+                if a.writable {
+                    let _ = remove_layer(&layer_dir);
+                }
+            })?;
             if att.is_direct() {
                 eprintln!("lazy-image: the image is complete in the cache: the loop device reads the cache file directly");
             }
@@ -94,6 +119,7 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
         fs: att.fs,
         cache_dir: work.clone(),
         device,
+        layer: a.writable.then(|| layer_dir.clone()),
     };
     run_state::write(&a.run_dir, &rec)?;
     let via = match att.fuse_io_uring() {
@@ -101,8 +127,9 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
         Some(false) => " (FUSE over /dev/fuse)",
         None => "",
     };
+    let how = if a.writable { "read-write (changes go to a layer dropped at unmount)" } else { "read-only" };
     eprintln!(
-        "lazy-image: mounted {} read-only at {} from {}{via}. Ctrl-C or `lazy-image umount {}` detaches.",
+        "lazy-image: mounted {} {how} at {} from {}{via}. Ctrl-C or `lazy-image umount {}` detaches.",
         att.fs.name(),
         mountpoint.display(),
         att.device_path().display(),
@@ -145,7 +172,11 @@ pub async fn mount(a: MountArgs, backend: Backend) -> Result<()> {
     att.detach().await?;
     let s = view.stats();
     view.close().await.map_err(|e| anyhow::anyhow!(e.report()))?;
+    drop(view);
     drop(img);
+    if a.writable {
+        remove_layer(&layer_dir)?;
+    }
     run_state::remove(&a.run_dir, &mountpoint);
     eprintln!(
         "lazy-image: stopped serving {}; {} read, {} fetched from the origin in {} requests",
@@ -194,9 +225,23 @@ pub async fn umount(a: UmountArgs) -> Result<()> {
     Ok(())
 }
 
-/// Undoes, in order, what a daemon that died left: the mount, then its device.
+/// Undoes, in order, what a daemon that died left: the mount, then its device, then its
+/// writable layer.
 fn clean_up_after(rec: &MountRecord) -> Result<()> {
-    Ok(rec.device.teardown(&rec.mountpoint)?)
+    rec.device.teardown(&rec.mountpoint)?;
+    if let Some(dir) = &rec.layer {
+        remove_layer(dir)?;
+    }
+    Ok(())
+}
+
+fn remove_layer(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing the writable layer {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `lazy-image cleanup`: every mount whose daemon died, then ublk devices nobody serves or mounts.

@@ -579,3 +579,93 @@ pub fn registry_images_mount(env: &Env) {
     env.umount("rauth", child);
     assert!(!env.log("rauth").contains(PASSWORD), "the password never reaches the log");
 }
+
+/// Flushes a filesystem's writes to its device (`syncfs`): an error there is a write the device
+/// refused.
+pub fn syncfs(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir)?;
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Drops clean page cache, so the next reads come from the devices.
+pub fn drop_caches() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("dropping caches");
+}
+
+/// `--writable`: an ext4 image mounts read-write; files written, appended and deleted read back
+/// from the device (page cache dropped); a writable mount after unmount sees the original files; the image and its cache are never
+/// written; a full layer fails writes (the layer's ENOSPC) but not reads; a read-only
+/// filesystem is refused with a sentence.
+pub fn writable_layer(env: &Env) {
+    let sums = make_tree(&env.p("tree"), 21, &[3 << 20, 100_000, 1 << 20]);
+    make_image("ext4", &env.p("tree"), &env.p("srv/rw.img"));
+    let url = format!("{}/rw.img", env.base);
+    let image_sum = hex::encode(Sha256::digest(std::fs::read(env.p("srv/rw.img")).unwrap()));
+    let child = env.mount(&url, "w", &["--writable", "--writable-size", "24M"]);
+    assert!(env.log("w").contains("mounted ext4 read-write"), "{}", env.log("w"));
+    if let Some(via) = env.fuse_transport() {
+        assert!(env.log("w").contains(via), "expected {via}: {}", env.log("w"));
+    }
+    check_sums(&env.p("w"), &sums);
+    let fresh = make_tree(&env.p("fresh"), 22, &[5 << 20, 4097]);
+    let new_name = |name: &str| format!("w/new-{}", name.replace('/', "-"));
+    for name in fresh.keys() {
+        std::fs::copy(env.p(&format!("fresh/{name}")), env.p(&new_name(name))).unwrap();
+    }
+    let mut appended = std::fs::read(env.p("w/sub/file1.bin")).unwrap();
+    appended.extend_from_slice(b"appended through the writable layer");
+    std::fs::write(env.p("w/sub/file1.bin"), &appended).unwrap();
+    std::fs::remove_file(env.p("w/file2.bin")).unwrap();
+    syncfs(&env.p("w")).expect("the layer takes the writes");
+    drop_caches();
+    for (name, want) in &fresh {
+        assert_eq!(&hex::encode(Sha256::digest(std::fs::read(env.p(&new_name(name))).unwrap())), want, "{name}");
+    }
+    assert!(std::fs::read(env.p("w/sub/file1.bin")).unwrap() == appended);
+    assert!(!env.p("w/file2.bin").exists());
+    check_sums(&env.p("w"), &BTreeMap::from([("file0.bin".to_string(), sums["file0.bin"].clone())]));
+
+    // Past the layer's 24 MiB: the device refuses the write, and reads go on.
+    let big = vec![0x5au8; 32 << 20];
+    let res = std::fs::write(env.p("w/big"), &big).and_then(|()| syncfs(&env.p("w")));
+    assert!(res.is_err(), "writing past the layer's size must fail");
+    assert!(env.log("w").contains("the writable layer is full"), "{}", env.log("w"));
+    drop_caches();
+    check_sums(&env.p("w"), &BTreeMap::from([("file0.bin".to_string(), sums["file0.bin"].clone())]));
+    env.umount("w", child);
+    let layers = env.p("run/layers");
+    assert!(std::fs::read_dir(&layers).map_or(true, |mut d| d.next().is_none()), "the layer is dropped at unmount");
+
+    // The next writable mount starts from the image again; the image was never written.
+    let child = env.mount(&url, "w", &["--writable"]);
+    check_sums(&env.p("w"), &sums);
+    assert!(!env.p("w/new-file0.bin").exists());
+    env.umount("w", child);
+    assert_eq!(hex::encode(Sha256::digest(std::fs::read(env.p("srv/rw.img")).unwrap())), image_sum);
+    let st = env.stat();
+    assert_eq!(st[0]["stats"]["verify_failures"].as_u64().unwrap_or(0), 0);
+
+    // erofs cannot be mounted read-write: refused with a sentence.
+    make_image("erofs", &env.p("tree"), &env.p("srv/ro.img"));
+    std::fs::create_dir_all(env.p("e")).unwrap();
+    let out = Command::new(BIN)
+        .arg("mount")
+        .arg(format!("{}/ro.img", env.base))
+        .arg(env.p("e"))
+        .args(["--writable", "--backend", if env.backend == "fuse-dev" { "fuse" } else { env.backend }])
+        .arg("--cache-dir")
+        .arg(env.p("cache"))
+        .arg("--run-dir")
+        .arg(env.p("run"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a read-only filesystem: a writable volume needs ext4"), "{err}");
+    assert!(!lazy_mounted(&env.p("e")));
+}
