@@ -80,3 +80,43 @@ losetup -d "$LOOP"
 case $devs in *rublk=*) "$LAZY_IMAGE_BENCH_RUBLK" del -n "${RDEV#/dev/ublkb}" >/dev/null 2>&1 || true ;; esac
 "$B" umount "$W/mnt" --run-dir "$W/run" 2>/dev/null
 if mountpoint -q "$W/mnt2" 2>/dev/null; then "$LAZY_IMAGE_BENCH_BEFORE" umount "$W/mnt2" --run-dir "$W/run2" 2>/dev/null; fi
+
+# The writable layer over ublk against a plain loop device on a local sparse copy of the image:
+# fio writes a new file at random (first writes), then the same blocks again (rewrites), in
+# two passes in opposite orders. An image of 4 KiB blocks, as real ones are.
+mkdir -p "$W/wtree" "$W/wmnt" "$W/lmnt"
+head -c 16M /dev/urandom >"$W/wtree/old.bin"
+mkfs.ext4 -q -F -b 4096 -d "$W/wtree" "$W/srv/w.img" 256M
+WURL=http://127.0.0.1:8080/w.img
+"$B" mount "$WURL" "$W/wmnt" --backend ublk --writable --cache-dir "$W/cache" --run-dir "$W/run" 2>"$W/wmount.log" &
+for _ in $(seq 200); do mountpoint -q "$W/wmnt" && break; sleep 0.1; done
+cp --sparse=always "$W/srv/w.img" "$W/local.img"
+mount -o loop "$W/local.img" "$W/lmnt"
+wjob() { # dir -> IOPS of one random write pass over dir/fio.dat
+    fio --name=w --filename="$1/fio.dat" --rw=randwrite --bs=4k --size=96M --direct=1 --ioengine=io_uring \
+        --iodepth=16 --end_fsync=1 --randrepeat=1 --output-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["write"]["iops"])'
+}
+: >"$W/wresults"
+for order in "ours=$W/wmnt loop=$W/lmnt" "loop=$W/lmnt ours=$W/wmnt"; do
+    for d in $order; do
+        name=${d%%=*}; dir=${d#*=}
+        echo "$name first $(wjob "$dir")" >>"$W/wresults"
+        echo "$name rewrite $(wjob "$dir")" >>"$W/wresults"
+        rm -f "$dir/fio.dat"; sync -f "$dir"; fstrim "$dir" 2>/dev/null || true
+    done
+done
+python3 - "$W/wresults" <<'PY'
+import sys
+r = {}
+for line in open(sys.argv[1]):
+    dev, job, iops = line.split()
+    r.setdefault((dev, job), []).append(float(iops))
+m = {k: sum(v) / len(v) for k, v in r.items()}
+print("\nrandom 4 KiB writes (fio, direct, qd 16, 96 MiB) into ext4, IOPS; mean of two passes in opposite orders")
+print(f"{'job':14}{'writable':>12}{'loop file':>12}{'ratio':>8}")
+for job in ("first", "rewrite"):
+    print(f"{job:14}{m[('ours', job)]:>12.0f}{m[('loop', job)]:>12.0f}{m[('ours', job)] / m[('loop', job)]:>7.2f}x")
+PY
+umount "$W/lmnt"
+"$B" umount "$W/wmnt" --run-dir "$W/run" 2>/dev/null

@@ -235,7 +235,7 @@ fn complete_image_mounts_on_its_cache_file_and_outlives_its_daemon() {
     let mut killed = KillOnDrop::new(child);
     killed.child().kill().unwrap();
     killed.child().wait().unwrap();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
     check_sums(&env.p("m"), &sums);
 
     // A new daemon adopts the mount as it is; then it unmounts cleanly.

@@ -196,12 +196,12 @@ fn ublk_writable_layer_survives_kill9() {
     assert!(lazy_mounted(&env.p("k")), "the mount survives its daemon");
     let new_daemon = KillOnDrop::new(env.mount(&url, "k", &["--writable"]));
     assert!(env.log("k").contains("took over /dev/ublkb"), "{}", env.log("k"));
-    drop_caches();
+    evict_tree(&env.p("k"));
     check_sums(&env.p("k"), &sums);
     assert_eq!(hex::encode(Sha256::digest(std::fs::read(env.p("k/written-before.bin")).unwrap())), written["file0.bin"]);
     std::fs::copy(env.p("fresh/file0.bin"), env.p("k/written-after.bin")).unwrap();
     syncfs(&env.p("k")).unwrap();
-    drop_caches();
+    evict_tree(&env.p("k"));
     assert_eq!(hex::encode(Sha256::digest(std::fs::read(env.p("k/written-after.bin")).unwrap())), written["file0.bin"]);
     env.umount("k", new_daemon.release());
     assert_no_devices_left();
