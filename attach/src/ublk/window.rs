@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 /// Bytes per window: a multiple of every request size the kernel sends aligned, so aligned
 /// requests never straddle two windows.
@@ -19,10 +20,45 @@ const WINDOW: u64 = 32 << 20;
 /// Windows kept mapped per queue (those still in use by a request stay beyond this).
 const MAX_WINDOWS: usize = 64;
 
+/// How long a window's residency snapshot stands in for asking the kernel again.
+const FRESH: Duration = Duration::from_millis(20);
+
 /// One mapped window; unmapped when the last user drops it.
 pub(super) struct Window {
     base: *mut libc::c_void,
     len: usize,
+    /// Which of its pages were in the page cache, and when that was asked: `mincore` costs the
+    /// kernel a zeroed page per call, so one call answers every request for a while.
+    seen: RefCell<Option<(Instant, Vec<u8>)>>,
+}
+
+impl Window {
+    /// Whether pages `[first, last]` of the window are in the page cache, by a snapshot at most
+    /// `FRESH` old (taken again when older), or else by asking the kernel about them (pages
+    /// cached since the snapshot). A page evicted since the snapshot is read from disk by the
+    /// driver's copy, on the queue thread: slower for that request, never wrong.
+    fn resident(&self, first: usize, last: usize) -> bool {
+        let now = Instant::now();
+        let mut seen = self.seen.borrow_mut();
+        if seen.as_ref().is_none_or(|(at, _)| now.duration_since(*at) > FRESH) {
+            *seen = snapshot(self.base, self.len).map(|v| (now, v));
+        }
+        let Some((_, pages)) = seen.as_mut() else { return false };
+        let Some(pages) = pages.get_mut(first..=last) else { return false };
+        if pages.iter().all(|b| b & 1 != 0) {
+            return true;
+        }
+        let page = page_size();
+        // SAFETY: pages `first..=last` lie inside the window (`pages` has a byte for each).
+        let start = unsafe { self.base.cast::<u8>().add(first * page) };
+        match snapshot(start.cast(), (last - first + 1) * page) {
+            Some(now) if now.iter().all(|b| b & 1 != 0) => {
+                pages.copy_from_slice(&now);
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Drop for Window {
@@ -70,8 +106,8 @@ impl Windows {
     }
 
     /// `len` bytes at `offset`, mapped, when they lie in one window (mapped now unless `only_mapped`)
-    /// and every page is in the page cache (the driver's copy must not wait for a disk on the
-    /// queue thread); else None.
+    /// and every page is in the page cache (the driver's copy should not wait for a disk on the
+    /// queue thread; see `Window::resident`); else None.
     pub fn get(&self, offset: u64, len: usize, only_mapped: bool) -> Option<Mapped> {
         let idx = offset / WINDOW;
         let end = offset.checked_add(len as u64)?;
@@ -82,7 +118,8 @@ impl Windows {
         let at = (offset - idx * WINDOW) as usize;
         // SAFETY: `at + len <= window.len`: the window spans [idx*WINDOW, min(file_len, (idx+1)*WINDOW)).
         let ptr = unsafe { window.base.cast::<u8>().add(at) };
-        if !resident(ptr, len) {
+        let page = page_size();
+        if !window.resident(at / page, (at + len - 1) / page) {
             return None;
         }
         Some(Mapped { _window: window, ptr, len })
@@ -100,7 +137,7 @@ impl Windows {
             tracing::debug!(error = %std::io::Error::last_os_error(), "mapping a cache window failed; reading instead");
             return None;
         }
-        let w = Rc::new(Window { base, len });
+        let w = Rc::new(Window { base, len, seen: RefCell::new(None) });
         let mut order = self.order.borrow_mut();
         let mut by_index = self.by_index.borrow_mut();
         while order.len() >= MAX_WINDOWS {
@@ -115,26 +152,20 @@ impl Windows {
     }
 }
 
-/// True when every page of `[ptr, ptr+len)` is in the page cache.
-fn resident(ptr: *const u8, len: usize) -> bool {
-    const BATCH: usize = 512;
+fn page_size() -> usize {
     static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     // SAFETY: sysconf has no memory-safety preconditions.
-    let page = *PAGE.get_or_init(|| usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096));
-    let first = ptr as usize & !(page - 1);
-    let end = ptr as usize + len;
-    let mut at = first;
-    let mut vec = [0u8; BATCH];
-    while at < end {
-        let pages = (end - at).div_ceil(page).min(BATCH);
-        // SAFETY: `at` is page aligned inside one of our mappings and `vec` has room for `pages`.
-        let rc = unsafe { libc::mincore(at as *mut libc::c_void, pages * page, vec.as_mut_ptr()) };
-        if rc != 0 || vec[..pages].iter().any(|v| v & 1 == 0) {
-            return false;
-        }
-        at += pages * page;
-    }
-    true
+    *PAGE.get_or_init(|| usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096))
+}
+
+/// `mincore` of `[base, base+len)` (page aligned, in one of our mappings): a byte per page, bit
+/// 0 set when resident.
+fn snapshot(base: *mut libc::c_void, len: usize) -> Option<Vec<u8>> {
+    let mut vec = vec![0u8; len.div_ceil(page_size())];
+    // SAFETY: `base` is page aligned and `[base, base+len)` lies in one of our mappings (the
+    // callers' contract), and `vec` has a byte for each of its pages.
+    let rc = unsafe { libc::mincore(base, len, vec.as_mut_ptr()) };
+    (rc == 0).then_some(vec)
 }
 
 #[cfg(test)]

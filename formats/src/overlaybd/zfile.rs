@@ -15,6 +15,7 @@ use super::{le32, le64, read_full};
 use crate::{corrupt, refuse};
 use lazy_image_engine::{LazyImage, Result};
 use std::io::{Read, Seek, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub const SPACE: u64 = 512;
@@ -173,6 +174,10 @@ pub struct ZFile {
     h: Header,
     table: Table,
     recent: Mutex<Vec<(usize, Arc<Vec<u8>>)>>,
+    /// Blocks whose CRC matched once: the blob's cached bytes never change while it is open
+    /// (an origin that changed is refused, not mixed), so a block is checked when it is first
+    /// decoded, as the engine checks a chunk when it arrives, not at every read.
+    verified: Vec<AtomicU64>,
 }
 
 impl ZFile {
@@ -231,7 +236,8 @@ impl ZFile {
         if at > h.index_offset {
             return Err(corrupt(what, "its blocks run into the block table"));
         }
-        Ok(ZFile { blob, what: what.to_string(), h, table, recent: Mutex::default() })
+        let verified = (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Ok(ZFile { blob, what: what.to_string(), h, table, recent: Mutex::default(), verified })
     }
 
     /// Bytes of the original file.
@@ -241,6 +247,24 @@ impl ZFile {
 
     pub fn header(&self) -> &Header {
         &self.h
+    }
+
+    fn is_verified(&self, i: usize) -> bool {
+        self.verified[i / 64].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
+    }
+
+    fn mark_verified(&self, i: usize) {
+        self.verified[i / 64].fetch_or(1 << (i % 64), Ordering::Relaxed);
+    }
+
+    /// Block `k` decoded into `out`, its CRC checked unless it was before.
+    fn decode(&self, k: usize, stored: &[u8], out: &mut [u8]) -> Result<()> {
+        let check = self.h.verify && !self.is_verified(k);
+        decode_block(&self.h, stored, out, check).map_err(|why| corrupt(&self.what, format!("block {k}: {why}")))?;
+        if check {
+            self.mark_verified(k);
+        }
+        Ok(())
     }
 
     fn recent(&self, i: usize) -> Option<Arc<Vec<u8>>> {
@@ -309,13 +333,12 @@ impl ZFile {
                 let at = (self.table.start(k) - start) as usize;
                 let stored = &raw[at..at + self.table.lens[k] as usize];
                 let (b0, expect) = (k as u64 * bs, (self.h.original_size - k as u64 * bs).min(bs) as usize);
-                let fail = |why: String| corrupt(&self.what, format!("block {k}: {why}"));
                 if b0 >= offset && b0 + expect as u64 <= end {
-                    decode_block_into(&self.h, stored, &mut dst[done..done + expect]).map_err(fail)?;
+                    self.decode(k, stored, &mut dst[done..done + expect])?;
                     done += expect;
                 } else {
                     let mut block = vec![0u8; expect];
-                    decode_block_into(&self.h, stored, &mut block).map_err(fail)?;
+                    self.decode(k, stored, &mut block)?;
                     let block = Arc::new(block);
                     done += self.copy_out(k, &block, offset, &mut dst[done..]);
                     self.remember(k, block);
@@ -332,13 +355,16 @@ impl ZFile {
     }
 }
 
-/// One block: checks its CRC if it has one and decompresses it to exactly `out.len()` bytes.
-pub fn decode_block_into(h: &Header, stored: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+/// One block decompressed to exactly `out.len()` bytes, its CRC (if it has one) checked when
+/// `check`.
+fn decode_block(h: &Header, stored: &[u8], out: &mut [u8], check: bool) -> std::result::Result<(), String> {
     let data = if h.verify {
         let (data, crc) = stored.split_at(stored.len() - 4);
-        let (want, got) = (le32(crc, 0), raw_crc32c(BLOCK_CRC_SEED, data));
-        if want != got {
-            return Err(format!("checksum {got:08x} is not the recorded {want:08x}"));
+        if check {
+            let (want, got) = (le32(crc, 0), raw_crc32c(BLOCK_CRC_SEED, data));
+            if want != got {
+                return Err(format!("checksum {got:08x} is not the recorded {want:08x}"));
+            }
         }
         data
     } else {
