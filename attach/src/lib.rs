@@ -23,9 +23,7 @@ pub use error::{AttachError, AttachErrorKind};
 pub use fsdetect::{detect, device_block_size, FsType};
 pub use fuse::{FuseExport, FuseSessionInfo, IMAGE_FILE_NAME, IO_URING_ENV as FUSE_IO_URING_ENV};
 pub use loopdev::LoopDevice;
-pub use mount::{
-    bind, bind_readonly, is_mountpoint, mount_device, mount_points_of, mount_readonly, mount_source, statvfs, unmount, unmount_detach,
-};
+pub use mount::{bind, is_mountpoint, mount_device, mount_points_of, mount_source, statvfs, unmount, unmount_detach};
 pub use record::{DeviceRecord, Takeover};
 pub use ublk::{UblkDevice, UblkOptions};
 

@@ -12,10 +12,6 @@ fn cstr(p: &Path) -> Result<CString, AttachError> {
         .map_err(|_| AttachError::new(AttachErrorKind::InvalidInput, format!("path {} contains a NUL byte", p.display())))
 }
 
-pub fn mount_readonly(dev: &Path, target: &Path, fs: FsType) -> Result<(), AttachError> {
-    mount_device(dev, target, fs, false)
-}
-
 /// Mounts `dev`'s filesystem at `target`, read-write when `writable` (a writable layer's device).
 pub fn mount_device(dev: &Path, target: &Path, fs: FsType, writable: bool) -> Result<(), AttachError> {
     crate::namespace::in_host_namespace(|| mount_here(dev, target, fs, writable))
@@ -44,12 +40,8 @@ fn mount_here(dev: &Path, target: &Path, fs: FsType, writable: bool) -> Result<(
     Ok(())
 }
 
-/// Bind-mounts `src` at `target` read-only (nosuid, nodev), as a pod's view of a staged volume.
-pub fn bind_readonly(src: &Path, target: &Path) -> Result<(), AttachError> {
-    bind(src, target, true)
-}
-
-/// Bind-mounts `src` at `target` (nosuid, nodev; read-only when `readonly`).
+/// Bind-mounts `src` at `target` (nosuid, nodev; read-only when `readonly`), as a pod's view of
+/// a staged volume.
 pub fn bind(src: &Path, target: &Path, readonly: bool) -> Result<(), AttachError> {
     crate::namespace::in_host_namespace(|| {
         let (s, t) = (cstr(src)?, cstr(target)?);

@@ -21,15 +21,19 @@ pub struct MountRecord {
     pub layer: Option<PathBuf>,
 }
 
-pub fn record_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {
+/// A mount point's name under the run directory.
+fn key(mountpoint: &Path) -> String {
     let h = hex::encode(Sha256::digest(mountpoint.as_os_str().as_encoded_bytes()));
-    run_dir.join("mounts").join(format!("{}.json", &h[..24]))
+    h[..24].to_string()
+}
+
+pub fn record_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {
+    run_dir.join("mounts").join(format!("{}.json", key(mountpoint)))
 }
 
 /// Where the writable layer of a read-write mount at `mountpoint` lives.
 pub fn layer_dir(run_dir: &Path, mountpoint: &Path) -> PathBuf {
-    let h = hex::encode(Sha256::digest(mountpoint.as_os_str().as_encoded_bytes()));
-    run_dir.join("layers").join(&h[..24])
+    run_dir.join("layers").join(key(mountpoint))
 }
 
 pub fn write(run_dir: &Path, rec: &MountRecord) -> Result<PathBuf> {

@@ -141,16 +141,12 @@ impl VolumeSpec {
                 Some(n)
             }
         };
-        let prefetch = match attrs.get("prefetch").map(String::as_str) {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(v) => return Err(invalid(format!("volume attribute prefetch {v:?} must be \"true\" or \"false\""))),
+        let flag = |key: &str| match attrs.get(key).map(String::as_str) {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(v) => Err(invalid(format!("volume attribute {key} {v:?} must be \"true\" or \"false\""))),
         };
-        let writable = match attrs.get("writable").map(String::as_str) {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(v) => return Err(invalid(format!("volume attribute writable {v:?} must be \"true\" or \"false\""))),
-        };
+        let (prefetch, writable) = (flag("prefetch")?, flag("writable")?);
         let writable_size = match attrs.get("writableSize") {
             None => None,
             Some(_) if !writable => {

@@ -201,10 +201,12 @@ fn mapped_read(windows: &QueueWindows, file: BorrowedFd<'_>, offset: u64, len: u
     windows.get(offset, len, len < MAPPED_MIN)
 }
 
-/// Runs `work` on the engine's runtime and waits for it here, woken by the doorbell.
+/// Runs `work` (the request of `len` bytes at `offset`) on the engine's runtime and waits for it
+/// here, woken by the doorbell; a failure is logged as `what` and becomes a negative errno.
 async fn on_runtime<T: Send + 'static>(
     ctx: &QueueContext,
     bell: &Arc<Doorbell>,
+    (what, offset, len): (&'static str, u64, usize),
     work: impl std::future::Future<Output = lazy_image_engine::Result<T>> + Send + 'static,
 ) -> Result<T, i32> {
     let (tx, rx) = futures::channel::oneshot::channel();
@@ -216,7 +218,7 @@ async fn on_runtime<T: Send + 'static>(
     match rx.await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
-            tracing::warn!(error = %e.report(), "ublk request failed");
+            tracing::warn!(offset, len, error = %e.report(), "{what}");
             Err(ublk_errno(&e))
         }
         Err(_) => Err(-libc::EIO),
@@ -235,7 +237,7 @@ async fn write(ctx: &QueueContext, bell: &Arc<Doorbell>, offset: u64, src: Optio
         }
         None => {
             let (image, data) = (ctx.image.clone(), src.to_vec());
-            on_runtime(ctx, bell, async move { image.write(offset, &data).await }).await
+            on_runtime(ctx, bell, ("ublk write failed", offset, src.len()), async move { image.write(offset, &data).await }).await
         }
     };
     res.map_or_else(|e| e, |()| src.len() as i32)
@@ -260,7 +262,7 @@ async fn handle_io(
         libublk::sys::UBLK_IO_OP_WRITE => return (write(ctx, bell, offset, buf.get(..len)).await, None),
         libublk::sys::UBLK_IO_OP_FLUSH | libublk::sys::UBLK_IO_OP_DISCARD | libublk::sys::UBLK_IO_OP_WRITE_ZEROES => {
             let image = ctx.image.clone();
-            let r = on_runtime(ctx, bell, async move {
+            let r = on_runtime(ctx, bell, ("ublk request failed", offset, len), async move {
                 match op {
                     libublk::sys::UBLK_IO_OP_FLUSH => image.flush().await,
                     _ => image.write_zeroes(offset, len as u64).await,
@@ -286,24 +288,13 @@ async fn handle_io(
             }
         }
         ReadPlan::Miss => {
-            let (tx, rx) = futures::channel::oneshot::channel();
             let image = ctx.image.clone();
-            let bell = bell.clone();
-            ctx.rt.spawn(async move {
-                let r = image.read(offset, len as u64).await;
-                let _ = tx.send(r);
-                bell.ring();
-            });
-            match rx.await {
-                Ok(Ok(bytes)) => {
+            match on_runtime(ctx, bell, ("ublk read failed", offset, len), async move { image.read(offset, len as u64).await }).await {
+                Ok(bytes) => {
                     dst[..bytes.len()].copy_from_slice(&bytes);
                     bytes.len()
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(offset, len, error = %e.report(), "ublk read failed");
-                    return (ublk_errno(&e), None);
-                }
-                Err(_) => return (-libc::EIO, None),
+                Err(errno) => return (errno, None),
             }
         }
     };
