@@ -83,7 +83,8 @@ if mountpoint -q "$W/mnt2" 2>/dev/null; then "$LAZY_IMAGE_BENCH_BEFORE" umount "
 
 # The writable layer over ublk against a plain loop device on a local sparse copy of the image:
 # fio writes a new file at random (first writes), then the same blocks again (rewrites), in
-# two passes in opposite orders. An image of 4 KiB blocks, as real ones are.
+# two passes in opposite orders. An image of 4 KiB blocks, as real ones are. With
+# LAZY_IMAGE_BENCH_BEFORE, the other build's writable mount is measured in the same passes.
 mkdir -p "$W/wtree" "$W/wmnt" "$W/lmnt"
 head -c 16M /dev/urandom >"$W/wtree/old.bin"
 mkfs.ext4 -q -F -b 4096 -d "$W/wtree" "$W/srv/w.img" 256M
@@ -92,13 +93,20 @@ WURL=http://127.0.0.1:8080/w.img
 for _ in $(seq 200); do mountpoint -q "$W/wmnt" && break; sleep 0.1; done
 cp --sparse=always "$W/srv/w.img" "$W/local.img"
 mount -o loop "$W/local.img" "$W/lmnt"
+wdevs="ours=$W/wmnt loop=$W/lmnt"
+if [ -n "${LAZY_IMAGE_BENCH_BEFORE:-}" ] && [ -x "$LAZY_IMAGE_BENCH_BEFORE" ]; then
+    mkdir -p "$W/wmnt2"
+    "$LAZY_IMAGE_BENCH_BEFORE" mount "$WURL" "$W/wmnt2" --backend ublk --writable --cache-dir "$W/cache2" --run-dir "$W/run2" 2>"$W/wmount2.log" &
+    for _ in $(seq 200); do mountpoint -q "$W/wmnt2" && break; sleep 0.1; done
+    wdevs="$wdevs before=$W/wmnt2"
+fi
 wjob() { # dir -> IOPS of one random write pass over dir/fio.dat
     fio --name=w --filename="$1/fio.dat" --rw=randwrite --bs=4k --size=96M --direct=1 --ioengine=io_uring \
         --iodepth=16 --end_fsync=1 --randrepeat=1 --output-format=json 2>/dev/null \
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["write"]["iops"])'
 }
 : >"$W/wresults"
-for order in "ours=$W/wmnt loop=$W/lmnt" "loop=$W/lmnt ours=$W/wmnt"; do
+for order in "$wdevs" "$(for d in $wdevs; do echo "$d"; done | tac | tr '\n' ' ')"; do
     for d in $order; do
         name=${d%%=*}; dir=${d#*=}
         echo "$name first $(wjob "$dir")" >>"$W/wresults"
@@ -114,9 +122,15 @@ for line in open(sys.argv[1]):
     r.setdefault((dev, job), []).append(float(iops))
 m = {k: sum(v) / len(v) for k, v in r.items()}
 print("\nrandom 4 KiB writes (fio, direct, qd 16, 96 MiB) into ext4, IOPS; mean of two passes in opposite orders")
-print(f"{'job':14}{'writable':>12}{'loop file':>12}{'ratio':>8}")
+before = ("before", "first") in m
+print(f"{'job':14}{'writable':>12}{'loop file':>12}{'ratio':>8}" + (f"{'before':>12}{'ratio':>8}{'vs before':>11}" if before else ""))
 for job in ("first", "rewrite"):
-    print(f"{job:14}{m[('ours', job)]:>12.0f}{m[('loop', job)]:>12.0f}{m[('ours', job)] / m[('loop', job)]:>7.2f}x")
+    line = f"{job:14}{m[('ours', job)]:>12.0f}{m[('loop', job)]:>12.0f}{m[('ours', job)] / m[('loop', job)]:>7.2f}x"
+    if before:
+        b = m[("before", job)]
+        line += f"{b:>12.0f}{b / m[('loop', job)]:>7.2f}x{m[('ours', job)] / b:>10.2f}x"
+    print(line)
 PY
 umount "$W/lmnt"
 "$B" umount "$W/wmnt" --run-dir "$W/run" 2>/dev/null
+if mountpoint -q "$W/wmnt2" 2>/dev/null; then "$LAZY_IMAGE_BENCH_BEFORE" umount "$W/wmnt2" --run-dir "$W/run2" 2>/dev/null; fi

@@ -7,6 +7,9 @@
 //! - `map`, two bits per 4 KiB block (below / data / zeros), mapped shared, so a block's state
 //!   is in the page cache the moment it is set.
 //!
+//! A block device's driver may copy a rewrite (blocks already holding data) straight into
+//! `data`, mapped shared (`write_place`): no copy through a buffer and no write(2).
+//!
 //! A block's bytes are written before its state says so, so a daemon killed at any point leaves
 //! every acknowledged write readable (the page cache outlives the process). What reaches the
 //! disk is what a flush wrote: a power loss drops the writes since the last flush, as a disk
@@ -22,6 +25,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -63,22 +67,23 @@ impl State {
     }
 }
 
-/// The block states, a shared mapping of the `map` file.
-struct Map {
-    ptr: *mut AtomicU64,
-    words: usize,
+/// A shared read-write mapping of a whole file.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
 }
 
-// SAFETY: the mapping is only touched through atomics and lives as long as the `Map`.
-unsafe impl Send for Map {}
+// SAFETY: the mapping lives as long as the `Mapping`; what is stored through it is the users' to
+// synchronise (the map's words are atomics; the data file's bytes are a device's, ordered by
+// its requests).
+unsafe impl Send for Mapping {}
 // SAFETY: as above.
-unsafe impl Sync for Map {}
+unsafe impl Sync for Mapping {}
 
-impl Map {
-    fn open(file: &File, blocks: u64) -> std::io::Result<Map> {
-        let words = blocks.div_ceil(PER_WORD) as usize;
-        let len = (words * 8).max(8);
+impl Mapping {
+    fn open(file: &File, len: u64) -> std::io::Result<Mapping> {
         use std::os::fd::AsRawFd;
+        let len = usize::try_from(len.max(1)).map_err(|_| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
         // SAFETY: a fresh shared mapping of a file at least `len` bytes long (the caller sized
         // it); the result is checked.
         let ptr =
@@ -86,7 +91,27 @@ impl Map {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Map { ptr: ptr.cast(), words })
+        Ok(Mapping { ptr: ptr.cast(), len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `open` mapped, once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// The block states, a shared mapping of the `map` file.
+struct Map {
+    mapping: Mapping,
+    words: usize,
+}
+
+impl Map {
+    fn open(file: &File, blocks: u64) -> std::io::Result<Map> {
+        let words = blocks.div_ceil(PER_WORD) as usize;
+        Ok(Map { mapping: Mapping::open(file, (words * 8).max(8) as u64)?, words })
     }
 
     fn word(&self, block: u64) -> &AtomicU64 {
@@ -94,7 +119,7 @@ impl Map {
         debug_assert!(w < self.words);
         // SAFETY: callers pass blocks of the device, whose words are all inside the mapping,
         // which is page-aligned (so 8-byte aligned) and lives as long as `self`.
-        unsafe { &*self.ptr.add(w) }
+        unsafe { &*self.mapping.ptr.cast::<AtomicU64>().add(w) }
     }
 
     fn get(&self, block: u64) -> State {
@@ -109,13 +134,6 @@ impl Map {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| Some((w & !(3 << shift)) | (state.bits() << shift)))
             .unwrap_or_else(|w| w);
         State::of(old >> shift)
-    }
-}
-
-impl Drop for Map {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what `open` mapped, once.
-        unsafe { libc::munmap(self.ptr.cast(), (self.words * 8).max(8)) };
     }
 }
 
@@ -141,6 +159,9 @@ pub struct CowView {
     data: File,
     map_file: File,
     map: Map,
+    /// `data` mapped, where a block device's driver copies rewrites itself (`write_place`);
+    /// `None` if it could not be mapped (then every write goes through `write`).
+    placed: Option<Mapping>,
     /// Blocks in the `Data` state, and the most there may be.
     used: AtomicI64,
     limit: u64,
@@ -212,6 +233,8 @@ impl CowView {
             std::fs::write(&meta_path, meta).map_err(|e| io("recording", e))?;
         }
         let used = (0..blocks).filter(|&b| map.get(b) == State::Data).count() as i64;
+        let placed =
+            Mapping::open(&data, size).inspect_err(|e| tracing::debug!(error = %e, "writes to the layer go through write(2)")).ok();
         Ok(Arc::new(CowView {
             below,
             dir: dir.to_path_buf(),
@@ -219,6 +242,7 @@ impl CowView {
             data,
             map_file,
             map,
+            placed,
             used: AtomicI64::new(used),
             limit: limit_bytes / BLOCK,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -487,6 +511,29 @@ impl BlockView for CowView {
             Ok(_) => None,
             Err(e) => Some(Err(e)),
         }
+    }
+
+    fn write_place(&self, offset: u64, len: usize) -> Option<NonNull<u8>> {
+        let mapping = self.placed.as_ref()?;
+        let end = offset.checked_add(len as u64).filter(|&end| len > 0 && end <= self.size)?;
+        // Only blocks holding data: a block still below needs its other bytes copied first.
+        if self.uniform(offset, end) != Some(State::Data) {
+            return None;
+        }
+        // SAFETY: `offset + len <= size`, the mapping's length.
+        NonNull::new(unsafe { mapping.ptr.add(offset as usize) })
+    }
+
+    fn placed(&self, offset: u64, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_range(offset, len as u64)?;
+        // A block zeroed while the driver copied into it holds data again, as after a `write`
+        // that raced a zeroing (either order is what the device may do with the two).
+        let counted = self.mark_data(offset / BLOCK, (offset + len as u64 - 1) / BLOCK);
+        self.used.fetch_add(counted as i64, Ordering::AcqRel);
+        Ok(())
     }
 
     async fn write(&self, offset: u64, src: &[u8]) -> Result<()> {

@@ -8,6 +8,7 @@ use crate::stats::StatsSnapshot;
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::PathBuf;
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 /// What backends hold: cheap to clone, shared by every queue and session thread.
@@ -66,6 +67,19 @@ pub trait BlockView: Send + Sync + 'static {
     }
 
     async fn write(&self, _offset: u64, _src: &[u8]) -> Result<()> {
+        Err(read_only())
+    }
+
+    /// Where a block device's driver may copy the `len` bytes of a write at `offset` itself,
+    /// straight into the view's store (the mapped data file of a writable layer, for blocks it
+    /// already holds): no copy through the backend's buffer and no system call to store it.
+    /// `placed` ends such a write. `None`: the write goes through `write_now` or `write`.
+    fn write_place(&self, _offset: u64, _len: usize) -> Option<NonNull<u8>> {
+        None
+    }
+
+    /// Ends a write of `len` bytes at `offset` that the driver copied to `write_place`.
+    fn placed(&self, _offset: u64, _len: usize) -> Result<()> {
         Err(read_only())
     }
 

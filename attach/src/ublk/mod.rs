@@ -56,11 +56,16 @@ pub fn driver_features() -> Option<u64> {
 }
 
 /// What we ask of the driver: recovery after a crash (and re-issue of the requests the dead
-/// server had taken), never anything the running driver lacks.
-fn wanted_flags(features: u64) -> u64 {
+/// server had taken); for a writable device, writes whose bytes we fetch to an address of our
+/// choosing (a rewrite is copied straight into the layer, see `queue::get_data_and_write`).
+/// Never anything the running driver lacks.
+fn wanted_flags(features: u64, writable: bool) -> u64 {
     let mut want = sys::UBLK_F_USER_RECOVERY as u64 | sys::UBLK_F_CMD_IOCTL_ENCODE as u64;
     if features & sys::UBLK_F_USER_RECOVERY as u64 != 0 {
         want |= sys::UBLK_F_USER_RECOVERY_REISSUE as u64;
+    }
+    if writable {
+        want |= sys::UBLK_F_NEED_GET_DATA as u64;
     }
     want & features
 }
@@ -345,7 +350,7 @@ fn run_server(
         .nr_queues(opts.queues.max(1))
         .depth(opts.depth.max(1))
         .io_buf_bytes(opts.max_io_bytes)
-        .ctrl_flags(wanted_flags(features))
+        .ctrl_flags(wanted_flags(features, image.writable()))
         .dev_flags(if recover.is_some() { UblkFlags::UBLK_DEV_F_RECOVER_DEV } else { UblkFlags::UBLK_DEV_F_ADD_DEV });
     let ctrl = match builder.build() {
         Ok(c) => c,
@@ -393,9 +398,12 @@ mod tests {
     #[test]
     fn asks_only_for_what_the_driver_has() {
         // Debian 6.12: recovery, reissue, ioctl encoding and more, no zero copy.
-        assert_eq!(wanted_flags(0x1fe), 0x58);
+        assert_eq!(wanted_flags(0x1fe, false), 0x58);
+        // A writable device fetches write bytes on request there.
+        assert_eq!(wanted_flags(0x1fe, true), 0x5c);
         // An old driver without recovery gets neither recovery flag.
-        assert_eq!(wanted_flags(0x4), 0);
-        assert_eq!(wanted_flags(0), 0);
+        assert_eq!(wanted_flags(0x4, false), 0);
+        assert_eq!(wanted_flags(0x4, true), 0x4);
+        assert_eq!(wanted_flags(0, true), 0);
     }
 }

@@ -4,7 +4,8 @@
 //! engine's tokio runtime (queue threads have no tokio I/O or timer drivers) and the task waits
 //! on a oneshot; the runtime writes an eventfd that this ring always has a read pending on, so a
 //! finished fetch wakes the ring. Large cached reads are not read at all: the commit points the
-//! driver at the cache file's pages (see `window`).
+//! driver at the cache file's pages (see `window`). A writable device's writes are fetched on
+//! request (NEED_GET_DATA): a rewrite straight into the writable layer's mapped file.
 
 use super::window::{Mapped, Windows};
 use lazy_image_engine::{Error as EngineError, ReadPlan, View};
@@ -168,16 +169,17 @@ const MAPPED_MIN: usize = 64 << 10;
 
 async fn io_task(q: &UblkQueue<'_>, tag: u16, ctx: &QueueContext, bell: &Arc<Doorbell>, windows: &QueueWindows) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
+    // What the fetch said: a write's bytes are in `buf`, or (NEED_GET_DATA) still to be asked for.
+    let mut fetched = q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
     loop {
-        let (res, mapped) = handle_io(q, tag, buf.as_mut_slice(), ctx, bell, windows).await;
+        let (res, mapped) = handle_io(q, tag, fetched, buf.as_mut_slice(), ctx, bell, windows).await;
         // `mapped` lives until the commit's future resolves, which is after the driver copied
         // from it (the copy happens when the commit is submitted).
         let desc = match &mapped {
             Some(m) => BufDesc::Slice(m.as_slice()),
             None => BufDesc::Slice(buf.as_slice()),
         };
-        q.submit_io_commit_cmd(tag, desc, res).await?;
+        fetched = q.submit_io_commit_cmd(tag, desc, res).await?;
         drop(mapped);
     }
 }
@@ -243,11 +245,57 @@ async fn write(ctx: &QueueContext, bell: &Arc<Doorbell>, offset: u64, src: Optio
     res.map_or_else(|e| e, |()| src.len() as i32)
 }
 
-/// Serves one request into `buf`, or from a mapped window (returned, for the commit); returns
-/// bytes done or a negative errno.
+/// A write on a device made with UBLK_F_NEED_GET_DATA: its bytes come only when asked for, to
+/// an address of our choosing. A rewrite of blocks the view already holds goes straight into its
+/// store (`write_place`), copied there by the driver: no copy into the tag's buffer and no
+/// write(2). Any other write is taken into `buf` and written as usual. Returns bytes done (the
+/// driver may hand over fewer than asked; it sends the rest again) or a negative errno.
+async fn get_data_and_write(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    buf: &mut [u8],
+    ctx: &QueueContext,
+    bell: &Arc<Doorbell>,
+    offset: u64,
+    len: usize,
+) -> i32 {
+    if len > buf.len() {
+        return -libc::EINVAL;
+    }
+    let mut place = ctx.image.write_place(offset, len);
+    loop {
+        let addr = place.map_or(buf.as_mut_ptr(), |p| p.as_ptr());
+        // The unified calls only fetch and commit; this is the one other command we send.
+        #[allow(deprecated)]
+        let res = q.submit_io_cmd(tag, libublk::sys::UBLK_U_IO_NEED_GET_DATA, addr, 0).await;
+        match res {
+            r if r == libublk::sys::UBLK_IO_RES_OK as i32 => break,
+            // The driver could copy nothing to `place` (it could not fault a page of it in) and
+            // asks again: take the bytes into the tag's buffer instead.
+            r if r == libublk::sys::UBLK_IO_RES_NEED_GET_DATA as i32 && place.is_some() => place = None,
+            r if r == libublk::sys::UBLK_IO_RES_NEED_GET_DATA as i32 => continue,
+            r => return if r < 0 { r } else { -libc::EIO },
+        }
+    }
+    let got = ((q.get_iod(tag).nr_sectors as usize) << 9).min(len);
+    match place {
+        Some(_) => match ctx.image.placed(offset, got) {
+            Ok(()) => got as i32,
+            Err(e) => {
+                tracing::warn!(offset, len = got, error = %e.report(), "ublk write failed");
+                ublk_errno(&e)
+            }
+        },
+        None => write(ctx, bell, offset, buf.get(..got)).await,
+    }
+}
+
+/// Serves one request (`fetched`: the result its fetch completed with) into `buf`, or from a
+/// mapped window (returned, for the commit); returns bytes done or a negative errno.
 async fn handle_io(
     q: &UblkQueue<'_>,
     tag: u16,
+    fetched: i32,
     buf: &mut [u8],
     ctx: &QueueContext,
     bell: &Arc<Doorbell>,
@@ -259,6 +307,9 @@ async fn handle_io(
     let len = (iod.nr_sectors as usize) << 9;
     match op {
         libublk::sys::UBLK_IO_OP_READ => {}
+        libublk::sys::UBLK_IO_OP_WRITE if fetched == libublk::sys::UBLK_IO_RES_NEED_GET_DATA as i32 => {
+            return (get_data_and_write(q, tag, buf, ctx, bell, offset, len).await, None)
+        }
         libublk::sys::UBLK_IO_OP_WRITE => return (write(ctx, bell, offset, buf.get(..len)).await, None),
         libublk::sys::UBLK_IO_OP_FLUSH | libublk::sys::UBLK_IO_OP_DISCARD | libublk::sys::UBLK_IO_OP_WRITE_ZEROES => {
             let image = ctx.image.clone();

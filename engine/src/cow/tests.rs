@@ -123,6 +123,55 @@ async fn a_full_layer_fails_new_blocks_with_no_space_but_not_reads_or_rewrites()
     assert_eq!(cow.used_bytes(), 4 * BLOCK);
 }
 
+/// What a block device's driver does with `write_place`: copies the bytes there itself.
+fn driver_copy(view: &CowView, offset: u64, data: &[u8]) -> bool {
+    match view.write_place(offset, data.len()) {
+        Some(place) => {
+            // SAFETY: `write_place` hands out `data.len()` writable bytes.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), place.as_ptr(), data.len()) };
+            view.placed(offset, data.len()).expect("placed");
+            true
+        }
+        None => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_copied_in_place_read_back_and_outlive_the_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let orig = pattern(SIZE, 11);
+    let (img, _) = below(&dir.path().join("cache"), &orig).await;
+    let layer = dir.path().join("layer");
+    let mut model = orig.clone();
+    {
+        let cow = CowView::open(img.view(), &layer, SIZE as u64).expect("open layer");
+        // Only blocks the layer holds can be written in place: not one below, not one zeroed,
+        // not a range reaching past one it holds, nor past the device.
+        assert!(!driver_copy(&cow, 0, &[1u8; 4096]), "a block below");
+        cow.write(8192, &pattern(3 * 4096, 1)).await.expect("write");
+        model[8192..8192 + 3 * 4096].copy_from_slice(&pattern(3 * 4096, 1));
+        cow.write_zeroes(40_960, 4096).await.expect("zeroes");
+        model[40_960..45_056].fill(0);
+        assert!(!driver_copy(&cow, 40_960, &[1u8; 100]), "a zeroed block");
+        assert!(!driver_copy(&cow, 8192, &[1u8; 4 * 4096]), "a range past the blocks held");
+        assert!(cow.write_place(SIZE as u64 - 10, 20).is_none() && cow.write_place(8192, 0).is_none());
+        let used = cow.used_bytes();
+        // Whole blocks, a ragged piece across two of them, one byte.
+        for (off, len, seed) in [(8192usize, 8192usize, 2u8), (12_000, 5000, 3), (20_479, 1, 4)] {
+            assert!(driver_copy(&cow, off as u64, &pattern(len, seed)), "{len} bytes at {off} in place");
+            model[off..off + len].copy_from_slice(&pattern(len, seed));
+        }
+        assert_eq!(cow.used_bytes(), used, "a rewrite takes no room");
+        check_all_paths(&cow, &model).await;
+        // Dropped without a flush, as a killed daemon leaves it.
+    }
+    let cow = CowView::open(img.view(), &layer, SIZE as u64).expect("reopen layer");
+    check_all_paths(&cow, &model).await;
+    // A read-only view has no place for writes.
+    assert!(img.view().write_place(0, 4096).is_none());
+    assert_eq!(img.view().placed(0, 4096).expect_err("read-only").kind(), ErrorKind::ReadOnly);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_partial_writes_to_one_block_all_land() {
     let dir = tempfile::tempdir().expect("tempdir");
