@@ -61,6 +61,16 @@ def cache_stats(cache):
     return json.loads(subprocess.run([BIN, "stat", "--json", "--cache-dir", cache], capture_output=True, check=True).stdout)
 
 
+def evict(path):
+    """Drops `path`'s pages from the page cache, and only those: a read of it then goes to the
+    device below while the files behind the device (a cache) stay in memory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def drop_caches():
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:

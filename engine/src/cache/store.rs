@@ -239,6 +239,24 @@ impl CacheStore {
             .map_err(|e| Error::cache_io(format!("reading {} bytes at {offset} from {}", buf.len(), self.dir.display()), e))
     }
 
+    /// `read_at` only if every page is in the page cache (`RWF_NOWAIT`): `false` when the read
+    /// would wait on the disk (the kernel starts reading the pages meanwhile).
+    pub fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        use std::os::fd::AsRawFd;
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: one iovec over `buf`, which outlives the call.
+        let n = unsafe { libc::preadv2(self.data.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) => Ok(false),
+                _ => Err(Error::cache_io(format!("reading {} bytes at {offset} from {}", buf.len(), self.dir.display()), e)),
+            };
+        }
+        // Short: part of it is not in memory; the caller reads it all again, waiting.
+        Ok(n as usize == buf.len())
+    }
+
     /// Writes chunk bytes unless that would exceed the cache budget. Returns whether it wrote:
     /// a full cache means serving from memory, never a partial or corrupt cache. `direct` asks
     /// for `O_DIRECT` (no copy into the page cache), taken where `buf` and `offset` are aligned

@@ -491,6 +491,36 @@ impl LazyImage {
         ReadPlan::File { file: inner.store.data_fd(), direct, offset, len }
     }
 
+    /// `buf.len()` bytes at `offset` (fewer at the end) read here only if that needs no wait:
+    /// every chunk cached and every page of them in the page cache. `None` otherwise (use
+    /// `read_into`), with nothing counted. For threads that must not block on the disk, such as
+    /// a backend's queue decoding compressed blocks itself.
+    pub fn read_resident(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
+        let inner = &self.inner;
+        if offset >= inner.info.size || buf.is_empty() {
+            return Ok(Some(0));
+        }
+        let end = offset.saturating_add(buf.len() as u64).min(inner.info.size);
+        let (c0, c1) = (offset / inner.chunk_size, (end - 1) / inner.chunk_size);
+        if !{
+            let st = lock(&inner.state);
+            (c0..=c1).all(|c| st.present.get(c))
+        } {
+            return Ok(None);
+        }
+        let len = (end - offset) as usize;
+        if !inner.copy_recent(offset, &mut buf[..len]) && !inner.store.read_nowait(&mut buf[..len], offset)? {
+            return Ok(None);
+        }
+        // Counted and driving read-ahead as any hit (see `plan_read`).
+        inner.stats.count_chunks(c1 - c0 + 1, 0);
+        inner.stats.count_read(len as u64);
+        if let Some((a, b)) = inner.readahead_range(offset, end) {
+            inner.start_readahead(a, b);
+        }
+        Ok(Some(len))
+    }
+
     /// A hit served on the caller's thread: `plan_read`, with the cache file read here. `None`
     /// on a miss (use `read_into`).
     pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {

@@ -44,6 +44,12 @@ const RECENT_BLOCKS: usize = 8;
 /// Reads spanning more blocks than this decompress where the runtime allows blocking.
 const INLINE_BLOCKS: usize = 64;
 
+thread_local! {
+    /// Compressed bytes `read_resident` reads, kept for the thread's next read: no allocation
+    /// and no zeroing per read on a backend's queue thread.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algo {
     Lz4,
@@ -279,14 +285,29 @@ impl ZFile {
         r.push((i, d));
     }
 
+    /// The blocks `[first, last]` a read of `n` bytes at `offset` covers (`None` past the end).
+    fn span(&self, offset: u64, n: usize) -> Option<(usize, usize, usize)> {
+        if offset >= self.h.original_size {
+            return None;
+        }
+        let n = n.min((self.h.original_size - offset) as usize);
+        let bs = self.h.block_size as u64;
+        Some(((offset / bs) as usize, ((offset + n as u64 - 1) / bs) as usize, n))
+    }
+
+    /// From block `i`, the last block `j` of the run not in memory, and the run's compressed
+    /// bytes in the file (`[start, end)`), fetched in one read.
+    fn run_from(&self, i: usize, last: usize) -> (usize, u64, u64) {
+        let mut j = i;
+        while j < last && self.recent(j + 1).is_none() {
+            j += 1;
+        }
+        (j, self.table.start(i), self.table.start(j) + u64::from(self.table.lens[j]))
+    }
+
     /// `buf.len()` bytes of the original file at `offset` (fewer at its end).
     pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        if offset >= self.h.original_size {
-            return Ok(0);
-        }
-        let n = buf.len().min((self.h.original_size - offset) as usize);
-        let bs = self.h.block_size as u64;
-        let (first, last) = ((offset / bs) as usize, ((offset + n as u64 - 1) / bs) as usize);
+        let Some((first, last, n)) = self.span(offset, buf.len()) else { return Ok(0) };
         let mut done = 0usize;
         let mut i = first;
         while i <= last {
@@ -295,13 +316,7 @@ impl ZFile {
                 i += 1;
                 continue;
             }
-            // One fetch for the run of blocks not in memory.
-            let mut j = i;
-            while j < last && self.recent(j + 1).is_none() {
-                j += 1;
-            }
-            let start = self.table.start(i);
-            let end = self.table.start(j) + u64::from(self.table.lens[j]);
+            let (j, start, end) = self.run_from(i, last);
             let raw = self.blob.read(start, end - start).await?;
             if raw.len() as u64 != end - start {
                 return Err(corrupt(&self.what, format!("blocks {i}..={j} are cut short")));
@@ -310,6 +325,41 @@ impl ZFile {
             i = j + 1;
         }
         Ok(n)
+    }
+
+    /// `read_into` done on the caller's thread if it needs no wait: the compressed bytes all
+    /// cached and in the page cache (`LazyImage::read_resident`). `None` otherwise. A backend's
+    /// queue thread then decodes a warm sequential read itself, with no hop to the runtime.
+    pub fn read_resident(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
+        let Some((first, last, n)) = self.span(offset, buf.len()) else { return Ok(Some(0)) };
+        let mut done = 0usize;
+        let mut i = first;
+        while i <= last {
+            if let Some(d) = self.recent(i) {
+                done += self.copy_out(i, &d, offset, &mut buf[done..n]);
+                i += 1;
+                continue;
+            }
+            let (j, start, end) = self.run_from(i, last);
+            let len = (end - start) as usize;
+            let decoded = SCRATCH.with(|scratch| {
+                let mut raw = scratch.borrow_mut();
+                if raw.len() < len {
+                    raw.resize(len, 0);
+                }
+                match self.blob.read_resident(start, &mut raw[..len])? {
+                    Some(got) if got == len => self.decode_run(i, j, start, &raw[..len], offset, &mut buf[done..n]).map(Some),
+                    Some(_) => Err(corrupt(&self.what, format!("blocks {i}..={j} are cut short"))),
+                    None => Ok(None),
+                }
+            })?;
+            match decoded {
+                Some(d) => done += d,
+                None => return Ok(None),
+            }
+            i = j + 1;
+        }
+        Ok(Some(n))
     }
 
     fn copy_out(&self, i: usize, block: &[u8], offset: u64, dst: &mut [u8]) -> usize {

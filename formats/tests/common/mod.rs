@@ -84,4 +84,16 @@ pub async fn assert_view_is(view: &lazy_image_engine::View, want: &[u8], what: &
         };
         assert_eq!(&buf[..n], &want[at..at + n], "{what}: planned read at {at}");
     }
+    // Ragged reads on the caller's thread (large ones of compressed blocks decoded there,
+    // partly covered blocks kept for the next read), where they need no wait.
+    let mut buf = vec![0u8; 70_000];
+    for at in (123..want.len()).step_by(37 * 4096 + 123) {
+        let len = buf.len().min(want.len() - at);
+        let n = match view.read_cached_into(at as u64, &mut buf[..len]).unwrap() {
+            Some(n) => n,
+            None => view.read_into(at as u64, &mut buf[..len]).await.unwrap(),
+        };
+        assert_eq!(n, len);
+        assert_eq!(&buf[..n], &want[at..at + n], "{what}: read on the caller's thread at {at}");
+    }
 }
