@@ -44,6 +44,14 @@ const RECENT_BLOCKS: usize = 8;
 /// Reads spanning more blocks than this decompress where the runtime allows blocking.
 const INLINE_BLOCKS: usize = 64;
 
+/// A piece of a read (see `ZFile::pieces`).
+enum Piece {
+    /// Block `.0`, decoded already (kept from an earlier read that covered it in part).
+    Decoded(usize, Arc<Vec<u8>>),
+    /// Blocks `i..=j`, compressed in `[start, end)` of the file.
+    Run { i: usize, j: usize, start: u64, end: u64 },
+}
+
 thread_local! {
     /// Compressed bytes `read_resident` reads, kept for the thread's next read: no allocation
     /// and no zeroing per read on a backend's queue thread.
@@ -295,34 +303,51 @@ impl ZFile {
         Some(((offset / bs) as usize, ((offset + n as u64 - 1) / bs) as usize, n))
     }
 
-    /// From block `i`, the last block `j` of the run not in memory, and the run's compressed
-    /// bytes in the file (`[start, end)`), fetched in one read.
-    fn run_from(&self, i: usize, last: usize) -> (usize, u64, u64) {
-        let mut j = i;
-        while j < last && self.recent(j + 1).is_none() {
-            j += 1;
+    /// What a read of blocks `[first, last]` is made of: blocks decoded in memory already, and
+    /// runs of the others, each fetched in one read of their compressed bytes.
+    fn pieces(&self, first: usize, last: usize) -> Vec<Piece> {
+        let mut pieces = Vec::new();
+        let mut i = first;
+        while i <= last {
+            if let Some(d) = self.recent(i) {
+                pieces.push(Piece::Decoded(i, d));
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < last && self.recent(j + 1).is_none() {
+                j += 1;
+            }
+            pieces.push(Piece::Run { i, j, start: self.table.start(i), end: self.table.start(j) + u64::from(self.table.lens[j]) });
+            i = j + 1;
         }
-        (j, self.table.start(i), self.table.start(j) + u64::from(self.table.lens[j]))
+        pieces
+    }
+
+    /// Puts `piece` of a read at `offset` into `dst` (a run's compressed bytes are `raw`);
+    /// returns the bytes put.
+    fn put(&self, piece: &Piece, raw: &[u8], offset: u64, dst: &mut [u8]) -> Result<usize> {
+        match *piece {
+            Piece::Decoded(i, ref d) => Ok(self.copy_out(i, d, offset, dst)),
+            Piece::Run { i, j, start, end } => {
+                if raw.len() as u64 != end - start {
+                    return Err(corrupt(&self.what, format!("blocks {i}..={j} are cut short")));
+                }
+                self.decode_run(i, j, start, raw, offset, dst)
+            }
+        }
     }
 
     /// `buf.len()` bytes of the original file at `offset` (fewer at its end).
     pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let Some((first, last, n)) = self.span(offset, buf.len()) else { return Ok(0) };
         let mut done = 0usize;
-        let mut i = first;
-        while i <= last {
-            if let Some(d) = self.recent(i) {
-                done += self.copy_out(i, &d, offset, &mut buf[done..n]);
-                i += 1;
-                continue;
-            }
-            let (j, start, end) = self.run_from(i, last);
-            let raw = self.blob.read(start, end - start).await?;
-            if raw.len() as u64 != end - start {
-                return Err(corrupt(&self.what, format!("blocks {i}..={j} are cut short")));
-            }
-            done += self.decode_run(i, j, start, &raw, offset, &mut buf[done..n])?;
-            i = j + 1;
+        for piece in self.pieces(first, last) {
+            let raw = match piece {
+                Piece::Run { start, end, .. } => self.blob.read(start, end - start).await?,
+                Piece::Decoded(..) => bytes::Bytes::new(),
+            };
+            done += self.put(&piece, &raw, offset, &mut buf[done..n])?;
         }
         Ok(n)
     }
@@ -333,31 +358,27 @@ impl ZFile {
     pub fn read_resident(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
         let Some((first, last, n)) = self.span(offset, buf.len()) else { return Ok(Some(0)) };
         let mut done = 0usize;
-        let mut i = first;
-        while i <= last {
-            if let Some(d) = self.recent(i) {
-                done += self.copy_out(i, &d, offset, &mut buf[done..n]);
-                i += 1;
-                continue;
-            }
-            let (j, start, end) = self.run_from(i, last);
-            let len = (end - start) as usize;
-            let decoded = SCRATCH.with(|scratch| {
+        for piece in self.pieces(first, last) {
+            let put = SCRATCH.with(|scratch| {
                 let mut raw = scratch.borrow_mut();
+                let len = match piece {
+                    Piece::Run { start, end, .. } => (end - start) as usize,
+                    Piece::Decoded(..) => 0,
+                };
                 if raw.len() < len {
                     raw.resize(len, 0);
                 }
-                match self.blob.read_resident(start, &mut raw[..len])? {
-                    Some(got) if got == len => self.decode_run(i, j, start, &raw[..len], offset, &mut buf[done..n]).map(Some),
-                    Some(_) => Err(corrupt(&self.what, format!("blocks {i}..={j} are cut short"))),
-                    None => Ok(None),
+                if let Piece::Run { start, .. } = piece {
+                    if self.blob.read_resident(start, &mut raw[..len])? != Some(len) {
+                        return Ok(None);
+                    }
                 }
+                self.put(&piece, &raw[..len], offset, &mut buf[done..n]).map(Some)
             })?;
-            match decoded {
+            match put {
                 Some(d) => done += d,
                 None => return Ok(None),
             }
-            i = j + 1;
         }
         Ok(Some(n))
     }
