@@ -234,9 +234,11 @@ impl CacheStore {
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.data
-            .read_exact_at(buf, offset)
-            .map_err(|e| Error::cache_io(format!("reading {} bytes at {offset} from {}", buf.len(), self.dir.display()), e))
+        self.data.read_exact_at(buf, offset).map_err(|e| self.read_error(buf.len(), offset, e))
+    }
+
+    fn read_error(&self, len: usize, offset: u64, e: std::io::Error) -> Error {
+        Error::cache_io(format!("reading {len} bytes at {offset} from {}", self.dir.display()), e)
     }
 
     /// `read_at` only if every page is in the page cache (`RWF_NOWAIT`): `false` when the read
@@ -250,7 +252,7 @@ impl CacheStore {
             let e = std::io::Error::last_os_error();
             return match e.raw_os_error() {
                 Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) => Ok(false),
-                _ => Err(Error::cache_io(format!("reading {} bytes at {offset} from {}", buf.len(), self.dir.display()), e)),
+                _ => Err(self.read_error(buf.len(), offset, e)),
             };
         }
         // Short: part of it is not in memory; the caller reads it all again, waiting.

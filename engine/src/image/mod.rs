@@ -322,6 +322,14 @@ pub enum ReadPlan<'a> {
     Miss,
 }
 
+/// A read whose chunks are all cached (`LazyImage::cached`): where it ends (clipped to the
+/// image), its first and last chunk, and whether every cache write is on disk.
+struct Hit {
+    end: u64,
+    chunks: (u64, u64),
+    settled: bool,
+}
+
 /// A lazily fetched image. Cheap to clone; all clones share cache and counters.
 #[derive(Clone)]
 pub struct LazyImage {
@@ -466,28 +474,16 @@ impl LazyImage {
         if offset >= inner.info.size || buf.is_empty() {
             return ReadPlan::Copied(0);
         }
-        let end = offset.saturating_add(buf.len() as u64).min(inner.info.size);
-        let (c0, c1) = (offset / inner.chunk_size, (end - 1) / inner.chunk_size);
-        let settled = {
-            let st = lock(&inner.state);
-            if !(c0..=c1).all(|c| st.present.get(c)) {
-                return ReadPlan::Miss;
-            }
-            st.written == st.synced
-        };
-        inner.stats.count_chunks(c1 - c0 + 1, 0);
-        inner.stats.count_read(end - offset);
-        if let Some((a, b)) = inner.readahead_range(offset, end) {
-            inner.start_readahead(a, b);
-        }
-        let len = (end - offset) as usize;
+        let Some(hit) = self.cached(offset, buf.len()) else { return ReadPlan::Miss };
+        self.count_hit(offset, &hit);
+        let len = (hit.end - offset) as usize;
         if inner.copy_recent(offset, &mut buf[..len]) {
             return ReadPlan::Copied(len);
         }
         // A direct descriptor only while the cache is settled: every cache write on disk and
         // none running. Otherwise a direct read first waits for the writeback of its range, or
         // behind a write for the inode lock, which beside a background fill cost readers dearly.
-        let direct = (settled && inner.writes_pending.load(Ordering::SeqCst) == 0).then(|| inner.store.data_direct_fd()).flatten();
+        let direct = (hit.settled && inner.writes_pending.load(Ordering::SeqCst) == 0).then(|| inner.store.data_direct_fd()).flatten();
         ReadPlan::File { file: inner.store.data_fd(), direct, offset, len }
     }
 
@@ -500,25 +496,33 @@ impl LazyImage {
         if offset >= inner.info.size || buf.is_empty() {
             return Ok(Some(0));
         }
-        let end = offset.saturating_add(buf.len() as u64).min(inner.info.size);
-        let (c0, c1) = (offset / inner.chunk_size, (end - 1) / inner.chunk_size);
-        if !{
-            let st = lock(&inner.state);
-            (c0..=c1).all(|c| st.present.get(c))
-        } {
-            return Ok(None);
-        }
-        let len = (end - offset) as usize;
+        let Some(hit) = self.cached(offset, buf.len()) else { return Ok(None) };
+        let len = (hit.end - offset) as usize;
         if !inner.copy_recent(offset, &mut buf[..len]) && !inner.store.read_nowait(&mut buf[..len], offset)? {
             return Ok(None);
         }
-        // Counted and driving read-ahead as any hit (see `plan_read`).
-        inner.stats.count_chunks(c1 - c0 + 1, 0);
-        inner.stats.count_read(len as u64);
-        if let Some((a, b)) = inner.readahead_range(offset, end) {
+        self.count_hit(offset, &hit);
+        Ok(Some(len))
+    }
+
+    /// For a read of `len` (> 0) bytes at `offset` (< the image's size): where it ends and
+    /// whether the cache is settled, when every chunk it covers is cached; `None` on a miss.
+    fn cached(&self, offset: u64, len: usize) -> Option<Hit> {
+        let inner = &self.inner;
+        let end = offset.saturating_add(len as u64).min(inner.info.size);
+        let chunks = (offset / inner.chunk_size, (end - 1) / inner.chunk_size);
+        let st = lock(&inner.state);
+        (chunks.0..=chunks.1).all(|c| st.present.get(c)).then(|| Hit { end, chunks, settled: st.written == st.synced })
+    }
+
+    /// A hit is counted and drives read-ahead, as any read does.
+    fn count_hit(&self, offset: u64, hit: &Hit) {
+        let inner = &self.inner;
+        inner.stats.count_chunks(hit.chunks.1 - hit.chunks.0 + 1, 0);
+        inner.stats.count_read(hit.end - offset);
+        if let Some((a, b)) = inner.readahead_range(offset, hit.end) {
             inner.start_readahead(a, b);
         }
-        Ok(Some(len))
     }
 
     /// A hit served on the caller's thread: `plan_read`, with the cache file read here. `None`

@@ -82,6 +82,15 @@ impl LayerFile {
 /// at a quarter of their rate through the runtime (bench/README.md).
 const DECODE_HERE_MIN: usize = 64 << 10;
 
+/// All of `buf` from compressed layer `z` at `offset`, decoded on the caller's thread, when the
+/// read is large enough and its compressed bytes are in memory; `None`: use `read_into`.
+fn decode_here(z: &ZFile, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
+    if buf.len() < DECODE_HERE_MIN {
+        return Ok(None);
+    }
+    Ok(z.read_resident(offset, buf)?.filter(|&n| n == buf.len()))
+}
+
 struct StackLayer {
     blob: LazyImage,
     file: LayerFile,
@@ -204,13 +213,11 @@ impl BlockView for Stack {
             }
             Some(Some(e)) => match &self.layers[e.layer as usize].file {
                 LayerFile::Plain(b) => b.plan_read(file_offset(&e, offset), &mut buf[..len]),
-                // Decoded here when its compressed bytes are in memory; a failure is the miss
-                // path's to report.
-                LayerFile::Compressed(z) if len >= DECODE_HERE_MIN => match z.read_resident(file_offset(&e, offset), &mut buf[..len]) {
-                    Ok(Some(n)) if n == len => ReadPlan::Copied(n),
+                // A failure is the miss path's to report.
+                LayerFile::Compressed(z) => match decode_here(z, file_offset(&e, offset), &mut buf[..len]) {
+                    Ok(Some(n)) => ReadPlan::Copied(n),
                     _ => ReadPlan::Miss,
                 },
-                LayerFile::Compressed(_) => ReadPlan::Miss,
             },
             None => ReadPlan::Miss,
         }
@@ -232,10 +239,7 @@ impl BlockView for Stack {
             }
             Some(Some(e)) => match &self.layers[e.layer as usize].file {
                 LayerFile::Plain(b) => b.read_cached_into(file_offset(&e, offset), &mut buf[..len]),
-                LayerFile::Compressed(z) if len >= DECODE_HERE_MIN => {
-                    Ok(z.read_resident(file_offset(&e, offset), &mut buf[..len])?.filter(|&n| n == len))
-                }
-                LayerFile::Compressed(_) => Ok(None),
+                LayerFile::Compressed(z) => decode_here(z, file_offset(&e, offset), &mut buf[..len]),
             },
             None => Ok(None),
         }
